@@ -1,0 +1,106 @@
+"""The preallocated KV pool: per layer, K and V as [num_blocks, block_size, num_kv_heads, head_dim].
+
+This layout keeps one token's heads contiguous, so writing new tokens is one
+`index_copy_` over a flat [num_slots, heads, head_dim] view, and gathering a
+sequence's context is one `index_select` whose result SDPA reads through a
+transposed view without a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from paged_attention.core.block_allocator import validate_block_size
+from paged_attention.core.block_table import CopyOnWrite
+
+
+class KVCachePool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_blocks", num_blocks),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = validate_block_size(block_size)
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        # One allocation for everything: [layer, k|v, block, slot, head, dim].
+        # `empty`, not `zeros`: only written slots are ever read, and on the CPU
+        # untouched pages then cost no RAM and no start-up time.
+        self.data = torch.empty(
+            num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+            dtype=dtype, device=self.device,
+        )
+
+    # ------------------------------------------------------------------ sizes
+    @staticmethod
+    def bytes_per_token_for(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * head_dim * element
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_token_for(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    # ------------------------------------------------------------------ views
+    def key(self, layer: int) -> torch.Tensor:
+        return self.data[layer, 0]  # [num_blocks, block_size, H, D]
+
+    def value(self, layer: int) -> torch.Tensor:
+        return self.data[layer, 1]
+
+    # ---------------------------------------------------------------- writes
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store new tokens' K/V ([T, H, D]) at flat slots `slot_mapping` ([T])."""
+        write_kv(self.key(layer), self.value(layer), k, v, slot_mapping)
+
+    def copy_blocks(self, copies: Iterable[CopyOnWrite]) -> None:
+        """Perform copy-on-write copies for every layer at once."""
+        pairs = list(copies)
+        if not pairs:
+            return
+        src = torch.tensor([c.src for c in pairs], device=self.device)
+        dst = torch.tensor([c.dst for c in pairs], device=self.device)
+        self.data[:, :, dst] = self.data[:, :, src]
+
+
+def write_kv(
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write K/V [T, H, D] into pools [N, block_size, H, D] at flat slots [T].
+
+    Slots are bounds-checked once per step when the metadata is built, not here
+    in every layer."""
+    heads, dim = k_pool.shape[2], k_pool.shape[3]
+    k_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(k_pool.dtype))
+    v_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(v_pool.dtype))

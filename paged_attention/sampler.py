@@ -1,0 +1,246 @@
+"""Batched next-token sampling: greedy, temperature, top-k, top-p, min-p.
+
+One `Sampler.sample` call handles a whole decode step. Everything that touches
+the vocabulary dimension is a tensor op over the batch; the only Python loops
+are over rows (to draw each seeded row's noise from its own generator, and to
+turn results into lists).
+
+Reproducibility contract: a row's sampled token depends only on that row's
+logits, its params and its generator's state, never on which other rows are
+in the batch or where the row sits. That is why
+  * filtering masks are computed on a sorted copy but applied to the logits in
+    their original order (so a row's softmax sums the same values in the same
+    order whether or not some other row made us build a mask), and
+  * each seeded row draws exactly V exponentials from its own generator per
+    step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from paged_attention.sampling_params import SamplingParams
+
+# torch generators take seeds in [0, 2**64); Python seeds (as vLLM accepts)
+# may be any int, so reduce them into that range.
+_SEED_MODULUS = 2**64
+
+
+def make_generator(
+    seed: int | None, fallback_seed: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A generator for one request: seeded by `seed`, else by `fallback_seed`.
+
+    The engine passes a per-request `fallback_seed` (e.g. derived from its own
+    seed and the request index) so unseeded requests are still reproducible
+    run to run while differing from each other.
+    """
+    chosen = fallback_seed if seed is None else seed
+    if isinstance(chosen, bool) or not isinstance(chosen, int):
+        raise ValueError(f"seed must be an int, got {chosen!r}")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(chosen % _SEED_MODULUS)
+    return gen
+
+
+@dataclass
+class SamplerOutput:
+    """One sampled token per row, with its log-probability.
+
+    `logprobs[i]` and the values in `top_logprobs[i]` are log_softmax of the
+    row's RAW logits (before temperature and filtering), as vLLM reports them.
+    `top_logprobs[i]` is None unless that row asked for logprobs; otherwise it
+    holds the top-N tokens in descending order followed by the sampled token if
+    it was not among them (so N or N + 1 entries).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    """Stateless; one instance can serve any number of batches."""
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> SamplerOutput:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be 2-D [batch, vocab], got shape {tuple(logits.shape)}")
+        batch, vocab = logits.shape
+        if len(params) != batch or len(generators) != batch:
+            raise ValueError(
+                f"need one SamplingParams and one generator per row: batch={batch}, "
+                f"got {len(params)} params and {len(generators)} generators"
+            )
+        if batch == 0:
+            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
+        if vocab == 0:
+            raise ValueError("logits must have vocab size >= 1, got 0")
+
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        # Greedy rows take the argmax of the raw logits; the random rows
+        # overwrite their entries below.
+        token_ids = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if random_rows:
+            sampled = self._sample_random(
+                logits[random_rows],
+                [params[i] for i in random_rows],
+                [generators[i] for i in random_rows],
+            )
+            token_ids[torch.tensor(random_rows, device=logits.device)] = sampled
+
+        ids = token_ids.tolist()
+        chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+        return SamplerOutput(
+            token_ids=ids,
+            logprobs=chosen,
+            top_logprobs=self._top_logprobs(raw_logprobs, ids, chosen, params),
+        )
+
+    __call__ = sample
+
+    # -- random rows ---------------------------------------------------------
+
+    def _sample_random(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        """Sample one token per row of `logits` [R, V] (all non-greedy rows)."""
+        rows, vocab = logits.shape
+        device = logits.device
+        temperature = torch.tensor(
+            [p.temperature for p in params], dtype=torch.float32, device=device
+        )
+        scaled = logits / temperature.unsqueeze(1)
+
+        mask = self._filter_mask(scaled, params)
+        if mask is not None:
+            scaled = scaled.masked_fill(mask, -math.inf)
+        probs = torch.softmax(scaled, dim=-1)
+
+        noise = self._exponential_noise(rows, vocab, generators, device)
+        # Exponential race: argmax_j p_j / E_j with E_j ~ Exp(1) i.i.d. picks j
+        # with probability p_j (min of exponentials with rates p_j). Masked
+        # tokens have p_j = 0 and can never win.
+        return (probs / noise).argmax(dim=-1)
+
+    def _filter_mask(
+        self, scaled: torch.Tensor, params: Sequence[SamplingParams]
+    ) -> torch.Tensor | None:
+        """True where a token is removed by top-k, top-p or min-p; None if no row filters.
+
+        Each filter's mask is only built when some row uses it, and is ANDed
+        with a per-row "uses it" flag so float noise in (say) a cumulative sum
+        can never drop tokens from a row that asked for no filtering.
+        """
+        rows, vocab = scaled.shape
+        device = scaled.device
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        use_k = [0 < k < vocab for k in top_k]
+        use_p = [p < 1.0 for p in top_p]
+        use_min_p = [m > 0.0 for m in min_p]
+        if not (any(use_k) or any(use_p) or any(use_min_p)):
+            return None
+
+        mask = torch.zeros_like(scaled, dtype=torch.bool)
+        if any(use_k) or any(use_p):
+            # Stable descending sort: among equal logits the lower token id
+            # comes first, matching argmax's tie-break, so top_k=1 == greedy.
+            sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
+            position = torch.arange(vocab, device=device).unsqueeze(0)
+            sorted_mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+            if any(use_k):
+                k = torch.tensor(
+                    [k if u else vocab for k, u in zip(top_k, use_k)], device=device
+                )
+                sorted_mask |= position >= k.unsqueeze(1)
+            if any(use_p):
+                # Top-p acts on the distribution left after top-k (vLLM order).
+                sorted_probs = torch.softmax(
+                    sorted_logits.masked_fill(sorted_mask, -math.inf), dim=-1
+                )
+                # Mass strictly before each token; the token is dropped once
+                # that already reaches top_p. The top token has 0 before it,
+                # so it always survives.
+                mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+                p = torch.tensor(top_p, dtype=torch.float32, device=device)
+                rows_p = torch.tensor(use_p, device=device).unsqueeze(1)
+                sorted_mask |= (mass_before >= p.unsqueeze(1)) & rows_p
+            mask.scatter_(1, order, sorted_mask)
+        if any(use_min_p):
+            # prob_j < min_p * max_prob  <=>  logit_j < max_logit + log(min_p);
+            # comparing logits avoids a softmax and is exact for the top token.
+            # Renormalising after top-k/top-p scales every prob alike, so the
+            # ratio test gives the same answer before or after them.
+            m = torch.tensor(min_p, dtype=torch.float32, device=device)
+            threshold = scaled.max(dim=-1, keepdim=True).values + torch.log(m).unsqueeze(1)
+            rows_m = torch.tensor(use_min_p, device=device).unsqueeze(1)
+            mask |= (scaled < threshold) & rows_m
+        return mask
+
+    def _exponential_noise(
+        self,
+        rows: int,
+        vocab: int,
+        generators: Sequence[torch.Generator | None],
+        device: torch.device,
+    ) -> torch.Tensor:
+        noise = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if unseeded:
+            idx = torch.tensor(unseeded, device=device)
+            noise[idx] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+        for i, gen in enumerate(generators):
+            if gen is not None:
+                # Draw on the generator's own device (a CPU generator cannot
+                # fill a GPU tensor), then move.
+                row = torch.empty(vocab, dtype=torch.float32, device=gen.device)
+                noise[i] = row.exponential_(generator=gen).to(device)
+        # Exp(1) can return exactly 0 on some backends; p / 0 would be inf or
+        # NaN and win the argmax regardless of p.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+    # -- logprobs ----------------------------------------------------------
+
+    def _top_logprobs(
+        self,
+        raw_logprobs: torch.Tensor,
+        sampled: list[int],
+        sampled_lp: list[float],
+        params: Sequence[SamplingParams],
+    ) -> list[dict[int, float] | None]:
+        wanted = [p.logprobs for p in params]
+        requested = [n for n in wanted if n is not None]
+        if not requested:
+            return [None] * len(params)
+        # One topk for the whole batch at the largest N asked for; a row's N
+        # above the vocab size is capped (there are only V tokens to report).
+        k = min(max(requested), raw_logprobs.shape[1])
+        values, indices = raw_logprobs.topk(k, dim=-1)
+        values_list: list[list[float]] = values.tolist()
+        indices_list: list[list[int]] = indices.tolist()
+
+        out: list[dict[int, float] | None] = []
+        for row, n in enumerate(wanted):
+            if n is None:
+                out.append(None)
+                continue
+            entry = dict(zip(indices_list[row][:n], values_list[row][:n]))
+            entry.setdefault(sampled[row], sampled_lp[row])
+            out.append(entry)
+        return out

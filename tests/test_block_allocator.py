@@ -1,0 +1,249 @@
+"""BlockAllocator: exact-id unit tests on tiny pools, and bad-input errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from paged_attention.core.block_allocator import (
+    MAX_BLOCK_SIZE,
+    BlockAllocator,
+    validate_block_size,
+)
+
+
+class _Holder:
+    """A stand-in for a block table: just a list of block ids."""
+
+    def __init__(self, block_ids: list[int]) -> None:
+        self.block_ids = block_ids
+
+
+def _state(alloc: BlockAllocator) -> tuple[list[int], list[int]]:
+    return alloc.free_block_ids(), [alloc.ref_count(b) for b in range(alloc.num_blocks)]
+
+
+# --------------------------------------------------------------- fresh pool
+def test_fresh_pool_hands_out_ids_in_order():
+    alloc = BlockAllocator(num_blocks=5, block_size=4)
+    assert alloc.free_block_ids() == [0, 1, 2, 3, 4]
+    assert alloc.num_free_blocks == 5
+    assert alloc.num_used_blocks == 0
+    assert [alloc.allocate() for _ in range(5)] == [0, 1, 2, 3, 4]
+    assert alloc.num_free_blocks == 0
+    assert alloc.num_used_blocks == 5
+    assert [alloc.ref_count(b) for b in range(5)] == [1] * 5
+    alloc.check_invariants()
+
+
+def test_allocate_many_takes_the_front_of_the_queue():
+    alloc = BlockAllocator(6, 2)
+    assert alloc.allocate_many(3) == [0, 1, 2]
+    assert alloc.allocate_many(2) == [3, 4]
+    assert alloc.free_block_ids() == [5]
+    assert alloc.allocate_many(0) == []
+    assert alloc.free_block_ids() == [5]
+
+
+# ---------------------------------------------------------------- FIFO reuse
+def test_freed_block_goes_to_the_back_of_the_queue():
+    alloc = BlockAllocator(4, 1)
+    assert alloc.allocate() == 0
+    assert alloc.allocate() == 1
+    assert alloc.free(0) is True
+    # 2 and 3 were never used; 0 was just freed, so it comes last.
+    assert alloc.free_block_ids() == [2, 3, 0]
+    assert alloc.allocate() == 2
+    assert alloc.allocate() == 3
+    assert alloc.allocate() == 0
+    assert alloc.allocate() is None
+
+
+def test_free_order_decides_reuse_order():
+    alloc = BlockAllocator(4, 8)
+    assert alloc.allocate_many(4) == [0, 1, 2, 3]
+    for b in (2, 0, 3, 1):
+        alloc.free(b)
+    assert alloc.free_block_ids() == [2, 0, 3, 1]
+    assert alloc.allocate_many(4) == [2, 0, 3, 1]
+
+
+def test_what_is_free_after_a_free():
+    alloc = BlockAllocator(3, 2)
+    ids = alloc.allocate_many(3)
+    assert ids == [0, 1, 2]
+    assert alloc.free_block_ids() == []
+    assert alloc.free(1) is True
+    assert alloc.free_block_ids() == [1]
+    assert alloc.ref_count(1) == 0
+    assert alloc.ref_count(0) == 1 and alloc.ref_count(2) == 1
+    assert alloc.num_free_blocks == 1 and alloc.num_used_blocks == 2
+    alloc.check_invariants([_Holder([0, 2])])
+
+
+# ----------------------------------------------------------- fork / sharing
+def test_fork_increments_ref_count_and_free_returns_true_only_at_zero():
+    alloc = BlockAllocator(3, 4)
+    b = alloc.allocate()
+    assert b == 0
+    assert alloc.ref_count(b) == 1
+    assert not alloc.is_shared(b)
+    assert not alloc.needs_copy_on_write(b)
+
+    assert alloc.fork(b) == b
+    assert alloc.ref_count(b) == 2
+    assert alloc.is_shared(b)
+    assert alloc.needs_copy_on_write(b)
+    assert alloc.fork(b) == b
+    assert alloc.ref_count(b) == 3
+    alloc.check_invariants([_Holder([0]), _Holder([0]), _Holder([0])])
+
+    # Forking never takes a block from the pool.
+    assert alloc.free_block_ids() == [1, 2]
+
+    assert alloc.free(b) is False
+    assert alloc.ref_count(b) == 2
+    assert alloc.free_block_ids() == [1, 2]
+    assert alloc.free(b) is False
+    assert alloc.ref_count(b) == 1
+    assert not alloc.is_shared(b)
+    assert alloc.free_block_ids() == [1, 2]
+    assert alloc.free(b) is True
+    assert alloc.ref_count(b) == 0
+    assert alloc.free_block_ids() == [1, 2, 0]
+    alloc.check_invariants([])
+
+
+def test_fork_of_a_free_block_is_an_error():
+    alloc = BlockAllocator(2, 4)
+    with pytest.raises(ValueError, match=r"\b1\b"):
+        alloc.fork(1)
+    assert _state(alloc) == ([0, 1], [0, 0])
+
+
+# ----------------------------------------------------------- running out
+def test_running_out_returns_none_and_changes_nothing():
+    alloc = BlockAllocator(3, 2)
+    alloc.allocate_many(2)
+    alloc.fork(0)
+    assert alloc.can_allocate(1)
+    assert not alloc.can_allocate(2)
+    before = _state(alloc)
+    assert alloc.allocate_many(2) is None
+    assert _state(alloc) == before
+    assert alloc.allocate() == 2
+    assert not alloc.can_allocate(1)
+    assert alloc.can_allocate(0)
+    before = _state(alloc)
+    assert alloc.allocate() is None
+    assert alloc.allocate_many(1) is None
+    assert _state(alloc) == before
+    assert before == ([], [2, 1, 1])
+    alloc.check_invariants([_Holder([0, 1]), _Holder([0]), _Holder([2])])
+
+
+def test_can_allocate_matches_free_count():
+    alloc = BlockAllocator(4, 1)
+    for used in range(5):
+        assert alloc.can_allocate(4 - used)
+        assert not alloc.can_allocate(5 - used)
+        if used < 4:
+            alloc.allocate()
+
+
+# ------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad", [0, 3, 512, -1, -2, 6, 12, 255, 257, 1024])
+def test_block_size_not_a_power_of_two_in_range(bad):
+    with pytest.raises(ValueError, match=rf"got {bad}\b"):
+        validate_block_size(bad)
+    with pytest.raises(ValueError, match=rf"got {bad}\b"):
+        BlockAllocator(4, bad)
+
+
+@pytest.mark.parametrize("bad", [2.0, "16", None])
+def test_block_size_of_wrong_type(bad):
+    with pytest.raises(ValueError, match="block_size"):
+        BlockAllocator(4, bad)
+
+
+@pytest.mark.parametrize("good", [1, 2, 4, 8, 16, 32, 64, 128, 256])
+def test_every_power_of_two_block_size_is_accepted(good):
+    assert MAX_BLOCK_SIZE == 256
+    assert validate_block_size(good) == good
+    alloc = BlockAllocator(2, good)
+    assert alloc.block_size == good
+
+
+@pytest.mark.parametrize("bad", [0, -1, -100])
+def test_num_blocks_below_one(bad):
+    with pytest.raises(ValueError, match=rf"got {bad}\b"):
+        BlockAllocator(bad, 16)
+    with pytest.raises(ValueError, match=rf"got {bad}\b"):
+        BlockAllocator(total_blocks=bad, block_size=16)
+
+
+def test_num_blocks_missing_or_wrong_type():
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockAllocator(block_size=16)
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockAllocator(2.0, 16)
+
+
+def test_total_blocks_alias_and_hidden_dim():
+    alloc = BlockAllocator(total_blocks=7, block_size=16, hidden_dim=512)
+    assert alloc.num_blocks == alloc.total_blocks == 7
+    assert alloc.hidden_dim == 512
+    assert alloc.free_block_ids() == list(range(7))
+    assert BlockAllocator(7, 16, total_blocks=7).num_blocks == 7
+    with pytest.raises(ValueError, match=r"num_blocks=7 and total_blocks=8"):
+        BlockAllocator(7, 16, total_blocks=8)
+    with pytest.raises(ValueError, match=r"got 0\b"):
+        BlockAllocator(7, 16, hidden_dim=0)
+
+
+def test_double_free_is_an_error_naming_the_block():
+    alloc = BlockAllocator(3, 2)
+    alloc.allocate_many(2)
+    assert alloc.free(1) is True
+    before = _state(alloc)
+    with pytest.raises(ValueError, match=r"block 1 .*double free"):
+        alloc.free(1)
+    assert _state(alloc) == before
+    # A never-allocated block cannot be freed either.
+    with pytest.raises(ValueError, match=r"block 2\b"):
+        alloc.free(2)
+    assert _state(alloc) == before
+    alloc.check_invariants()
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 100])
+def test_ids_outside_the_pool(bad):
+    alloc = BlockAllocator(3, 2)
+    alloc.allocate_many(3)
+    for op in (alloc.free, alloc.fork, alloc.ref_count, alloc.is_shared):
+        with pytest.raises(ValueError, match=rf"block id {bad}\b"):
+            op(bad)
+    assert [alloc.ref_count(b) for b in range(3)] == [1, 1, 1]
+
+
+# ------------------------------------------------------ invariant checker
+def test_check_invariants_catches_a_ref_count_that_does_not_match_holders():
+    alloc = BlockAllocator(4, 2)
+    alloc.allocate_many(2)
+    alloc.fork(1)
+    alloc.check_invariants([_Holder([0, 1]), _Holder([1])])
+    with pytest.raises(AssertionError, match="block 1"):
+        alloc.check_invariants([_Holder([0, 1])])
+    with pytest.raises(AssertionError, match="block 2"):
+        alloc.check_invariants([_Holder([0, 1]), _Holder([1, 2])])
+
+
+def test_check_invariants_catches_corrupt_free_list():
+    alloc = BlockAllocator(4, 2)
+    alloc.allocate()
+    alloc._free.append(0)  # block 0 both used and free
+    with pytest.raises(AssertionError):
+        alloc.check_invariants()
+    alloc = BlockAllocator(4, 2)
+    alloc._free.append(1)  # block 1 free twice
+    with pytest.raises(AssertionError, match="twice"):
+        alloc.check_invariants()
