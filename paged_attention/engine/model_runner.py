@@ -1,0 +1,60 @@
+"""Turns a scheduled batch into tensors, runs the model over the paged cache,
+and returns logits for the requests that are due a new token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from paged_attention.attention.metadata import AttentionMetadata
+from paged_attention.core.request import Request
+from paged_attention.core.scheduler import ScheduledBatch
+from paged_attention.kv_cache import KVCachePool
+
+
+@dataclass
+class StepResult:
+    sampling_requests: list[Request]  # requests whose prompt (or chunk) is done: sample now
+    logits: torch.Tensor  # [len(sampling_requests), vocab] float32
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCachePool) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = kv_cache.device
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        self.kv_cache.copy_blocks(batch.copies)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        last_rows: list[int] = []
+        sampling: list[Request] = []
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            start = req.num_computed_tokens
+            input_ids.extend(req.token_ids(start, start + n))
+            positions.extend(range(start, start + n))
+            if start + n == req.num_tokens:
+                last_rows.append(len(input_ids) - 1)
+                sampling.append(req)
+        meta = AttentionMetadata.build(
+            [r.block_table.block_ids for r in batch.requests],
+            [r.num_computed_tokens for r in batch.requests],
+            batch.num_new_tokens,
+            self.kv_cache.block_size,
+            self.kv_cache.num_blocks,
+            self.device,
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            self.kv_cache,
+            meta,
+        )
+        if not sampling:
+            return StepResult([], hidden.new_empty((0, 0), dtype=torch.float32))
+        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return StepResult(sampling, logits)
