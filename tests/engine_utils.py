@@ -63,7 +63,7 @@ def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 def drive(llm, prompts, params: SamplingParams) -> list[RequestOutput]:
     """Like llm.generate, but checks every invariant after every engine step."""
     engine = llm.engine
-    ids = llm._add_all(prompts, params, None)
+    ids = llm.add_requests(prompts, params, None)
     done: dict[str, RequestOutput] = {}
     engine.check_invariants()
     while engine.has_unfinished():

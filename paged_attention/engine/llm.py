@@ -76,13 +76,15 @@ class LLM:
             f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}"
         )
 
-    def _add_all(
+    def add_requests(
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-        priority: Sequence[int] | None,
+        priority: Sequence[int] | None = None,
         stream: bool = False,
     ) -> list[str]:
+        """Validate every prompt, then queue them all (or none); returns request ids.
+        `generate` calls this and then steps the engine until they finish."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -120,7 +122,7 @@ class LLM:
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Run all prompts to completion; outputs come back in input order."""
-        ids = self._add_all(prompts, sampling_params, priority)
+        ids = self.add_requests(prompts, sampling_params, priority)
         results: dict[str, RequestOutput] = {}
         progress = None
         if use_tqdm:
@@ -147,7 +149,7 @@ class LLM:
     ) -> Iterator[RequestOutput]:
         """Yield deltas (new text in `outputs[0].text`) as tokens are produced.
         Closing the iterator early aborts the request and frees its blocks."""
-        (request_id,) = self._add_all(prompt, sampling_params, None, stream=True)
+        (request_id,) = self.add_requests(prompt, sampling_params, None, stream=True)
         finished = False
         try:
             while not finished:

@@ -24,6 +24,11 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.device = kv_cache.device
+        if self.device.type == "cpu":
+            # Softmax tails and small random weights produce float32 denormals,
+            # which x86 handles in microcode: measured 14x slower decode steps.
+            # Flushing them changes values below 1e-38 only.
+            torch.set_flush_denormal(True)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:

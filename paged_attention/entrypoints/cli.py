@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, max_tokens=256)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="measure the engine (writes JSON under results/)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    from paged_attention.bench import throughput
+
+    throughput.add_parser(bench_sub)
     return parser
 
 
@@ -187,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.func(args)
+        result = args.func(args)
+        return result if isinstance(result, int) else 0
     except ValueError as err:  # bad input or a missing model: one clear line
         print(f"error: {err}", file=sys.stderr)
         return 2

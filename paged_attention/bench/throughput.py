@@ -1,0 +1,236 @@
+"""Throughput of this engine against transformers `generate` with static padded
+batches: same model weights, same requests, greedy, `ignore_eos`, same dtype.
+Only requested output tokens are counted.
+
+    paged-attention bench throughput [--quick] [--models stories15m,smollm2] [--dtypes float32,bfloat16]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from paged_attention.bench.workload import (
+    STORIES15M_CONFIG,
+    BenchRequest,
+    random_llama_folder,
+    uniform_workload,
+)
+from paged_attention.sampling_params import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------- our engine
+def run_engine(model: str | None, workload: list[BenchRequest], dtype: str, **engine_kwargs) -> dict:
+    from paged_attention.engine.llm import LLM
+
+    llm = LLM(model, dtype=dtype, **engine_kwargs)
+    # Warm-up outside the timer (first-call allocations, kernel selection).
+    llm.generate(
+        [{"prompt_token_ids": r.prompt_token_ids} for r in workload[:4]],
+        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False,
+    )
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload]
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert tokens == sum(r.output_len for r in workload), "engine produced the wrong token count"
+    stats = llm.memory_stats()
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(workload) / elapsed,
+        "num_steps": stats["num_steps"],
+        "peak_used_blocks": stats["peak_used_blocks"],
+        "num_preemptions": stats["num_preemptions"],
+    }
+
+
+# ------------------------------------------------------------- transformers
+def hf_model_for(model: str | None, dtype: torch.dtype):
+    """The transformers model with exactly the weights our engine loads."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if model is not None:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
+    # The default GGUF: build the HF model from our dequantized tensors (the same
+    # numbers transformers' own GGUF loader produces, without its 15 s load).
+    from paged_attention.engine.builder import DEFAULT_MODEL_ASSETS
+    from paged_attention.model.gguf import default_gguf_path, load_gguf
+
+    _, tensors = load_gguf(default_gguf_path())
+    config = LlamaConfig.from_pretrained(str(DEFAULT_MODEL_ASSETS))
+    hf = LlamaForCausalLM(config)
+    missing, unexpected = hf.load_state_dict(dict(tensors), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.tie_weights()
+    return hf.to(dtype).eval()
+
+
+@torch.inference_mode()
+def run_hf_static(hf, workload: list[BenchRequest], batch_size: int) -> dict:
+    """Static batching: requests in arrival order, `batch_size` at a time,
+    left-padded; each batch runs until its longest requested output."""
+    pad = 0
+
+    def run_batch(batch: list[BenchRequest]) -> None:
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):
+            ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[i, width - len(r.prompt_token_ids):] = 1
+        longest = max(r.output_len for r in batch)
+        hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=longest,
+                    min_new_tokens=longest, eos_token_id=None, pad_token_id=pad)
+
+    run_batch(workload[:2])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(workload), batch_size):
+        run_batch(workload[i : i + batch_size])
+    elapsed = time.perf_counter() - start
+    tokens = sum(r.output_len for r in workload)
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(workload) / elapsed,
+        "batch_size": batch_size,
+    }
+
+
+# ------------------------------------------------------- decode step profile
+@contextmanager
+def _timed(target: object, name: str, bucket: dict[str, float], key: str):
+    """Wrap target.name so each call adds its wall time to bucket[key]."""
+    original = getattr(target, name)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            bucket[key] = bucket.get(key, 0.0) + time.perf_counter() - t
+
+    setattr(target, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(target, name, original)
+
+
+def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps: int = 20) -> dict:
+    """Where a decode step's time goes with `num_seqs` running sequences."""
+    import paged_attention.model.llama as llama_module
+    from paged_attention.engine.llm import LLM
+
+    llm = LLM(model, dtype=dtype, max_num_seqs=num_seqs)
+    engine = llm.engine
+    workload = uniform_workload(num_seqs, (128, 256), (steps + 8, steps + 8), 500, seed=1)
+    llm.add_requests([{"prompt_token_ids": r.prompt_token_ids} for r in workload],
+                     SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests()):
+        engine.step()  # finish every prefill first
+    bucket: dict[str, float] = {}
+    with (
+        _timed(engine.scheduler, "schedule", bucket, "scheduler"),
+        _timed(engine.sampler, "sample", bucket, "sampling"),
+        _timed(engine.runner, "execute", bucket, "model_runner"),
+        _timed(llama_module, "paged_attention", bucket, "attention"),
+        _timed(llama_module.KVCachePool, "write", bucket, "kv_write"),
+    ):
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        total = time.perf_counter() - start
+    while engine.has_unfinished():
+        engine.step()
+    ms = {k: 1000 * v / steps for k, v in bucket.items()}
+    step_ms = 1000 * total / steps
+    return {
+        "num_seqs": num_seqs,
+        "step_ms": step_ms,
+        "attention_ms": ms["attention"],
+        "kv_write_ms": ms["kv_write"],
+        "model_other_ms": ms["model_runner"] - ms["attention"] - ms["kv_write"],
+        "sampling_ms": ms["sampling"],
+        "scheduler_ms": ms["scheduler"],
+        "engine_other_ms": step_ms - ms["model_runner"] - ms["sampling"] - ms["scheduler"],
+    }
+
+
+def time_to_first_token(model: str | None) -> float:
+    """Seconds from process start to the first streamed token, in a fresh process."""
+    code = (
+        "import time; t0 = time.perf_counter()\n"
+        "from paged_attention import LLM, SamplingParams\n"
+        f"llm = LLM({model!r})\n"
+        "next(iter(llm.generate_stream('Once upon a time', SamplingParams(temperature=0, max_tokens=8))))\n"
+        "print(time.perf_counter() - t0)\n"
+    )
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return time.perf_counter() - start  # includes interpreter start-up
+
+
+# ---------------------------------------------------------------------- main
+def main(args) -> dict:
+    models: dict[str, str | None] = {}
+    tmp = Path(tempfile.gettempdir()) / "paged_attention_bench"
+    for name in args.models.split(","):
+        if name == "stories15m":
+            models[name] = str(random_llama_folder(tmp / "stories15m-random", STORIES15M_CONFIG))
+        elif name == "smollm2":
+            models[name] = None
+        else:
+            raise ValueError(f"unknown benchmark model {name!r}; use stories15m and/or smollm2")
+    n = 16 if args.quick else args.num_requests
+    workload = uniform_workload(n, (16, 128) if args.quick else (16, 512),
+                                (16, 32) if args.quick else (16, 256), vocab_size=32000, seed=0)
+    results: dict = {"workload": {"num_requests": n, "seed": 0}, "runs": []}
+    for model_name, model in models.items():
+        vocab = 49152 if model is None else 32000
+        reqs = [BenchRequest([t % vocab for t in r.prompt_token_ids], r.output_len) for r in workload]
+        for dtype in args.dtypes.split(","):
+            ours = run_engine(model, reqs, dtype)
+            hf = run_hf_static(hf_model_for(model, DTYPES[dtype]), reqs, args.hf_batch_size)
+            row = {"model": model_name, "dtype": dtype, "engine": ours, "hf_static": hf,
+                   "speedup": ours["tokens_per_s"] / hf["tokens_per_s"]}
+            results["runs"].append(row)
+            print(f"{model_name:10s} {dtype:9s} engine {ours['tokens_per_s']:8.1f} tok/s  "
+                  f"HF static {hf['tokens_per_s']:8.1f} tok/s  x{row['speedup']:.2f}", flush=True)
+    if not args.quick:
+        profile_model = models.get("smollm2", next(iter(models.values())))
+        results["decode_profile"] = profile_decode_step(profile_model, "auto")
+        print("decode step at 64 seqs (ms):", {k: round(v, 2) for k, v in results["decode_profile"].items()})
+        if "smollm2" in models:
+            results["time_to_first_token_s"] = time_to_first_token(None)
+            print(f"process start to first token: {results['time_to_first_token_s']:.2f} s")
+    out = Path(args.output_dir) / "throughput.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return results
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("throughput", help="this engine vs transformers static batching")
+    p.add_argument("--models", default="stories15m,smollm2", help="comma list: stories15m, smollm2")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list: float32, bfloat16")
+    p.add_argument("--num-requests", type=int, default=128)
+    p.add_argument("--hf-batch-size", type=int, default=32, help="transformers static batch size")
+    p.add_argument("--quick", action="store_true", help="a tiny run, for tests")
+    p.add_argument("--output-dir", default="results")
+    p.set_defaults(func=main)
+

@@ -1,0 +1,58 @@
+"""Benchmark workloads and models, reproducible from a seed."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt_token_ids: list[int]
+    output_len: int
+
+
+def uniform_workload(
+    num_requests: int = 128,
+    prompt_len: tuple[int, int] = (16, 512),
+    output_len: tuple[int, int] = (16, 256),
+    vocab_size: int = 32000,
+    seed: int = 0,
+) -> list[BenchRequest]:
+    """Prompt and output lengths uniform in the given inclusive ranges; random
+    token ids (never the special ids 0..2)."""
+    rng = random.Random(seed)
+    return [
+        BenchRequest(
+            [rng.randrange(3, vocab_size) for _ in range(rng.randint(*prompt_len))],
+            rng.randint(*output_len),
+        )
+        for _ in range(num_requests)
+    ]
+
+
+# A stories15M-shaped Llama (llama2.c's 15M TinyStories model), random weights.
+STORIES15M_CONFIG = dict(
+    vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
+    num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,
+    bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+)
+
+
+def random_llama_folder(folder: Path, config: dict, seed: int = 0) -> Path:
+    """Write a random-weight Llama (safetensors) with the shipped tokenizer, once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from paged_attention.engine.builder import STORIES260K
+
+    if (folder / "model.safetensors").exists():
+        return folder
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(STORIES260K / name, folder / name)
+    return folder
