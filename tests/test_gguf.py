@@ -225,6 +225,7 @@ def write_tiny_gguf(
     w.add_token_merges([f"t o{i}" for i in range(v)])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    w.add_array("test.int_array", [3, -1, 2])
     if extra is not None:
         extra(w)
     matrix("token_embd.weight", QT.Q8_0, v, h)
@@ -329,6 +330,7 @@ def test_header_skips_string_arrays_unless_asked(tiny_gguf: Path) -> None:
     assert header.version == 3
     assert header.metadata["tokenizer.ggml.tokens"] == pg.SkippedStrings(64)
     assert header.metadata["llama.attention.head_count"] == 4
+    assert header.metadata["test.int_array"] == [3, -1, 2]
     full = pg.read_gguf_header(tiny_gguf, decode_string_arrays=True)
     assert full.metadata["tokenizer.ggml.tokens"][:2] == ["tok0", "tok1"]
     assert full.metadata["tokenizer.ggml.merges"][-1] == "t o63"
@@ -372,6 +374,17 @@ def test_truncated_file(tiny_gguf: Path, tmp_path: Path) -> None:
     (tmp_path / "head.gguf").write_bytes(data[:200])
     with pytest.raises(ValueError, match="truncated GGUF header"):
         pg.load_gguf(tmp_path / "head.gguf", use_cache=False)
+
+
+def test_corrupt_length_field_is_a_value_error(tmp_path: Path) -> None:
+    # A key claiming 2**62 bytes must not be read (or allocated).
+    header = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+    (tmp_path / "c.gguf").write_bytes(header + (2**62).to_bytes(8, "little") + b"general.architecture")
+    with pytest.raises(ValueError, match="truncated GGUF header"):
+        pg.read_gguf_header(tmp_path / "c.gguf")
+    (tmp_path / "v.gguf").write_bytes(b"GGUF" + (1).to_bytes(4, "little") + bytes(16))
+    with pytest.raises(ValueError, match="unsupported GGUF version 1"):
+        pg.read_gguf_header(tmp_path / "v.gguf")
 
 
 def test_unknown_tensor_is_named(tmp_path: Path) -> None:

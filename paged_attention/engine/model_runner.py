@@ -3,6 +3,8 @@ and returns logits for the requests that are due a new token."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +13,23 @@ from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.core.request import Request
 from paged_attention.core.scheduler import ScheduledBatch
 from paged_attention.kv_cache import KVCachePool
+
+
+@contextmanager
+def flush_denormals(enabled: bool) -> Iterator[None]:
+    """Flush float32 denormals to zero while the model runs. Softmax tails and
+    small weights produce them, and x86 handles them in microcode: decode steps
+    measured 14x slower without this. Only values below 1e-38 change. The flag
+    is process-wide CPU state, so it is restored (to PyTorch's default, off)
+    after every step rather than left on for other code in the process."""
+    if not enabled:
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 @dataclass
@@ -24,14 +43,13 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.device = kv_cache.device
-        if self.device.type == "cpu":
-            # Softmax tails and small random weights produce float32 denormals,
-            # which x86 handles in microcode: measured 14x slower decode steps.
-            # Flushing them changes values below 1e-38 only.
-            torch.set_flush_denormal(True)
+
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        with flush_denormals(self.device.type == "cpu"):
+            return self._execute(batch)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def _execute(self, batch: ScheduledBatch) -> StepResult:
         self.kv_cache.copy_blocks(batch.copies)
         input_ids: list[int] = []
         positions: list[int] = []
