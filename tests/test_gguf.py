@@ -318,11 +318,11 @@ def test_tiny_config_and_names(tiny_gguf: Path) -> None:
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
 
 
-def test_tied_embeddings_and_vocab_from_token_list(tmp_path: Path) -> None:
+def test_tied_embeddings_and_vocab_from_embedding(tmp_path: Path) -> None:
     path = write_tiny_gguf(tmp_path / "t.gguf", tied=True, vocab_in_metadata=False)
     config, tensors = load_direct(path)
     assert config["tie_word_embeddings"] is True and "lm_head.weight" not in tensors
-    assert config["vocab_size"] == 64  # counted from tokenizer.ggml.tokens
+    assert config["vocab_size"] == 64  # no llama.vocab_size: token_embd's rows
 
 
 def test_header_skips_string_arrays_unless_asked(tiny_gguf: Path) -> None:

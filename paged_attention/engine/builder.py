@@ -120,7 +120,9 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
-    net, model_config = load_model(source.weights, dtype=dtype, device=device)
+    net, model_config = load_model(
+        source.weights, dtype=dtype, device=device, config=source.tokenizer_dir
+    )
     tokenizer = load_tokenizer(source.tokenizer_dir)
     plan = plan_pool(config, model_config, dtype, device)
     allocator = BlockAllocator(plan.num_blocks, plan.block_size)

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     _add_sampling_args(chat, max_tokens=256)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--chat-template", default=None, metavar="FILE",
+                      help="a Jinja chat template file, for models that ship none")
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="measure the engine (writes JSON under results/)")
@@ -150,6 +152,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
     llm = _make_llm(args)
+    if args.chat_template:
+        llm.get_tokenizer().chat_template = open(args.chat_template).read()
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})

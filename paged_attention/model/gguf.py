@@ -456,7 +456,7 @@ def _check_qk_rows(w: torch.Tensor, n_head: int) -> None:
 # --------------------------------------------------------------------------- llama
 
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 
 # GGUF per-layer tensor name -> HF per-layer name (llama.cpp's MODEL_TENSOR names).
 _LAYER_NAMES = {
@@ -496,9 +496,9 @@ def gguf_config(header: GGUFHeader) -> dict[str, Any]:
     """HF `LlamaConfig`-style dict from GGUF metadata (+ tensor list for tying/vocab)."""
     md = header.metadata
     arch = md.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ValueError(
-            f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
         )
 
     def get(key: str, default: Any = None) -> Any:
@@ -524,10 +524,8 @@ def gguf_config(header: GGUFHeader) -> dict[str, Any]:
         raise ValueError(f"partial rotary embedding ({rot} of {head_dim} dims) is not supported")
 
     embd = header.tensors.get("token_embd.weight")
+    # Older files lack llama.vocab_size; the embedding's row count is the vocab.
     vocab = md.get(f"{arch}.vocab_size")
-    if vocab is None:
-        tokens = md.get("tokenizer.ggml.tokens")
-        vocab = tokens.count if isinstance(tokens, SkippedStrings) else len(tokens or ()) or None
     if vocab is None and embd is not None:
         vocab = embd.shape[0]
     rope_theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
