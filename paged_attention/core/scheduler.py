@@ -8,7 +8,7 @@ Every step:
      done) is preempted by recompute: its blocks are freed and it goes back to
      the waiting queue, keeping its place.
   2. Waiting requests are admitted in (priority, arrival) order while blocks,
-     `max_num_seqs` and the budget allow. A prompt longer than what is left of
+     `max_num_seqs` (sequences per step) and the budget allow. A prompt longer than what is left of
      the budget is prefilled in chunks over several steps.
 Importance is (priority, arrival): lower values first.
 """
@@ -16,6 +16,7 @@ Importance is (priority, arrival): lower values first.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -58,18 +59,19 @@ class Scheduler:
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self._waiting: list[tuple[int, int, Request]] = []  # heap by rank
+        self._waiting: list[tuple[int, int, int, Request]] = []  # heap by rank, then entry order
+        self._entries = itertools.count()
         self.running: list[Request] = []  # kept sorted by rank
         self.num_preemptions = 0
 
     # ----------------------------------------------------------------- queues
     def add(self, req: Request) -> None:
         assert req.status is RequestStatus.WAITING, f"{req.request_id} is {req.status}"
-        heapq.heappush(self._waiting, (*_rank(req), req))
+        heapq.heappush(self._waiting, (*_rank(req), next(self._entries), req))
 
     @property
     def waiting(self) -> list[Request]:
-        return [entry[-1] for entry in sorted(self._waiting, key=lambda e: e[:2])]
+        return [entry[-1] for entry in sorted(self._waiting, key=lambda e: e[:3])]
 
     @property
     def num_waiting(self) -> int:
@@ -99,9 +101,12 @@ class Scheduler:
         scheduled: set[int] = set()
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(batch.requests) < self.max_num_seqs:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n == 0:  # a beam waiting for its group's round to complete
+                i += 1
+                continue
             appended = req.block_table.append_slots(n)
             while appended is None:
                 victim = self._pick_victim(scheduled)
@@ -122,15 +127,18 @@ class Scheduler:
 
         if not batch.preempted:
             self._admit(batch, budget)
+        assert len(batch.requests) <= self.max_num_seqs, "batch larger than max_num_seqs"
         return batch
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
-        while self._waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self._waiting and budget > 0 and len(batch.requests) < self.max_num_seqs:
             req = self._waiting[0][-1]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             appended = req.block_table.append_slots(n)
             if appended is None:
                 break  # no room: never preempt running work to admit new work
+            if appended[1] is not None:  # a forked sample or beam writing its first token
+                batch.copies.append(appended[1])
             heapq.heappop(self._waiting)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -163,5 +171,4 @@ class Scheduler:
         for *_, req in self._waiting:
             assert req.status is RequestStatus.WAITING, f"{req.request_id} in waiting is {req.status}"
             req.check_invariants()
-        assert len(self.running) <= self.max_num_seqs, "more running requests than max_num_seqs"
         self.allocator.check_invariants([r.block_table for r in self.requests()])

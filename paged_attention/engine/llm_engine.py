@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import torch
+
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.request import Request
 from paged_attention.core.scheduler import Scheduler
 from paged_attention.engine.model_runner import ModelRunner
 from paged_attention.engine.request_state import RequestState
+from paged_attention.engine.sequence_group import BeamGroup, SampleGroup
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.outputs import RequestOutput
 from paged_attention.sampler import Sampler, make_generator
@@ -48,7 +51,7 @@ class LLMEngine:
         self.seed = seed
         self.sampler = Sampler()
         self.stats = EngineStats()
-        self._requests: dict[str, Request] = {}
+        self._groups: dict[str, SampleGroup | BeamGroup] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
 
@@ -79,37 +82,62 @@ class LLMEngine:
         """Queue a request. Raises ValueError (queueing nothing) on bad input."""
         self.validate_prompt(prompt_token_ids, params)
         request_id = str(next(self._ids)) if request_id is None else request_id
-        if request_id in self._requests:
+        if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if stream and (params.best_of > 1 or params.use_beam_search):
+            raise ValueError("streaming supports n = best_of = 1 without beam search")
         arrival = next(self._arrivals)
-        stop_ids = set(params.stop_token_ids or ())
-        if not params.ignore_eos:
-            stop_ids |= self.eos_token_ids
-        state = RequestState(
-            request_id=request_id,
-            prompt=prompt,
-            prompt_token_ids=list(prompt_token_ids),
-            params=params,
-            generator=None if params.is_greedy else make_generator(params.seed, self.seed + arrival),
-            stop_ids=frozenset(stop_ids),
-            max_total_tokens=self.max_model_len,
-            stream=stream,
-        )
+        prompt_ids = list(prompt_token_ids)
         req = Request.create(
-            request_id, prompt_token_ids, self.allocator, params.max_tokens,
-            priority=priority, arrival_index=arrival, payload=state,
+            request_id, prompt_ids, self.allocator, params.max_tokens,
+            priority=priority, arrival_index=arrival,
         )
-        self._requests[request_id] = req
+        group: SampleGroup | BeamGroup
+        if params.use_beam_search:
+            group = BeamGroup(
+                request_id, prompt, prompt_ids, params, [req],
+                eos_token_ids=frozenset(params.stop_token_ids or ())
+                | (frozenset() if params.ignore_eos else self.eos_token_ids),
+                max_new_tokens=min(params.max_tokens, self.max_model_len - len(prompt_ids)),
+            )
+            req.payload = group
+        else:
+            stop_ids = set(params.stop_token_ids or ())
+            if not params.ignore_eos:
+                stop_ids |= self.eos_token_ids
+            group = SampleGroup(request_id, prompt, prompt_ids, params, [req])
+            req.payload = RequestState(
+                request_id=request_id,
+                prompt=prompt,
+                prompt_token_ids=prompt_ids,
+                params=params,
+                generator=self._generator(params, arrival, 0),
+                stop_ids=frozenset(stop_ids),
+                max_total_tokens=self.max_model_len,
+                stream=stream,
+                group=group,
+            )
+        self._groups[request_id] = group
         self.scheduler.add(req)
         return request_id
 
+    def _generator(self, params: SamplingParams, arrival: int, index: int):
+        """Sample i of a request draws from seed + i (or engine seed + arrival + i)."""
+        if params.is_greedy:
+            return None
+        seed = None if params.seed is None else params.seed + index
+        return make_generator(seed, self.seed + 7919 * arrival + index)
+
     def abort(self, request_id: str) -> bool:
-        """Stop a request wherever it is and free its blocks now."""
-        req = self._requests.pop(request_id, None)
-        if req is None:
+        """Stop a request wherever it is and free all its blocks now."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
             return False
-        req.payload.abort()
-        self.scheduler.finish(req)
+        for req in group.members:
+            if isinstance(req.payload, RequestState):
+                req.payload.abort()
+            self.scheduler.finish(req)
+        group.members = []
         return True
 
     def has_unfinished(self) -> bool:
@@ -117,7 +145,7 @@ class LLMEngine:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self._requests)
+        return len(self._groups)
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
@@ -134,21 +162,79 @@ class LLMEngine:
             if req.num_computed_tokens <= req.num_prompt_tokens:
                 self.stats.num_prompt_tokens += n
         outputs: list[RequestOutput] = []
-        if not result.sampling_requests:
-            return outputs
-        states = [r.payload for r in result.sampling_requests]
-        sampled = self.sampler.sample(
-            result.logits, [s.params for s in states], [s.generator for s in states]
+        rows: list[int] = []
+        to_sample: list[Request] = []
+        beam_groups: list[BeamGroup] = []
+        for row, req in enumerate(result.sampling_requests):
+            payload = req.payload
+            if isinstance(payload, BeamGroup):
+                if payload.receive(req, result.logits[row]):
+                    beam_groups.append(payload)
+                continue
+            group = payload.group
+            members = [req]
+            if not group.fanned_out:
+                members += self._fan_out(group, req)
+            to_sample += members
+            rows += [row] * len(members)
+        if to_sample:
+            outputs += self._sample(to_sample, result.logits, rows)
+        for group in beam_groups:
+            group.advance(self._fork_beam, self.scheduler.finish)
+            if group.finished:
+                del self._groups[group.request_id]
+                outputs.append(group.to_output(self.tokenizer))
+        return outputs
+
+    def _fan_out(self, group: SampleGroup, first: Request) -> list[Request]:
+        """After the prompt is computed once, fork it into the other best_of - 1
+        samples; every prompt block is shared (copy-on-write on first write)."""
+        group.fanned_out = True
+        children: list[Request] = []
+        state: RequestState = first.payload
+        for index in range(1, group.params.best_of):
+            child = self._fork_request(first, f"{first.request_id}#{index}")
+            child.payload = state.fork(index, self._generator(group.params, first.arrival_index, index))
+            children.append(child)
+        group.members += children
+        return children
+
+    def _fork_request(self, parent: Request, request_id: str) -> Request:
+        child = Request(
+            request_id, parent.prompt_token_ids, parent.block_table.fork(), parent.max_tokens,
+            priority=parent.priority, arrival_index=parent.arrival_index,
+            output_token_ids=list(parent.output_token_ids),
+            num_computed_tokens=parent.num_computed_tokens,
         )
+        # Its KV is in place: it waits only for a slot in the running batch.
+        self.scheduler.add(child)
+        return child
+
+    def _fork_beam(self, parent: Request) -> Request:
+        child = self._fork_request(parent, f"{parent.request_id}+")
+        child.payload = parent.payload
+        return child
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor, rows: list[int]) -> list[RequestOutput]:
+        states: list[RequestState] = [r.payload for r in reqs]
+        if rows != list(range(logits.shape[0])):
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        sampled = self.sampler.sample(logits, [s.params for s in states], [s.generator for s in states])
         self.stats.num_generated_tokens += len(states)
-        for i, (req, state) in enumerate(zip(result.sampling_requests, states)):
+        outputs: list[RequestOutput] = []
+        for i, (req, state) in enumerate(zip(reqs, states)):
             token = sampled.token_ids[i]
             req.output_token_ids.append(token)
             state.append_token(token, sampled.logprobs[i], sampled.top_logprobs[i], self.tokenizer)
+            group = state.group
             if state.finished:
                 self.scheduler.finish(req)
-                del self._requests[req.request_id]
-                outputs.append(state.to_output(delta=state.stream))
+                group.members.remove(req)
+                group.done.append((state.index, req))
+                if group.finished:
+                    del self._groups[group.request_id]
+                    outputs.append(state.to_output(delta=True) if state.stream
+                                   else group.to_output(self.tokenizer))
             elif state.stream:
                 outputs.append(state.to_output(delta=True))
         return outputs
@@ -172,9 +258,10 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
-        live = {r.request_id for r in self.scheduler.requests()}
-        assert live == set(self._requests), (
-            f"engine tracks {sorted(self._requests)} but the scheduler holds {sorted(live)}"
+        live = {id(r) for r in self.scheduler.requests()}
+        members = {id(r) for g in self._groups.values() for r in g.members}
+        assert live == members, (
+            f"scheduler holds {len(live)} sequences, request groups {len(members)}"
         )
         if not live:
             assert self.allocator.num_free_blocks == self.allocator.num_blocks, (

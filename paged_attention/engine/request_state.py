@@ -3,8 +3,10 @@ log-probs, and the stop rules applied to every new token."""
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +24,8 @@ class RequestState:
     stop_ids: frozenset[int]  # eos (unless ignore_eos) + stop_token_ids
     max_total_tokens: int  # max_model_len: generation stops there
     stream: bool = False
+    index: int = 0  # which of the request's n samples this sequence is
+    group: Any = None  # the SampleGroup this sequence belongs to
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
@@ -70,6 +74,15 @@ class RequestState:
         if self.finished and not params.stop:
             self.text = self._decode(tokenizer)
 
+    def fork(self, index: int, generator: torch.Generator | None) -> RequestState:
+        """The state of a sibling sample that has produced what this one has."""
+        child = copy.copy(self)
+        child.index = index
+        child.generator = generator
+        child.output_token_ids = list(self.output_token_ids)
+        child.logprobs = None if self.logprobs is None else list(self.logprobs)
+        return child
+
     def abort(self) -> None:
         self._finish("abort", None, time.perf_counter())
 
@@ -104,13 +117,31 @@ class RequestState:
         self.stop_reason = stop
         return True
 
+    def completion(self, index: int | None = None, text: str | None = None) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index if index is None else index,
+            text=self.text if text is None else text,
+            token_ids=list(self.output_token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+    def metrics(self) -> dict[str, float]:
+        metrics: dict[str, float] = {"arrival_time": self.arrival_time}
+        if self.first_token_time is not None:
+            metrics["time_to_first_token"] = self.first_token_time - self.arrival_time
+        if self.finish_time is not None:
+            metrics["latency"] = self.finish_time - self.arrival_time
+        return metrics
+
     def to_output(self, delta: bool = False) -> RequestOutput:
-        """A RequestOutput; with delta=True only the text and tokens new since the
-        last delta (for streaming)."""
+        """This sequence as a RequestOutput; with delta=True only the text new
+        since the last delta (for streaming)."""
         text = self.text
         if not self.needs_text_each_step and not self.finished:
             text = ""
-        token_ids = self.output_token_ids
         if delta:
             end = len(text)
             if not self.finished and self.params.stop:
@@ -118,26 +149,12 @@ class RequestState:
                 end = max(self._streamed_upto, end - max(len(s) for s in self.params.stop) + 1)
             text = text[self._streamed_upto : end]
             self._streamed_upto = end
-        completion = CompletionOutput(
-            index=0,
-            text=text,
-            token_ids=list(token_ids),
-            cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-        )
-        metrics: dict[str, float] = {"arrival_time": self.arrival_time}
-        if self.first_token_time is not None:
-            metrics["time_to_first_token"] = self.first_token_time - self.arrival_time
-        if self.finish_time is not None:
-            metrics["latency"] = self.finish_time - self.arrival_time
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[completion],
+            outputs=[self.completion(text=text)],
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
-            metrics=metrics,
+            metrics=self.metrics(),
         )
