@@ -90,6 +90,8 @@ class EngineConfig:
     dtype: str | torch.dtype = "auto"
     device: str | torch.device = "auto"
     seed: int = 0
+    swap_space: float = 4.0  # GiB of host memory for swapped-out blocks; 0 disables swapping
+    preemption_mode: str = "auto"  # "swap" | "recompute" | "auto" (cheaper by measured cost)
     # On the CPU, without an explicit size, the pool takes at most this share of
     # available RAM (and no more than max_num_seqs full-length sequences need).
     cpu_kv_memory_fraction: float = 0.25
@@ -111,6 +113,12 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not self.swap_space >= 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if self.preemption_mode not in ("swap", "recompute", "auto"):
+            raise ValueError(
+                f"preemption_mode must be 'swap', 'recompute' or 'auto', got {self.preemption_mode!r}"
+            )
         for name in ("cpu_kv_memory_fraction", "gpu_memory_utilization"):
             value = getattr(self, name)
             if not 0 < value <= 1:

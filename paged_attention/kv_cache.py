@@ -26,6 +26,7 @@ class KVCachePool:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        pin_memory: bool = False,
     ) -> None:
         for name, value in (
             ("num_layers", num_layers),
@@ -47,7 +48,7 @@ class KVCachePool:
         # untouched pages then cost no RAM and no start-up time.
         self.data = torch.empty(
             num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
-            dtype=dtype, device=self.device,
+            dtype=dtype, device=self.device, pin_memory=pin_memory,
         )
 
     # ------------------------------------------------------------------ sizes
@@ -104,3 +105,15 @@ def write_kv(
     heads, dim = k_pool.shape[2], k_pool.shape[3]
     k_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(k_pool.dtype))
     v_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(v_pool.dtype))
+
+
+def copy_between_pools(src: KVCachePool, dst: KVCachePool, copies) -> None:
+    """Copy whole blocks (every layer, K and V) from one pool to another, e.g.
+    device -> host for a swap-out. `copies` holds (src, dst) block-id pairs."""
+    pairs = list(copies)
+    if not pairs:
+        return
+    src_ids = torch.tensor([c.src for c in pairs], device=src.device)
+    dst_ids = torch.tensor([c.dst for c in pairs], device=dst.device)
+    # On CUDA with a pinned host pool this copy runs without blocking the host.
+    dst.data[:, :, dst_ids] = src.data[:, :, src_ids].to(dst.device, non_blocking=True)

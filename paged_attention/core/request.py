@@ -20,6 +20,7 @@ from paged_attention.core.block_table import BlockTable
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"
     FINISHED = "finished"
 
 

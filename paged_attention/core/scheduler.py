@@ -19,10 +19,20 @@ import heapq
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.block_table import CopyOnWrite
 from paged_attention.core.request import Request, RequestStatus
+from paged_attention.core.swap import BlockCopy, SwapManager
+
+PREEMPTION_MODES = ("swap", "recompute", "auto")
+
+
+class CostModel(Protocol):
+    """Decides, per victim, whether swapping beats recomputing."""
+
+    def prefers_swap(self, num_blocks: int, num_tokens: int) -> bool: ...
 
 
 @dataclass
@@ -31,6 +41,8 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     copies: list[CopyOnWrite] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    swap_out: list[BlockCopy] = field(default_factory=list)  # device -> host, done first
+    swap_in: list[BlockCopy] = field(default_factory=list)  # host -> device
 
     @property
     def is_empty(self) -> bool:
@@ -51,7 +63,17 @@ class Scheduler:
         allocator: BlockAllocator,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        *,
+        swapper: SwapManager | None = None,
+        preemption_mode: str = "recompute",
+        cost_model: CostModel | None = None,
     ) -> None:
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}"
+            )
+        if preemption_mode == "auto" and swapper is not None:
+            assert cost_model is not None, "auto preemption needs a cost model"
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
@@ -62,7 +84,13 @@ class Scheduler:
         self._waiting: list[tuple[int, int, int, Request]] = []  # heap by rank, then entry order
         self._entries = itertools.count()
         self.running: list[Request] = []  # kept sorted by rank
+        self.swapped: list[Request] = []  # KV on the host; kept sorted by rank
+        self.swapper = swapper
+        self.preemption_mode = preemption_mode if swapper is not None else "recompute"
+        self.cost_model = cost_model
         self.num_preemptions = 0
+        self.num_swapped_out = 0
+        self.num_recomputed_tokens = 0
 
     # ----------------------------------------------------------------- queues
     def add(self, req: Request) -> None:
@@ -78,16 +106,19 @@ class Scheduler:
         return len(self._waiting)
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self.running)
+        return bool(self._waiting or self.running or self.swapped)
 
     def requests(self) -> Iterator[Request]:
         yield from self.running
         yield from (entry[-1] for entry in self._waiting)
+        yield from self.swapped
 
     def finish(self, req: Request) -> None:
         """Remove a request (finished or aborted) wherever it is; free its blocks."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
+        elif req.status is RequestStatus.SWAPPED:
+            self.swapped.remove(req)
         elif req.status is RequestStatus.WAITING:
             self._waiting = [e for e in self._waiting if e[-1] is not req]
             heapq.heapify(self._waiting)
@@ -126,7 +157,9 @@ class Scheduler:
             i += 1
 
         if not batch.preempted:
-            self._admit(batch, budget)
+            budget = self._swap_in(batch, budget)
+            if not self.swapped:  # swapped work resumes before new work starts
+                self._admit(batch, budget)
         assert len(batch.requests) <= self.max_num_seqs, "batch larger than max_num_seqs"
         return batch
 
@@ -147,6 +180,32 @@ class Scheduler:
             budget -= n
         self.running.sort(key=_rank)
 
+    def _swap_in(self, batch: ScheduledBatch, budget: int) -> int:
+        assert self.swapper is not None or not self.swapped, "swapped requests without a swapper"
+        while self.swapped and budget > 0 and len(batch.requests) < self.max_num_seqs:
+            req = self.swapped[0]
+            table = req.block_table
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            # Room for its blocks plus the ones its next tokens need.
+            needed = self.swapper.blocks_to_swap_in(table) + table.blocks_needed(n) + 1
+            if not self.allocator.can_allocate(needed):
+                break
+            batch.swap_in += self.swapper.swap_in(table)
+            self.swapped.pop(0)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            if n == 0:
+                continue
+            appended = table.append_slots(n)
+            assert appended is not None, "room was checked before swapping in"
+            if appended[1] is not None:
+                batch.copies.append(appended[1])
+            batch.requests.append(req)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        self.running.sort(key=_rank)
+        return budget
+
     def _pick_victim(self, scheduled: set[int]) -> Request:
         candidates = [r for r in self.running if id(r) not in scheduled]
         assert candidates, "no running request left to preempt"
@@ -154,15 +213,37 @@ class Scheduler:
         return max(candidates, key=lambda r: (r.priority, -r.num_computed_tokens, r.arrival_index))
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
-        """Preempt by recompute: free the blocks, requeue keeping its place."""
+        """Swap the victim's blocks to the host, or free them for recompute and
+        requeue it keeping its place, whichever the mode (or cost) says."""
         self.running.remove(req)
-        req.block_table.free()
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
-        req.status = RequestStatus.WAITING
         self.num_preemptions += 1
         batch.preempted.append(req)
+        if self._should_swap(req):
+            assert self.swapper is not None
+            batch.swap_out += self.swapper.swap_out(req.block_table)
+            req.status = RequestStatus.SWAPPED
+            self.swapped.append(req)
+            self.swapped.sort(key=_rank)
+            self.num_swapped_out += 1
+            return
+        self.num_recomputed_tokens += req.num_computed_tokens
+        req.block_table.free()
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
         self.add(req)
+
+    def _should_swap(self, req: Request) -> bool:
+        if self.swapper is None or self.preemption_mode == "recompute":
+            return False
+        if not self.swapper.can_swap_out(req.block_table):
+            return False  # host pool full: recompute is the only way
+        if self.preemption_mode == "swap":
+            return True
+        assert self.cost_model is not None
+        return self.cost_model.prefers_swap(
+            self.swapper.blocks_to_swap_out(req.block_table), req.num_computed_tokens
+        )
 
     def check_invariants(self) -> None:
         for req in self.running:
@@ -171,4 +252,13 @@ class Scheduler:
         for *_, req in self._waiting:
             assert req.status is RequestStatus.WAITING, f"{req.request_id} in waiting is {req.status}"
             req.check_invariants()
-        self.allocator.check_invariants([r.block_table for r in self.requests()])
+        for req in self.swapped:
+            assert req.status is RequestStatus.SWAPPED, f"{req.request_id} in swapped is {req.status}"
+            assert self.swapper is not None and req.block_table.allocator is self.swapper.host, (
+                f"swapped request {req.request_id} holds device blocks"
+            )
+            req.check_invariants()
+        on_device = [r.block_table for r in self.requests() if r.status is not RequestStatus.SWAPPED]
+        self.allocator.check_invariants(on_device)
+        if self.swapper is not None:
+            self.swapper.host.check_invariants([r.block_table for r in self.swapped])

@@ -18,8 +18,14 @@ from paged_attention.config import (
 )
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.scheduler import Scheduler
+from paged_attention.core.swap import SwapManager
 from paged_attention.engine.llm_engine import LLMEngine
 from paged_attention.engine.model_runner import ModelRunner
+from paged_attention.engine.preemption_cost import (
+    PreemptionCostModel,
+    measure_copy_bandwidth,
+    measure_prefill_speed,
+)
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
 
@@ -138,11 +144,45 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
         plan.max_concurrency,
     )
     max_batched = config.max_num_batched_tokens or max(8192, plan.max_model_len)
-    scheduler = Scheduler(allocator, config.max_num_seqs, max_batched)
+    host_cache, swapper, cost_model = build_swap_space(config, plan, model_config, dtype, device,
+                                                       allocator, kv_cache, net)
+    scheduler = Scheduler(allocator, config.max_num_seqs, max_batched, swapper=swapper,
+                          preemption_mode=config.preemption_mode, cost_model=cost_model)
     eos = set(model_config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
     return LLMEngine(
-        ModelRunner(net, kv_cache), kv_cache, allocator, scheduler, tokenizer,
+        ModelRunner(net, kv_cache, host_cache), kv_cache, allocator, scheduler, tokenizer,
         frozenset(eos), plan.max_model_len, model_config.vocab_size, seed=config.seed,
+        cost_model=cost_model,
     )
+
+
+def build_swap_space(config: EngineConfig, plan: PoolPlan, model_config: ModelConfig,
+                     dtype: torch.dtype, device: torch.device, allocator: BlockAllocator,
+                     kv_cache: KVCachePool, net: torch.nn.Module):
+    """The host block pool for swapping (None when swap_space is 0 or preemption
+    is recompute-only), with the cost model that prices swap against recompute."""
+    host_blocks = int(config.swap_space * 2**30) // plan.bytes_per_block
+    if host_blocks < 1 or config.preemption_mode == "recompute":
+        return None, None, None
+    # Pinned host memory lets CUDA copies run asynchronously; on the CPU both
+    # pools are ordinary RAM and the same code path runs.
+    host_cache = KVCachePool(
+        model_config.num_layers, host_blocks, plan.block_size, model_config.num_kv_heads,
+        model_config.head_dim, dtype, "cpu", pin_memory=device.type == "cuda",
+    )
+    swapper = SwapManager(
+        allocator, BlockAllocator(host_blocks, plan.block_size, enable_prefix_caching=False)
+    )
+    cost_model = PreemptionCostModel(
+        bytes_per_block=plan.bytes_per_block,
+        copy_bytes_per_s=measure_copy_bandwidth(kv_cache, host_cache),
+        prefill_tokens_per_s=measure_prefill_speed(net, kv_cache),
+    )
+    logger.info(
+        "swap space: %d host blocks (%.1f GiB); measured copy %.2f GB/s, prefill %.0f tokens/s",
+        host_blocks, config.swap_space, cost_model.copy_bytes_per_s / 1e9,
+        cost_model.prefill_tokens_per_s,
+    )
+    return host_cache, swapper, cost_model

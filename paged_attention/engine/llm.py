@@ -39,6 +39,8 @@ class LLM:
         dtype: str = "auto",
         device: str = "auto",
         seed: int = 0,
+        swap_space: float = 4.0,
+        preemption_mode: str = "auto",
     ) -> None:
         self.config = EngineConfig(
             block_size=block_size,
@@ -50,6 +52,8 @@ class LLM:
             dtype=dtype,
             device=device,
             seed=seed,
+            swap_space=swap_space,
+            preemption_mode=preemption_mode,
         )
         self.engine: LLMEngine = build_engine(model, self.config)
 

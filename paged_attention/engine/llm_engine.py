@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.request import Request
 from paged_attention.core.scheduler import Scheduler
 from paged_attention.engine.model_runner import ModelRunner
+from paged_attention.engine.preemption_cost import PreemptionCostModel
 from paged_attention.engine.request_state import RequestState
 from paged_attention.engine.sequence_group import BeamGroup, SampleGroup
 from paged_attention.kv_cache import KVCachePool
@@ -39,6 +41,7 @@ class LLMEngine:
         max_model_len: int,
         vocab_size: int,
         seed: int = 0,
+        cost_model: PreemptionCostModel | None = None,
     ) -> None:
         self.runner = runner
         self.kv_cache = kv_cache
@@ -49,6 +52,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.seed = seed
+        self.cost_model = cost_model
         self.sampler = Sampler()
         self.stats = EngineStats()
         self._groups: dict[str, SampleGroup | BeamGroup] = {}
@@ -154,7 +158,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
+        start = time.perf_counter()
         result = self.runner.execute(batch)
+        if self.cost_model is not None and batch.num_tokens >= 64:
+            # A prompt-heavy step: learn the prefill speed recompute would run at.
+            self.cost_model.observe_prefill(batch.num_tokens, time.perf_counter() - start)
         self.stats.num_steps += 1
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.allocator.num_used_blocks)
         for req, n in zip(batch.requests, batch.num_new_tokens):
@@ -168,7 +176,9 @@ class LLMEngine:
         for row, req in enumerate(result.sampling_requests):
             payload = req.payload
             if isinstance(payload, BeamGroup):
-                if payload.receive(req, result.logits[row]):
+                # A beam recomputed after a preemption may report twice in a
+                # round; the group still advances once.
+                if payload.receive(req, result.logits[row]) and payload not in beam_groups:
                     beam_groups.append(payload)
                 continue
             group = payload.group
@@ -251,7 +261,10 @@ class LLMEngine:
             "kv_cache_usage": used / self.allocator.num_blocks,
             "num_running": len(self.scheduler.running),
             "num_waiting": self.scheduler.num_waiting,
+            "num_swapped": len(self.scheduler.swapped),
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_swapped_out": self.scheduler.num_swapped_out,
+            "num_recomputed_tokens": self.scheduler.num_recomputed_tokens,
             "num_steps": self.stats.num_steps,
             "peak_used_blocks": self.stats.peak_used_blocks,
         }

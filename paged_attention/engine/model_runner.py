@@ -12,7 +12,7 @@ import torch
 from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.core.request import Request
 from paged_attention.core.scheduler import ScheduledBatch
-from paged_attention.kv_cache import KVCachePool
+from paged_attention.kv_cache import KVCachePool, copy_between_pools
 
 
 @contextmanager
@@ -39,9 +39,11 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCachePool) -> None:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCachePool,
+                 host_cache: KVCachePool | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.host_cache = host_cache  # the swap space, when there is one
         self.device = kv_cache.device
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -50,6 +52,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _execute(self, batch: ScheduledBatch) -> StepResult:
+        # Swap-outs first: the device blocks they free may be written this step.
+        if batch.swap_out or batch.swap_in:
+            assert self.host_cache is not None, "swap copies without a host pool"
+            copy_between_pools(self.kv_cache, self.host_cache, batch.swap_out)
+            copy_between_pools(self.host_cache, self.kv_cache, batch.swap_in)
         self.kv_cache.copy_blocks(batch.copies)
         input_ids: list[int] = []
         positions: list[int] = []

@@ -34,6 +34,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
+    g.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped blocks (0: off)")
+    g.add_argument("--preemption-mode", default="auto", choices=["auto", "swap", "recompute"],
+                   help="how to free memory under pressure (default: auto, the cheaper by measured cost)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -47,6 +50,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "device": args.device,
         "seed": args.seed,
+        "swap_space": args.swap_space,
+        "preemption_mode": args.preemption_mode,
     }
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paged_attention.attention.metadata import AttentionMetadata
-from paged_attention.attention.reference import paged_attention
+from paged_attention.attention.backend import AttentionBackend, select_attention_backend
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
 from paged_attention.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, empty_param, apply_rotary
@@ -31,9 +31,11 @@ _IGNORED_SUFFIXES: tuple[str, ...] = (".rotary_emb.inv_freq",)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype,
+                 device: torch.device | str, backend: AttentionBackend) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.backend = backend
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -61,16 +63,18 @@ class Attention(nn.Module):
         qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         layer = self.layer_idx
-        kv_cache.write(layer, k, v, meta.slot_mapping)
-        out = paged_attention(q, kv_cache.key(layer), kv_cache.value(layer), meta, self.scale)
+        k_pool, v_pool = kv_cache.key(layer), kv_cache.value(layer)
+        self.backend.write_kv(k_pool, v_pool, k, v, meta.slot_mapping)
+        out = self.backend.attention(q, k_pool, v_pool, meta, self.scale)
         return F.linear(out.reshape(num_tokens, -1), self.o_weight, self.o_bias)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype,
+                 device: torch.device | str, backend: AttentionBackend) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(config, layer_idx, dtype, device)
+        self.self_attn = Attention(config, layer_idx, dtype, device, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, dtype, device)
 
@@ -97,6 +101,7 @@ class CausalLM(nn.Module):
         config: ModelConfig,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        attention_backend: str = "auto",
     ) -> None:
         super().__init__()
         if dtype not in SUPPORTED_DTYPES:
@@ -105,9 +110,11 @@ class CausalLM(nn.Module):
             )
         self.config = config
         self.dtype = dtype
+        # One backend shared by every layer: it converts each step's metadata once.
+        self.attn_backend = select_attention_backend(torch.device(device), attention_backend)
         self.embed_tokens = empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, device) for i in range(config.num_layers)
+            DecoderLayer(config, i, dtype, device, self.attn_backend) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(
