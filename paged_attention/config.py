@@ -92,6 +92,7 @@ class EngineConfig:
     seed: int = 0
     swap_space: float = 4.0  # GiB of host memory for swapped-out blocks; 0 disables swapping
     preemption_mode: str = "auto"  # "swap" | "recompute" | "auto" (cheaper by measured cost)
+    enforce_eager: bool = False  # CUDA: never replay captured decode graphs
     # On the CPU, without an explicit size, the pool takes at most this share of
     # available RAM (and no more than max_num_seqs full-length sequences need).
     cpu_kv_memory_fraction: float = 0.25

@@ -19,6 +19,7 @@ from paged_attention.config import (
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.scheduler import Scheduler
 from paged_attention.core.swap import SwapManager
+from paged_attention.engine.cuda_graphs import maybe_decode_graphs
 from paged_attention.engine.llm_engine import LLMEngine
 from paged_attention.engine.model_runner import ModelRunner
 from paged_attention.engine.preemption_cost import (
@@ -94,7 +95,8 @@ def plan_pool(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtyp
     else:
         available = available_memory_bytes(device)
         if device.type == "cuda":
-            budget = int(available * config.gpu_memory_utilization)
+            # Headroom for activations and captured graphs, which come later.
+            budget = int(available * config.gpu_memory_utilization) - 2**30
         else:
             budget = int(available * config.cpu_kv_memory_fraction)
         # No more than max_num_seqs full-length sequences could ever use.
@@ -148,11 +150,13 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
                                                        allocator, kv_cache, net)
     scheduler = Scheduler(allocator, config.max_num_seqs, max_batched, swapper=swapper,
                           preemption_mode=config.preemption_mode, cost_model=cost_model)
+    graphs = maybe_decode_graphs(net, kv_cache, net.attn_backend, config.max_num_seqs,
+                                 plan.max_model_len, config.enforce_eager)
     eos = set(model_config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
     return LLMEngine(
-        ModelRunner(net, kv_cache, host_cache), kv_cache, allocator, scheduler, tokenizer,
+        ModelRunner(net, kv_cache, host_cache, graphs), kv_cache, allocator, scheduler, tokenizer,
         frozenset(eos), plan.max_model_len, model_config.vocab_size, seed=config.seed,
         cost_model=cost_model,
     )

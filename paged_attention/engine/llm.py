@@ -41,6 +41,7 @@ class LLM:
         seed: int = 0,
         swap_space: float = 4.0,
         preemption_mode: str = "auto",
+        enforce_eager: bool = False,
     ) -> None:
         self.config = EngineConfig(
             block_size=block_size,
@@ -54,6 +55,7 @@ class LLM:
             seed=seed,
             swap_space=swap_space,
             preemption_mode=preemption_mode,
+            enforce_eager=enforce_eager,
         )
         self.engine: LLMEngine = build_engine(model, self.config)
 

@@ -12,6 +12,7 @@ import torch
 from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.core.request import Request
 from paged_attention.core.scheduler import ScheduledBatch
+from paged_attention.engine.cuda_graphs import DecodeCudaGraphs
 from paged_attention.kv_cache import KVCachePool, copy_between_pools
 
 
@@ -40,8 +41,10 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCachePool,
-                 host_cache: KVCachePool | None = None) -> None:
+                 host_cache: KVCachePool | None = None,
+                 cuda_graphs: DecodeCudaGraphs | None = None) -> None:
         self.model = model
+        self.cuda_graphs = cuda_graphs  # decode-only steps replay captured graphs
         self.kv_cache = kv_cache
         self.host_cache = host_cache  # the swap space, when there is one
         self.device = kv_cache.device
@@ -77,12 +80,12 @@ class ModelRunner:
             self.kv_cache.num_blocks,
             self.device,
         )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            self.kv_cache,
-            meta,
-        )
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta):
+            hidden = self.cuda_graphs.run(ids_t, pos_t, meta)  # valid until the next run
+        else:
+            hidden = self.model(ids_t, pos_t, self.kv_cache, meta)
         if not sampling:
             return StepResult([], hidden.new_empty((0, 0), dtype=torch.float32))
         rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)

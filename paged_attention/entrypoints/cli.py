@@ -37,6 +37,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped blocks (0: off)")
     g.add_argument("--preemption-mode", default="auto", choices=["auto", "swap", "recompute"],
                    help="how to free memory under pressure (default: auto, the cheaper by measured cost)")
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture decode CUDA graphs")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -52,6 +53,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "swap_space": args.swap_space,
         "preemption_mode": args.preemption_mode,
+        "enforce_eager": args.enforce_eager,
     }
 
 
