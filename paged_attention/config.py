@@ -93,6 +93,7 @@ class EngineConfig:
     swap_space: float = 4.0  # GiB of host memory for swapped-out blocks; 0 disables swapping
     preemption_mode: str = "auto"  # "swap" | "recompute" | "auto" (cheaper by measured cost)
     enforce_eager: bool = False  # CUDA: never replay captured decode graphs
+    enable_prefix_caching: bool = True  # reuse cached full blocks of earlier prompts
     # On the CPU, without an explicit size, the pool takes at most this share of
     # available RAM (and no more than max_num_seqs full-length sequences need).
     cpu_kv_memory_fraction: float = 0.25

@@ -9,6 +9,7 @@ from paged_attention.core.block_allocator import (
     BlockAllocator,
     validate_block_size,
 )
+from paged_attention.core.block_table import BlockTable
 
 
 class _Holder:
@@ -247,3 +248,34 @@ def test_check_invariants_catches_corrupt_free_list():
     alloc._free.append(1)  # block 1 free twice
     with pytest.raises(AssertionError, match="twice"):
         alloc.check_invariants()
+
+
+# ------------------------------------------------------------- generations
+def test_generation_counts_allocations_not_revivals():
+    alloc = BlockAllocator(2, 2)
+    assert [alloc.generation(b) for b in range(2)] == [0, 0]
+    assert alloc.allocate_many(2) == [0, 1]
+    assert [alloc.generation(b) for b in range(2)] == [1, 1]
+    alloc.fork(0)
+    alloc.free(0)
+    alloc.free(0)
+    assert alloc.allocate() == 0
+    assert alloc.generation(0) == 2
+    # A cached block freed and revived by a cache hit keeps its contents, and
+    # its generation; evicting it for a new allocation bumps it.
+    cache = alloc.prefix_cache
+    assert cache is not None
+    alloc.free(0)
+    alloc.free(1)
+    table = BlockTable(alloc)
+    assert table.admit([7, 7, 7], 3) is not None and table.block_ids == [0, 1]
+    table.cache_full_blocks([7, 7, 7])
+    table.free()
+    assert alloc.evictable_block_ids() == [0]
+    assert table.admit([7, 7, 7], 1) is not None and table.block_ids == [0, 1]
+    assert alloc.generation(0) == 3
+    table.free()
+    assert alloc.allocate_many(2) == [1, 0]  # block 0 evicted
+    assert alloc.generation(0) == 4
+    with pytest.raises(ValueError, match=r"block id 2\b"):
+        alloc.generation(2)

@@ -175,3 +175,54 @@ def test_best_of_returns_the_n_most_likely():
 def test_bad_sharing_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+# ------------------------------------------------------------ prefix caching
+SYSTEM = "Once upon a time, there was a little girl named Lily. She loved to"
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_prefix_caching_never_changes_outputs(block_size):
+    # Prompts share a prefix and diverge inside a block; some arrive after others are cached.
+    first = [SYSTEM + " play", SYSTEM + " run in the park"]
+    later = [SYSTEM + " sing", SYSTEM + " play with her dog", "Tom had a ball"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    kwargs = dict(dtype="float32", block_size=block_size, num_kv_blocks=512 // block_size,
+                  max_model_len=128)
+    off = LLM(str(STORIES260K), enable_prefix_caching=False, **kwargs)
+    want = [o.outputs[0].token_ids for o in off.generate(first + later, params, use_tqdm=False)]
+    on = LLM(str(STORIES260K), **kwargs)
+    got = [o.outputs[0].token_ids for o in drive(on, first, params)]
+    outs = drive(on, later, params)  # invariants (cache included) after every step
+    got += [o.outputs[0].token_ids for o in outs]
+    assert got == want
+    prefix_len = len(on.get_tokenizer().encode(SYSTEM))
+    for out in outs[:2]:  # at least the shared system prompt's full blocks
+        assert out.num_cached_tokens >= (prefix_len // block_size) * block_size
+    assert outs[2].num_cached_tokens <= 1  # an unrelated prompt shares at most <s>
+    stats = on.memory_stats()
+    assert stats["num_cached_blocks"] > 0 and 0 < stats["prefix_cache_hit_rate"] < 1
+    assert stats["num_free_blocks"] == stats["num_blocks"]  # cached blocks are evictable, not used
+
+
+def test_a_cached_prompt_computes_only_its_new_tokens():
+    llm = LLM(str(STORIES260K), dtype="float32", block_size=4, num_kv_blocks=128, max_model_len=128)
+    params = SamplingParams(temperature=0, max_tokens=4)
+    llm.generate(SYSTEM, params, use_tqdm=False)
+    before = llm.engine.stats.num_prompt_tokens
+    out = llm.generate(SYSTEM + " dance", params, use_tqdm=False)[0]
+    computed = llm.engine.stats.num_prompt_tokens - before
+    assert computed == len(out.prompt_token_ids) - out.num_cached_tokens
+    assert out.num_cached_tokens >= 12
+
+
+def test_chunked_prefill_under_prefix_caching():
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = [SYSTEM + " play", SYSTEM + " jump high"]
+    off = LLM(str(STORIES260K), dtype="float32", block_size=4, num_kv_blocks=128, max_model_len=128,
+              enable_prefix_caching=False)
+    want = [o.outputs[0].token_ids for o in off.generate(prompts, params, use_tqdm=False)]
+    on = LLM(str(STORIES260K), dtype="float32", block_size=4, num_kv_blocks=128, max_model_len=128,
+             max_num_batched_tokens=7)
+    got = [drive(on, [p], params)[0].outputs[0].token_ids for p in prompts]
+    assert got == want

@@ -133,7 +133,8 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     )
     tokenizer = load_tokenizer(source.tokenizer_dir)
     plan = plan_pool(config, model_config, dtype, device)
-    allocator = BlockAllocator(plan.num_blocks, plan.block_size)
+    allocator = BlockAllocator(plan.num_blocks, plan.block_size,
+                               enable_prefix_caching=config.enable_prefix_caching)
     kv_cache = KVCachePool(
         model_config.num_layers, plan.num_blocks, plan.block_size,
         model_config.num_kv_heads, model_config.head_dim, dtype, device,

@@ -42,6 +42,7 @@ class LLM:
         swap_space: float = 4.0,
         preemption_mode: str = "auto",
         enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.config = EngineConfig(
             block_size=block_size,
@@ -56,6 +57,7 @@ class LLM:
             swap_space=swap_space,
             preemption_mode=preemption_mode,
             enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
         )
         self.engine: LLMEngine = build_engine(model, self.config)
 

@@ -165,10 +165,15 @@ class LLMEngine:
             self.cost_model.observe_prefill(batch.num_tokens, time.perf_counter() - start)
         self.stats.num_steps += 1
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.allocator.num_used_blocks)
+        caching = self.allocator.prefix_cache is not None
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
             if req.num_computed_tokens <= req.num_prompt_tokens:
                 self.stats.num_prompt_tokens += n
+            if caching:
+                req.block_table.cache_full_blocks(req.token_ids)
+                if req.num_cached_tokens:
+                    self._note_cached(req)
         outputs: list[RequestOutput] = []
         rows: list[int] = []
         to_sample: list[Request] = []
@@ -195,6 +200,16 @@ class LLMEngine:
                 del self._groups[group.request_id]
                 outputs.append(group.to_output(self.tokenizer))
         return outputs
+
+    @staticmethod
+    def _note_cached(req: Request) -> None:
+        """Report prefix-cache reuse on the request's output (first admission)."""
+        payload = req.payload
+        group = payload if isinstance(payload, BeamGroup) else payload.group
+        if not group.num_cached_tokens:
+            group.num_cached_tokens = req.num_cached_tokens
+            if isinstance(payload, RequestState):
+                payload.num_cached_tokens = req.num_cached_tokens
 
     def _fan_out(self, group: SampleGroup, first: Request) -> list[Request]:
         """After the prompt is computed once, fork it into the other best_of - 1
@@ -252,6 +267,7 @@ class LLMEngine:
     # ------------------------------------------------------------ inspection
     def memory_stats(self) -> dict[str, int | float]:
         used = self.allocator.num_used_blocks
+        cache = self.allocator.prefix_cache
         return {
             "num_blocks": self.allocator.num_blocks,
             "num_free_blocks": self.allocator.num_free_blocks,
@@ -267,6 +283,8 @@ class LLMEngine:
             "num_recomputed_tokens": self.scheduler.num_recomputed_tokens,
             "num_steps": self.stats.num_steps,
             "peak_used_blocks": self.stats.peak_used_blocks,
+            "num_cached_blocks": cache.num_cached_blocks if cache is not None else 0,
+            "prefix_cache_hit_rate": cache.hit_rate if cache is not None else 0.0,
         }
 
     def check_invariants(self) -> None:

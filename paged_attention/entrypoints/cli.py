@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preemption-mode", default="auto", choices=["auto", "swap", "recompute"],
                    help="how to free memory under pressure (default: auto, the cheaper by measured cost)")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture decode CUDA graphs")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn off automatic prefix caching")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -54,6 +56,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "swap_space": args.swap_space,
         "preemption_mode": args.preemption_mode,
         "enforce_eager": args.enforce_eager,
+        "enable_prefix_caching": args.enable_prefix_caching,
     }
 
 

@@ -1,0 +1,162 @@
+"""Block size: KV waste, throughput and time per step for block sizes 1..128.
+
+Each block size runs the same ShareGPT-like workload (`bench memory`'s mix)
+through a fresh engine whose pool has the same number of token slots (room for
+every request, so nothing is preempted and every run does the same work).
+Attention time is the wall time spent in the model's paged-attention calls,
+metadata time the time spent building the step's slot tables (both grow with
+the number of blocks a step touches); the best block size is the one with the
+highest throughput on this machine.
+
+    paged-attention bench block-size [--quick] [--block-sizes 1,2,4,8,16,32,64,128]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from paged_attention.bench.memory import (
+    QUICK_SCALE,
+    LengthMix,
+    model_vocab_size,
+    resolve_bench_model,
+    sharegpt_like_workload,
+    trace_run,
+    waste_summary,
+)
+from paged_attention.bench.monitor import MemoryMonitor, environment, format_monitor, torch_threads
+from paged_attention.bench.report import format_table, write_json
+
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@contextmanager
+def timed(target: object, name: str, bucket: dict[str, float], key: str) -> Iterator[None]:
+    """Wrap target.name so each call adds its wall time to bucket[key]; restore
+    the original attribute (a classmethod stays a classmethod) afterwards."""
+    raw = vars(target)[name]
+    original = getattr(target, name)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            bucket[key] = bucket.get(key, 0.0) + time.perf_counter() - t
+
+    setattr(target, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(target, name, raw)
+
+
+def measure_block_size(model_path: str | None, requests, block_size: int, pool_tokens: int,
+                       max_model_len: int, seed: int, progress: bool) -> dict:
+    import paged_attention.model.llama as llama_module
+    from paged_attention.attention.metadata import AttentionMetadata
+    from paged_attention.engine.llm import LLM
+
+    llm = LLM(model_path, block_size=block_size, num_kv_blocks=pool_tokens // block_size,
+              max_model_len=max_model_len, max_num_seqs=1024, seed=seed)
+    bucket: dict[str, float] = {}
+    with (
+        timed(llama_module, "paged_attention", bucket, "attention"),
+        timed(AttentionMetadata, "build", bucket, "metadata"),
+    ):
+        trace = trace_run(llm, requests, progress=progress, desc=f"block size {block_size}")
+    steps = len(trace.records)
+    return {
+        "block_size": block_size,
+        "waste": waste_summary(trace.records)["paged"]["waste"],
+        "tokens_per_s": trace.output_tokens / trace.elapsed_s,
+        "elapsed_s": trace.elapsed_s,
+        "num_steps": steps,
+        "step_ms": 1000 * trace.elapsed_s / steps,
+        "attention_ms_per_step": 1000 * bucket.get("attention", 0.0) / steps,
+        "metadata_ms_per_step": 1000 * bucket.get("metadata", 0.0) / steps,
+        "peak_used_blocks": trace.peak_used_blocks,
+        "num_preemptions": trace.num_preemptions,
+    }
+
+
+def run_block_size(
+    model: str = "tiny-2k",
+    block_sizes: tuple[int, ...] = BLOCK_SIZES,
+    num_requests: int = 32,
+    max_model_len: int = 2048,
+    seed: int = 0,
+    threads: int | None = 1,
+    progress: bool = True,
+    mix: LengthMix = LengthMix(),
+) -> dict:
+    model_path = resolve_bench_model(model)
+    requests = sharegpt_like_workload(num_requests, max_model_len, model_vocab_size(model_path), seed, mix)
+    # The same token slots for every block size: every request at its final
+    # length, rounded up to the largest block, and one spare request's worth.
+    largest = max(block_sizes)
+    pool_tokens = sum(-(-(len(r.prompt_token_ids) + r.output_len) // largest) * largest for r in requests)
+    pool_tokens += -(-max_model_len // largest) * largest
+    rows = []
+    with torch_threads(threads), MemoryMonitor() as monitor:
+        measure_block_size(model_path, requests[:2], 16, pool_tokens, max_model_len, seed, False)  # warm-up
+        for bs in block_sizes:
+            rows.append(measure_block_size(model_path, requests, bs, pool_tokens, max_model_len, seed, progress))
+        env = environment()
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    return {
+        "benchmark": "block_size",
+        "config": {
+            "model": model, "num_requests": num_requests, "max_model_len": max_model_len,
+            "pool_tokens": pool_tokens, "seed": seed, "length_mix": asdict(mix), "torch_threads": threads,
+        },
+        "rows": rows,
+        "best_block_size": best["block_size"],
+        "monitor": monitor.summary(),
+        "environment": env,
+    }
+
+
+def print_block_size(result: dict) -> None:
+    print(format_table(
+        ["block size", "waste", "tokens/s", "ms/step", "attention ms/step", "metadata ms/step"],
+        [[r["block_size"], f"{r['waste']:.1%}", f"{r['tokens_per_s']:.0f}", f"{r['step_ms']:.2f}",
+          f"{r['attention_ms_per_step']:.2f}", f"{r['metadata_ms_per_step']:.2f}"] for r in result["rows"]],
+    ))
+    print(f"best block size on this machine (throughput): {result['best_block_size']}")
+    print(format_monitor(result["monitor"]))
+
+
+def main(args) -> dict:
+    sizes = tuple(int(b) for b in args.block_sizes.split(","))
+    quick = args.quick
+    result = run_block_size(
+        model=args.model, block_sizes=(4, 16, 64) if quick else sizes,
+        num_requests=8 if quick else args.num_requests,
+        max_model_len=512 if quick else args.max_model_len, seed=args.seed, threads=args.threads,
+        progress=not quick, mix=LengthMix().scaled(QUICK_SCALE) if quick else LengthMix(),
+    )
+    from paged_attention.bench.plots import plot_block_size
+
+    out_dir = Path(args.output_dir)
+    result["plot"] = plot_block_size(result, out_dir / "block_size.png").name
+    print_block_size(result)
+    print(f"wrote {write_json(out_dir, 'block_size', result)}")
+    return result
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("block-size", help="waste, throughput and attention time per block size")
+    p.add_argument("--model", default="tiny-2k", help="tiny-2k (default), stories260k, smollm2, or a path")
+    p.add_argument("--block-sizes", default=",".join(map(str, BLOCK_SIZES)))
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--quick", action="store_true", help="block sizes 4, 16, 64 on 8 short requests (for tests)")
+    p.add_argument("--output-dir", default="results")
+    p.set_defaults(func=main)
