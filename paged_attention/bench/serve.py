@@ -222,8 +222,12 @@ def served_model(url: str, api_key: str | None) -> str:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
-    response.raise_for_status()
+    try:
+        response = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+    except httpx.HTTPError as err:
+        raise ValueError(f"cannot reach a server at {url}: {err}") from None
+    if response.status_code != 200:
+        raise ValueError(f"{url}/v1/models answered {response.status_code}: {response.text[:200]}")
     return response.json()["data"][0]["id"]
 
 

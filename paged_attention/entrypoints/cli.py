@@ -96,11 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a Jinja chat template file, for models that ship none")
     chat.set_defaults(func=cmd_chat)
 
+    from paged_attention.entrypoints import server
+
+    server.add_parser(sub)
+
     bench = sub.add_parser("bench", help="measure the engine (writes JSON under results/)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    from paged_attention.bench import serve as bench_serve
     from paged_attention.bench import throughput
 
     throughput.add_parser(bench_sub)
+    bench_serve.add_parser(bench_sub)
     return parser
 
 

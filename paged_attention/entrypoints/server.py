@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import functools
 import os
 import secrets
 import socket
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from paged_attention.engine.llm import LLM
+    from paged_attention.engine.llm_engine import LLMEngine
 
 API_KEY_ENV = "PAGED_ATTENTION_API_KEY"
 
@@ -561,6 +563,17 @@ def _require_api_key(config: ServerConfig, endpoint: Endpoint) -> Endpoint:
 
 
 # ------------------------------------------------------------------ factory
+def _warm_up(prompt_token_ids: list[int], engine: LLMEngine) -> None:
+    """Runs on the engine thread (first-call costs are per thread there)."""
+    request_id = engine.add_request(prompt_token_ids, SamplingParams(temperature=0, max_tokens=2),
+                                    request_id="warm-up")
+    try:
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        engine.abort(request_id)  # no-op once finished; frees its blocks otherwise
+
+
 def create_app(
     llm: LLM,
     *,
@@ -568,10 +581,13 @@ def create_app(
     api_key: str | None = None,
     max_waiting: int | None = None,
     chat_template: str | None = None,
+    warm_up: bool = True,
 ) -> FastAPI:
     """An app serving `llm`. From the app's startup to its shutdown the engine
     belongs to the app's engine thread: do not call llm.generate meanwhile.
-    `chat_template` (template text) overrides the tokenizer's."""
+    `chat_template` (template text) overrides the tokenizer's. `warm_up` runs
+    one tiny generation on the engine thread before serving, so the first
+    client does not pay first-call costs (seconds on CPU)."""
     # Imported here, not at module level: fastapi costs ~1 s to import, and the
     # CLI imports this module for `add_parser` on every command.
     from fastapi import FastAPI
@@ -591,6 +607,8 @@ def create_app(
     async def lifespan(_: FastAPI):
         engine.start()
         try:
+            if warm_up:
+                await engine.call(functools.partial(_warm_up, tokenizer.encode("Hello")))
             yield
         finally:
             await engine.stop()
@@ -662,8 +680,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     chat_template = read_chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     llm = LLM(args.model, **engine_kwargs(args))
-    # First-call costs (seconds on CPU) are paid here, not by the first client.
-    llm.generate("Hello", SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     name = args.served_model_name or default_model_name(args.model)
     app = create_app(llm, served_model_name=name, api_key=api_key, max_waiting=args.max_waiting,
                      chat_template=chat_template)
