@@ -166,16 +166,15 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self._waiting and budget > 0 and len(batch.requests) < self.max_num_seqs:
             req = self._waiting[0][-1]
-            adopted = self._reuse_cached_prefix(req)
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            appended = req.block_table.append_slots(n)
-            if appended is None:
-                if adopted:  # give the cached blocks back until it can really start
-                    req.block_table.free()
-                    req.num_computed_tokens = 0
+            # An empty table first reuses the longest cached full-block prefix.
+            admitted = req.block_table.admit(req.token_ids(0, req.num_tokens), budget)
+            if admitted is None:
                 break  # no room: never preempt running work to admit new work
-            if appended[1] is not None:  # a forked sample or beam writing its first token
-                batch.copies.append(appended[1])
+            if admitted.cow is not None:  # a forked sample or beam writing its first token
+                batch.copies.append(admitted.cow)
+            req.num_computed_tokens += admitted.num_cached_tokens
+            req.num_cached_tokens = max(req.num_cached_tokens, admitted.num_cached_tokens)
+            n = admitted.num_new_tokens
             heapq.heappop(self._waiting)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -183,17 +182,6 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         self.running.sort(key=_rank)
-
-    def _reuse_cached_prefix(self, req: Request) -> bool:
-        """Start a fresh (or recomputing) request from the longest run of cached
-        full blocks of its tokens; the last token is always computed, for logits."""
-        cache = self.allocator.prefix_cache
-        if cache is None or req.num_computed_tokens or req.block_table.block_ids:
-            return False
-        hits = cache.match(req.token_ids(0, req.num_tokens - 1))
-        req.num_computed_tokens = req.block_table.adopt_prefix(hits)
-        req.num_cached_tokens = max(req.num_cached_tokens, req.num_computed_tokens)
-        return bool(hits)
 
     def _swap_in(self, batch: ScheduledBatch, budget: int) -> int:
         assert self.swapper is not None or not self.swapped, "swapped requests without a swapper"

@@ -105,8 +105,7 @@ class SwapManager:
                     records[block] = (src_gen, other, dst_gen)
                     reverse[other] = (dst_gen, block, src_gen)
             new_ids.append(other)
-        for block in table.block_ids:
-            source.free(block)
+        source.free_blocks(table.block_ids)  # cached blocks turn evictable tail first
         table.block_ids = new_ids
         table.allocator = target
         self._forget_stale()
