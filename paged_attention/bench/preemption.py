@@ -28,6 +28,7 @@ so a recompute really recomputes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 import statistics
 import tempfile
@@ -38,23 +39,27 @@ from pathlib import Path
 
 import torch
 
-from paged_attention.bench.monitor import MemoryMonitor, environment, format_monitor, torch_threads
+from paged_attention.bench.monitor import (
+    MemoryMonitor,
+    environment,
+    format_monitor,
+    torch_threads,
+)
 from paged_attention.bench.report import format_table, write_json
 from paged_attention.bench.sharing import caching_kwargs, ceil_div, random_ids
+from paged_attention.bench.throughput import _timed
+from paged_attention.bench.workload import STORIES15M_CONFIG
 from paged_attention.core.block_table import BlockTable
 from paged_attention.core.request import Request
 from paged_attention.core.scheduler import Scheduler
+from paged_attention.engine import model_runner
 from paged_attention.kv_cache import copy_between_pools
 from paged_attention.sampling_params import SamplingParams
 
 # The stories15M shape (random weights) with 8192 positions: long sequences
 # cost real prefill time, and the model stays small enough to sweep to 4096
 # tokens on a CPU (the default SmolLM2 took 179 s for one 4096-token prefill here).
-STORIES15M_8K_CONFIG = dict(
-    vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
-    num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=8192,
-    bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
-)
+STORIES15M_8K_CONFIG = {**STORIES15M_CONFIG, "max_position_embeddings": 8192}
 SWAP_SPACE_GIB = 0.5  # host pool: holds 4096 tokens of SmolLM2 bf16 KV (94 MB) several times over
 
 
@@ -194,7 +199,7 @@ def crossovers(rows: list[PreemptCost]) -> list[dict]:
     for bs in sorted({r.block_size for r in rows}):
         series = sorted((r for r in rows if r.block_size == bs), key=lambda r: r.length)
         flips = [{"between": [a.length, b.length], "from": a.faster, "to": b.faster}
-                 for a, b in zip(series, series[1:]) if a.faster != b.faster]
+                 for a, b in itertools.pairwise(series) if a.faster != b.faster]
         winners = {r.faster for r in series}
         out.append({"block_size": bs, "flips": flips,
                     "summary": (f"{winners.pop()} faster at every length measured" if len(winners) == 1
@@ -225,6 +230,8 @@ class StarvedRun:
     num_preemptions: int
     num_swapped_out: int
     num_recomputed_tokens: int  # computed tokens thrown away by recompute preemptions
+    model_tokens: int  # tokens run through the model: prompts + outputs + what recompute redid
+    swap_copy_s: float  # time in the swap copies (copy_between_pools) during the run
     peak_used_blocks: int
     num_steps: int
 
@@ -255,17 +262,28 @@ def starved_run(model_path: str | None, workload, label: str, mode: str, num_kv_
         raise ValueError(f"victim must be 'ours' or 'newest first', got {victim!r}")
     s0 = engine.scheduler
     base = (s0.num_preemptions, s0.num_swapped_out, s0.num_recomputed_tokens, engine.stats.num_steps)
+    model_tokens = 0
+    execute = engine.runner.execute
+
+    def counting_execute(batch):  # this engine's runner only
+        nonlocal model_tokens
+        model_tokens += batch.num_tokens
+        return execute(batch)
+
+    engine.runner.execute = counting_execute
     ids = llm.add_requests([{"prompt_token_ids": r.prompt_token_ids} for r in workload],
                            [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
                             for r in workload])
     finish: dict[str, float] = {}
     tokens = 0
+    copy_time: dict[str, float] = {}
     start = time.perf_counter()
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                finish[out.request_id] = time.perf_counter() - start  # all were queued at start
-                tokens += len(out.outputs[0].token_ids)
+    with _timed(model_runner, "copy_between_pools", copy_time, "swap"):
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    finish[out.request_id] = time.perf_counter() - start  # all were queued at start
+                    tokens += len(out.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
     assert sorted(finish) == sorted(ids), "a request did not finish"
     assert tokens == sum(r.output_len for r in workload), "wrong number of output tokens"
@@ -277,12 +295,25 @@ def starved_run(model_path: str | None, workload, label: str, mode: str, num_kv_
         latency_p50_s=percentile(latencies, 0.5), latency_p99_s=percentile(latencies, 0.99),
         num_preemptions=s.num_preemptions - base[0], num_swapped_out=s.num_swapped_out - base[1],
         num_recomputed_tokens=s.num_recomputed_tokens - base[2],
+        model_tokens=model_tokens, swap_copy_s=copy_time.get("swap", 0.0),
         peak_used_blocks=engine.stats.peak_used_blocks, num_steps=engine.stats.num_steps - base[3],
     )
 
 
+STARVED_CONFIGS = (  # label, preemption mode, victim choice
+    ("swap", "swap", "ours"),
+    ("recompute", "recompute", "ours"),
+    ("auto", "auto", "ours"),
+    ("recompute, newest first", "recompute", "newest first"),
+)
+
+
 def run_starved(model_path: str | None, vocab: int, num_requests: int, prompt_len: tuple[int, int],
-                output_len: tuple[int, int], block_size: int, fraction: float, seed: int) -> dict:
+                output_len: tuple[int, int], block_size: int, fraction: float, seed: int,
+                repeats: int = 1) -> dict:
+    """Every configuration `repeats` times, round-robin (other work shares these
+    cores, so one run can be slowed by a neighbour); each row is that
+    configuration's median run by throughput, a real run with all its figures."""
     from paged_attention.bench.workload import uniform_workload
 
     workload = uniform_workload(num_requests, prompt_len, output_len, vocab, seed=seed)
@@ -292,14 +323,17 @@ def run_starved(model_path: str | None, vocab: int, num_requests: int, prompt_le
     longest = max(ceil_div(len(r.prompt_token_ids) + r.output_len, block_size) for r in workload)
     # What the workload needs is what it used at its peak with room to spare.
     starved = max(ceil_div(int(free.peak_used_blocks * fraction * block_size), block_size), longest + 1)
-    runs = [free] + [
-        starved_run(model_path, workload, label, mode, starved, block_size, victim, seed)
-        for label, mode, victim in (("swap", "swap", "ours"), ("recompute", "recompute", "ours"),
-                                    ("auto", "auto", "ours"),
-                                    ("recompute, newest first", "recompute", "newest first"))
-    ]
-    ours = next(r for r in runs if r.label == "recompute")
-    newest = next(r for r in runs if r.label == "recompute, newest first")
+    all_runs: dict[str, list[StarvedRun]] = {"unconstrained": [free]}
+    for i in range(repeats):
+        if i > 0:
+            all_runs["unconstrained"].append(
+                starved_run(model_path, workload, "unconstrained", "auto", roomy, block_size, seed=seed))
+        for label, mode, victim in STARVED_CONFIGS:
+            all_runs.setdefault(label, []).append(
+                starved_run(model_path, workload, label, mode, starved, block_size, victim, seed))
+    median_run = {label: sorted(runs, key=lambda r: r.tokens_per_s)[(len(runs) - 1) // 2]
+                  for label, runs in all_runs.items()}
+    ours, newest = median_run["recompute"], median_run["recompute, newest first"]
     return {
         "workload": {"num_requests": num_requests, "prompt_len_range": list(prompt_len),
                      "output_len_range": list(output_len), "block_size": block_size,
@@ -307,7 +341,9 @@ def run_starved(model_path: str | None, vocab: int, num_requests: int, prompt_le
         "needed_blocks": free.peak_used_blocks,
         "pool_fraction": fraction,
         "starved_blocks": starved,
-        "runs": [asdict(r) for r in runs],
+        "repeats": repeats,
+        "runs": [asdict(r) for r in median_run.values()],
+        "all_runs": {label: [asdict(r) for r in runs] for label, runs in all_runs.items()},
         "recomputed_tokens_ours": ours.num_recomputed_tokens,
         "recomputed_tokens_newest_first": newest.num_recomputed_tokens,
         # > 1: newest-first throws away more work than our choice.
@@ -335,23 +371,64 @@ def print_preemption(result: dict) -> None:
     a = result["swap_vs_recompute"]
     print(f"    auto picked the faster one in {a['auto_correct']}/{len(a['rows'])} cases "
           f"(start-up calibration alone: {a['startup_correct']}/{len(a['rows'])})")
+    print("    recompute measured / cost-model prediction, median over block sizes: "
+          + ", ".join(f"{n} tok {x:.1f}x" for n, x in a["recompute_measured_over_predicted"].items()))
     b = result["starved"]
     w = b["workload"]
     print(f"(b) {w['num_requests']} requests (prompt {w['prompt_len_range'][0]}..{w['prompt_len_range'][1]}, "
           f"output {w['output_len_range'][0]}..{w['output_len_range'][1]}); unconstrained peak "
-          f"{b['needed_blocks']} blocks, starved pool {b['starved_blocks']} blocks ({b['pool_fraction']:.0%})")
+          f"{b['needed_blocks']} blocks, starved pool {b['starved_blocks']} blocks ({b['pool_fraction']:.0%}); "
+          f"each row the median run by throughput of {b['repeats']}")
     print(format_table(
         ["run", "pool blocks", "tokens/s", "p50 latency s", "p99 latency s", "preemptions", "swapped out",
-         "recomputed tokens"],
+         "recomputed tokens", "model tokens", "swap copy s"],
         [[r["label"], r["num_kv_blocks"], f"{r['tokens_per_s']:.1f}", f"{r['latency_p50_s']:.2f}",
-          f"{r['latency_p99_s']:.2f}", r["num_preemptions"], r["num_swapped_out"], f"{r['num_recomputed_tokens']:,}"]
+          f"{r['latency_p99_s']:.2f}", r["num_preemptions"], r["num_swapped_out"], f"{r['num_recomputed_tokens']:,}",
+          f"{r['model_tokens']:,}", f"{r['swap_copy_s']:.3f}"]
          for r in b["runs"]],
     ))
+    speeds = {label: ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs) for label, runs in b["all_runs"].items()}
+    print("    tokens/s of every run: " + "; ".join(f"{label} {v}" for label, v in speeds.items()))
     ratio = b["recompute_work_ratio"]
     print(f"    recompute redoes {b['recomputed_tokens_ours']:,} tokens with our victim choice, "
           f"{b['recomputed_tokens_newest_first']:,} with newest first"
           + (f" ({ratio:.2f}x)" if ratio is not None else ""))
+    print(f"    part times: {', '.join(f'{k} {v:.0f} s' for k, v in result['part_seconds'].items())}")
     print(format_monitor(result["monitor"]))
+
+
+def report_section(d: dict) -> str:
+    """Markdown for results/REPORT.md (register in bench/report.py SECTIONS)."""
+    from paged_attention.bench.report import markdown_table
+
+    a, b = d["swap_vs_recompute"], d["starved"]
+    rows = [[r["block_size"], r["length"], f"{1000 * r['swap_s']:.2f}", f"{1000 * r['recompute_s']:.1f}",
+             r["faster"], r["auto_choice"], "yes" if r["auto_correct"] else "**no**"] for r in a["rows"]]
+    text = (f"**(a) Swap vs recompute** ({d['config']['model']}, KV {a['dtype']}): preempting and resuming one "
+            "sequence. Swap = the two `copy_between_pools` calls of a real swap-out and swap-in of its block "
+            "table; recompute = a real prefill of that many tokens through the engine. *Auto* is the engine's "
+            "cost model at the moment of decision.\n\n"
+            + markdown_table(["block", "tokens", "swap ms", "recompute ms", "faster", "auto picks", "auto right"], rows)
+            + "\n\n" + "\n".join(f"- block {c['block_size']}: {c['summary']}" for c in a["crossovers"])
+            + f"\n\nAuto picked the faster one in {a['auto_correct']}/{len(a['rows'])} cases. Measured recompute "
+            "time over the cost model's prediction (it prices a prefill linearly in tokens), median over block "
+            "sizes: " + ", ".join(f"{n} tokens {x:.1f}x" for n, x in a["recompute_measured_over_predicted"].items())
+            + ".")
+    w = b["workload"]
+    rows = [[r["label"], r["num_kv_blocks"], f"{r['tokens_per_s']:.1f}", f"{r['latency_p50_s']:.2f}",
+             f"{r['latency_p99_s']:.2f}", r["num_preemptions"], r["num_swapped_out"],
+             f"{r['num_recomputed_tokens']:,}", f"{r['model_tokens']:,}", f"{r['swap_copy_s']:.3f}"]
+            for r in b["runs"]]
+    text += (f"\n\n**(b) Memory-starved run:** {w['num_requests']} requests (prompt {w['prompt_len_range'][0]}.."
+             f"{w['prompt_len_range'][1]}, output {w['output_len_range'][0]}..{w['output_len_range'][1]} tokens), KV "
+             f"pool {b['starved_blocks']} blocks = {b['pool_fraction']:.0%} of the {b['needed_blocks']} the "
+             "unconstrained run used at its peak. Latency from queueing (all at once) to the last token. Each "
+             f"row is the median run (by throughput) of {b['repeats']}, run round-robin.\n\n"
+             + markdown_table(["run", "pool blocks", "tokens/s", "p50 latency (s)", "p99 latency (s)", "preemptions",
+                               "swapped out", "recomputed tokens", "model tokens", "swap copy (s)"], rows)
+             + f"\n\nRecompute redid {b['recomputed_tokens_ours']:,} tokens with the engine's victim choice "
+             f"(lowest priority, then least computed) and {b['recomputed_tokens_newest_first']:,} with newest first.")
+    return text + (f"\n\n![preemption]({d['plot']})" if d.get("plot") else "")
 
 
 def plot_preemption(result: dict, path: str | Path) -> Path:
@@ -401,21 +478,25 @@ def plot_preemption(result: dict, path: str | Path) -> Path:
 
 # ------------------------------------------------------------------ main
 def run_preemption(model: str = "stories15m-8k", quick: bool = False, lengths: list[int] | None = None,
-                   block_sizes: list[int] | None = None, block_size: int = 16, seed: int = 0,
-                   threads: int | None = 1) -> dict:
+                   block_sizes: list[int] | None = None, block_size: int = 16, num_requests: int = 24,
+                   repeats: int = 3, seed: int = 0, threads: int | None = 1) -> dict:
     from paged_attention.bench.memory import model_vocab_size
 
     model_path = resolve_model(model)
     vocab = model_vocab_size(model_path)
     lengths = lengths or ([64, 256] if quick else [64, 128, 256, 512, 1024, 2048, 4096])
     block_sizes = block_sizes or ([16, 64] if quick else [8, 16, 32, 64, 128])
+    seconds: dict[str, float] = {}
     with torch_threads(threads), MemoryMonitor() as monitor:
+        t0 = time.perf_counter()
         rows = [row for bs in block_sizes
                 for row in sweep_block_size(model_path, vocab, bs, lengths, 2 if quick else 3, seed)]
-        starved = run_starved(model_path, vocab, num_requests=6 if quick else 32,
+        t1 = time.perf_counter()
+        starved = run_starved(model_path, vocab, num_requests=6 if quick else num_requests,
                               prompt_len=(32, 64) if quick else (64, 512),
-                              output_len=(8, 16) if quick else (32, 128),
-                              block_size=block_size, fraction=0.25, seed=seed)
+                              output_len=(8, 16) if quick else (32, 96),
+                              block_size=block_size, fraction=0.25, seed=seed, repeats=1 if quick else repeats)
+        seconds = {"swap_vs_recompute": t1 - t0, "starved": time.perf_counter() - t1}
         env = environment()
     return {
         "benchmark": "preemption",
@@ -428,17 +509,26 @@ def run_preemption(model: str = "stories15m-8k", quick: bool = False, lengths: l
             "crossovers": crossovers(rows),
             "auto_correct": sum(r.auto_correct for r in rows),
             "startup_correct": sum(r.startup_correct for r in rows),
+            # The model prices a prefill linearly in tokens; attention makes long
+            # ones cost more per token. Measured / predicted at each length:
+            "recompute_measured_over_predicted": {
+                length: statistics.median(r.recompute_s / r.auto_predicted_recompute_s
+                                          for r in rows if r.length == length)
+                for length in lengths
+            },
         },
         "starved": starved,
+        "part_seconds": seconds,
         "monitor": monitor.summary(),
         "environment": env,
     }
 
 
 def main(args) -> dict:
-    ints = lambda s: [int(x) for x in s.split(",")] if s else None  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",")] if s else None
     result = run_preemption(model=args.model, quick=args.quick, lengths=ints(args.lengths),
-                            block_sizes=ints(args.block_sizes), block_size=args.block_size, seed=args.seed,
+                            block_sizes=ints(args.block_sizes), block_size=args.block_size,
+                            num_requests=args.num_requests, repeats=args.repeats, seed=args.seed,
                             threads=args.threads if args.threads > 0 else None)
     out_dir = Path(args.output_dir)
     result["plot"] = plot_preemption(result, out_dir / "preemption.png").name
@@ -454,6 +544,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lengths", default=None, help="comma list of sequence lengths (default 64..4096, doubling)")
     p.add_argument("--block-sizes", default=None, help="comma list (default 8,16,32,64,128)")
     p.add_argument("--block-size", type=int, default=16, help="block size of the starved run")
+    p.add_argument("--num-requests", type=int, default=24, help="requests in the starved run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per configuration of the starved run (median kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's default)")
     p.add_argument("--quick", action="store_true", help="2 lengths x 2 block sizes, 6 small requests (for tests)")

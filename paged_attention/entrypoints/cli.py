@@ -105,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     from paged_attention.bench import serve as bench_serve
     from paged_attention.bench import throughput
 
+    from paged_attention.bench import preemption as bench_preemption
+    from paged_attention.bench import sharing as bench_sharing
+
     throughput.add_parser(bench_sub)
+    bench_sharing.add_parser(bench_sub)
+    bench_preemption.add_parser(bench_sub)
     bench_serve.add_parser(bench_sub)
     return parser
 
