@@ -40,7 +40,13 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from paged_attention.planner_configs import DTYPE_BYTES, GIB, GPUS, ModelSpec, lookup_model
+from paged_attention.planner_configs import (
+    DTYPE_BYTES,
+    GIB,
+    GPUS,
+    ModelSpec,
+    lookup_model,
+)
 
 
 @dataclass(frozen=True)
@@ -147,8 +153,8 @@ def format_plan(p: Plan) -> str:
     rows = [
         ["model", f"{p.model} ({p.num_params / 1e9:.2f}B parameters)"],
         ["weights", f"{_gib(p.weight_bytes)} ({p.weight_dtype})"],
-        ["KV per token", f"{p.kv_bytes_per_token / 2**10:.0f} KiB ({p.kv_dtype}; "
-                         f"{p.kv_bytes_per_token_without_gqa / 2**10:.0f} KiB without GQA)"],
+        ["KV per token", (f"{p.kv_bytes_per_token / 2**10:.0f} KiB ({p.kv_dtype}; "
+                          f"{p.kv_bytes_per_token_without_gqa / 2**10:.0f} KiB without GQA)")],
         ["device memory", f"{_gib(p.device_bytes)} x {p.gpu_memory_utilization:.2f} usable"],
         ["KV budget", _gib(p.kv_budget_bytes)],
         ["KV tokens that fit", f"{p.kv_tokens:,} ({p.kv_blocks:,} blocks)"],
@@ -161,8 +167,8 @@ def format_plan(p: Plan) -> str:
         rows += [
             [f"{p.users} users, {p.shared_prompt}-token shared prompt",
              f"{p.shared_tokens_without_sharing:,} tokens ({_gib(p.shared_bytes_without_sharing)}) unshared"],
-            ["  with sharing", f"{p.shared_tokens_with_sharing:,} tokens; {p.shared_slots_with_paging:,} "
-                               f"slots in blocks ({_gib(p.shared_bytes_with_sharing)})"],
+            ["  with sharing", (f"{p.shared_tokens_with_sharing:,} tokens; {p.shared_slots_with_paging:,} "
+                                f"slots in blocks ({_gib(p.shared_bytes_with_sharing)})")],
             ["  concurrent: paged + shared", f"{p.paged_concurrency_with_shared_prompt:,}"],
         ]
     text = format_table(["quantity", "value"], rows, left=2)

@@ -16,7 +16,6 @@ from pathlib import Path
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.block_table import BlockTable
 
-
 OTHER = "(other)"
 
 

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from paged_attention.bench.memory import (
+    DEFAULT_MIX,
     LengthMix,
     MemoryRequest,
     model_vocab_size,
@@ -28,7 +29,12 @@ from paged_attention.bench.memory import (
     sharegpt_like_workload,
     trace_run,
 )
-from paged_attention.bench.monitor import MemoryMonitor, environment, format_monitor, torch_threads
+from paged_attention.bench.monitor import (
+    MemoryMonitor,
+    environment,
+    format_monitor,
+    torch_threads,
+)
 from paged_attention.bench.report import format_table, write_json
 
 
@@ -78,7 +84,7 @@ def run_capacity(
     seed: int = 0,
     threads: int | None = 1,
     progress: bool = True,
-    mix: LengthMix = LengthMix(),
+    mix: LengthMix = DEFAULT_MIX,
 ) -> dict:
     model_path = resolve_bench_model(model)
     requests = sharegpt_like_workload(num_requests, max_model_len, model_vocab_size(model_path), seed, mix)

@@ -35,7 +35,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from paged_attention.bench.monitor import MemoryMonitor, environment, format_monitor, torch_threads
+from paged_attention.bench.monitor import (
+    MemoryMonitor,
+    environment,
+    format_monitor,
+    torch_threads,
+)
 from paged_attention.bench.report import format_table, write_json
 from paged_attention.sampling_params import SamplingParams
 
@@ -48,11 +53,11 @@ LITERATURE = {
 # The shape of llama2.c's stories260K with 2048 positions and random weights: the
 # memory figures depend only on request lengths (fixed here by max_tokens with
 # ignore_eos), not on what the model says, and a tiny model keeps the run short.
-TINY_2K_CONFIG = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,
-    num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=2048,
-    bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
-)
+TINY_2K_CONFIG = {
+    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 5,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8, "max_position_embeddings": 2048,
+    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True,
+}
 
 
 def resolve_bench_model(name: str) -> str | None:
@@ -126,6 +131,9 @@ class LengthMix:
         return prompt, output, declared
 
 
+DEFAULT_MIX = LengthMix()
+
+
 @dataclass(frozen=True)
 class MemoryRequest:
     prompt_token_ids: list[int]
@@ -134,7 +142,7 @@ class MemoryRequest:
 
 
 def sharegpt_like_workload(
-    num_requests: int, max_model_len: int, vocab_size: int, seed: int = 0, mix: LengthMix = LengthMix()
+    num_requests: int, max_model_len: int, vocab_size: int, seed: int = 0, mix: LengthMix = DEFAULT_MIX
 ) -> list[MemoryRequest]:
     rng = random.Random(seed)
     out = []
@@ -177,6 +185,7 @@ class StepRecord:
 class Trace:
     records: list[StepRecord] = field(default_factory=list)
     elapsed_s: float = 0.0
+    cpu_s: float = 0.0  # this process's CPU time over the run: less disturbed by other load than wall time
     output_tokens: int = 0
     num_preemptions: int = 0
     peak_used_blocks: int = 0
@@ -213,6 +222,7 @@ def trace_run(
     preempt0 = engine.scheduler.num_preemptions
     generated0 = engine.stats.num_generated_tokens
     start = time.perf_counter()
+    cpu_start = time.process_time()
     try:
         while engine.has_unfinished() and (max_steps is None or len(trace.records) < max_steps):
             t = time.perf_counter()
@@ -245,6 +255,7 @@ def trace_run(
 
                     peak_snapshot = (rec.step, snapshot_pool(engine))
         trace.elapsed_s = time.perf_counter() - start
+        trace.cpu_s = time.process_time() - cpu_start
     finally:
         bar.close()
         for rid in ids:  # after max_steps (or an error): free what is left
@@ -310,7 +321,7 @@ def run_memory_benchmark(
     threads: int | None = 1,
     draw: bool = False,
     progress: bool = True,
-    mix: LengthMix = LengthMix(),
+    mix: LengthMix = DEFAULT_MIX,
 ) -> dict:
     from paged_attention.engine.llm import LLM
 

@@ -53,7 +53,7 @@ class MemoryMonitor:
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
 
-    def __enter__(self) -> MemoryMonitor:
+    def __enter__(self) -> MemoryMonitor:  # noqa: PYI034 - typing.Self needs Python 3.11
         self._t0 = time.perf_counter()
         if self._cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -159,4 +159,6 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # Other processes' load: on a shared machine it moves wall-clock figures.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }

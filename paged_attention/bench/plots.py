@@ -89,9 +89,12 @@ def plot_block_size(result: dict, path: str | Path) -> Path:
     waste.plot(x, [r["waste"] for r in rows], "o-", color="tab:gray")
     waste.set_title("KV waste (internal fragmentation)")
     waste.set_ylabel("share of allocated slot-steps unused")
-    speed.plot(x, [r["tokens_per_s"] for r in rows], "o-", color="tab:blue")
+    speed.plot(x, [r["tokens_per_s"] for r in rows], "o-", color="tab:blue", label="per wall second")
+    if all("tokens_per_cpu_s" in r for r in rows):
+        speed.plot(x, [r["tokens_per_cpu_s"] for r in rows], "s--", color="tab:purple", label="per CPU second")
     speed.set_title("throughput")
     speed.set_ylabel("output tokens / s")
+    speed.legend(fontsize=8)
     attn.plot(x, [r["attention_ms_per_step"] for r in rows], "o-", color="tab:green", label="attention")
     attn.plot(x, [r["step_ms"] for r in rows], "o--", color="black", alpha=0.6, label="whole step")
     attn.set_title("time per engine step")

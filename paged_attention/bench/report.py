@@ -5,19 +5,23 @@ plots embedded.
     paged-attention bench report [--output-dir results]
 
 Known results (memory, capacity, block_size, throughput, scaling, experiment)
-get a section of their own; any other JSON file (a benchmark added later) gets
-a generic one listing its scalar figures and its plot, so the report never
-needs to know every benchmark in advance.
+get a section of their own. For any other NAME.json, a benchmark module
+`paged_attention.bench.NAME` that defines `report_section(data) -> str` (and
+optionally `REPORT_TITLE`) renders it; otherwise a generic section lists its
+scalar figures and its plot. So the report never needs to know every
+benchmark in advance.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-SECTION_ORDER = ["memory", "capacity", "block_size", "throughput", "scaling", "experiment", "all"]
+SECTION_ORDER = ["memory", "capacity", "block_size", "sharing", "preemption", "throughput", "scaling",
+                 "experiment", "all"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -103,14 +107,19 @@ def _capacity(d: dict) -> str:
 
 
 def _block_size(d: dict) -> str:
-    rows = [[r["block_size"], _pct(r["waste"]), f"{r['tokens_per_s']:.0f}", f"{r['step_ms']:.2f}",
-             f"{r['attention_ms_per_step']:.2f}", f"{r['metadata_ms_per_step']:.2f}"] for r in d["rows"]]
+    rows = [[r["block_size"], _pct(r["waste"]), f"{r['tokens_per_s']:.0f}", f"{r.get('tokens_per_cpu_s', 0):.0f}",
+             f"{r['step_ms']:.2f}", f"{r['attention_ms_per_step']:.2f}", f"{r['metadata_ms_per_step']:.2f}"]
+            for r in d["rows"]]
     c = d["config"]
     return (
         f"The memory workload ({c['num_requests']} requests, {c['model']}) per block size, KV pool of "
-        f"{c['pool_tokens']:,} token slots each time. Best block size on this machine (highest throughput): "
-        f"**{d['best_block_size']}**.\n\n"
-        + markdown_table(["block size", "waste", "tokens/s", "ms/step", "attention ms/step", "metadata ms/step"], rows)
+        f"{c['pool_tokens']:,} token slots each time. Best block size on this machine (most output tokens per "
+        "CPU second; wall-clock throughput also moves with other processes' load): "
+        f"**{d['best_block_size']}**; within {d.get('near_best_fraction', 0.1):.0%} of its throughput "
+        f"(noise here): {d.get('near_best_block_sizes', [d['best_block_size']])}. Waste grows "
+        "about linearly with the block size (half a block per running request).\n\n"
+        + markdown_table(["block size", "waste", "tokens/s", "tokens/CPU-s", "ms/step", "attention ms/step",
+                          "metadata ms/step"], rows)
         + _image(d, "plot", "block size sweep") + _monitor_line(d)
     )
 
@@ -155,7 +164,13 @@ def _experiment(d: dict) -> str:
 
 
 def _all(d: dict) -> str:
-    rows = [[f"`bench {r['benchmark']} {' '.join(r['argv'])}`", "FAILED: " + r["error"] if r["error"] else "ok",
+    def status(error: str | None) -> str:
+        if not error:
+            return "ok"
+        first = " ".join(error.split())  # one table cell: no line breaks
+        return "FAILED: " + (first[:160] + "..." if len(first) > 160 else first).replace("|", "\\|")
+
+    rows = [[f"`bench {r['benchmark']} {' '.join(r['argv'])}`", status(r["error"]),
              f"{r['elapsed_s']:.1f}", f"{r['monitor']['rss_peak_mib']:.0f}"] for r in d["runs"]]
     return (f"`bench all`{' --quick' if d['quick'] else ''}: {d['total_s'] / 60:.1f} minutes in total. Process "
             "memory sampled in a background thread during each benchmark.\n\n"
@@ -179,6 +194,22 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
 }
 
 
+def section_for(name: str) -> tuple[str, Callable[[dict], str]]:
+    """(title, renderer) for results/NAME.json."""
+    if name in SECTIONS:
+        return SECTIONS[name]
+    title = name.replace("_", " ").capitalize()
+    if name.isidentifier():
+        try:
+            module = importlib.import_module(f"paged_attention.bench.{name}")
+        except ImportError:
+            module = None
+        render = getattr(module, "report_section", None)
+        if callable(render):
+            return getattr(module, "REPORT_TITLE", title), render
+    return title, _generic
+
+
 def build_report(results_dir: str | Path) -> Path:
     """Write results_dir/REPORT.md from the JSON files in results_dir."""
     from paged_attention.bench.plots import plot_throughput
@@ -188,9 +219,9 @@ def build_report(results_dir: str | Path) -> Path:
     names = [n for n in SECTION_ORDER if n in found] + [n for n in found if n not in SECTION_ORDER]
     parts = [
         "# Benchmark report",
-        f"Assembled {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the JSON files in `{results_dir}/` "
-        "(each written by `paged-attention bench ...`). Every figure comes from a real run of the engine, "
-        "except where a table says *arithmetic*.",
+        (f"Assembled {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the JSON files in `{results_dir}/` "
+         "(each written by `paged-attention bench ...`). Every figure comes from a real run of the engine, "
+         "except where a table says *arithmetic*."),
     ]
     env = None
     for name in names:
@@ -198,7 +229,7 @@ def build_report(results_dir: str | Path) -> Path:
         env = env or data.get("environment")
         if name == "throughput" and "plot" not in data and data.get("runs"):
             data["plot"] = plot_throughput(data, results_dir / "throughput.png").name
-        title, render = SECTIONS.get(name, (name.replace("_", " ").capitalize(), _generic))
+        title, render = section_for(name)
         parts.append(f"## {title}\n\n*Source: `{found[name].name}`*\n\n{render(data)}")
     if env:
         parts.append("## Machine\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()))

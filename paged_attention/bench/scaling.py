@@ -19,7 +19,12 @@ import time
 from pathlib import Path
 
 from paged_attention.bench.memory import model_vocab_size, resolve_bench_model
-from paged_attention.bench.monitor import MemoryMonitor, environment, format_monitor, torch_threads
+from paged_attention.bench.monitor import (
+    MemoryMonitor,
+    environment,
+    format_monitor,
+    torch_threads,
+)
 from paged_attention.bench.report import format_table, write_json
 from paged_attention.sampling_params import SamplingParams
 

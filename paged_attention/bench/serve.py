@@ -281,9 +281,9 @@ def _serve_args(args) -> list[str]:
     out = [] if args.model is None else ["--model", args.model]
     for name, value in engine_kwargs(args).items():
         flag = f"--{name.replace('_', '-')}"
-        if value is True:
-            out.append(flag)  # a store_true option
-        elif value is not None and value is not False:
+        if isinstance(value, bool):  # an on/off option: --name or --no-name
+            out.append(flag if value else f"--no-{flag[2:]}")
+        elif value is not None:
             out += [flag, str(value)]
     if args.api_key:
         out += ["--api-key", args.api_key]

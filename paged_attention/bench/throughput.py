@@ -23,6 +23,9 @@ from paged_attention.bench.workload import (
     random_llama_folder,
     uniform_workload,
 )
+from paged_attention.bench.block_size import timed_backend
+from paged_attention.bench.monitor import MemoryMonitor, format_monitor
+from paged_attention.bench.peers import run_hf_continuous, run_llama_cpp
 from paged_attention.engine.model_runner import flush_denormals
 from paged_attention.sampling_params import SamplingParams
 
@@ -135,7 +138,6 @@ def _timed(target: object, name: str, bucket: dict[str, float], key: str):
 
 def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps: int = 20) -> dict:
     """Where a decode step's time goes with `num_seqs` running sequences."""
-    import paged_attention.model.llama as llama_module
     from paged_attention.engine.llm import LLM
 
     llm = LLM(model, dtype=dtype, max_num_seqs=num_seqs)
@@ -150,8 +152,7 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
         _timed(engine.scheduler, "schedule", bucket, "scheduler"),
         _timed(engine.sampler, "sample", bucket, "sampling"),
         _timed(engine.runner, "execute", bucket, "model_runner"),
-        _timed(llama_module, "paged_attention", bucket, "attention"),
-        _timed(llama_module.KVCachePool, "write", bucket, "kv_write"),
+        timed_backend(engine.runner.model, bucket),  # "attention" and "kv_write"
     ):
         start = time.perf_counter()
         for _ in range(steps):
@@ -189,6 +190,22 @@ def time_to_first_token(model: str | None) -> float:
 
 # ---------------------------------------------------------------------- main
 def main(args) -> dict:
+    with MemoryMonitor() as monitor:
+        results = measure(args)
+    results["monitor"] = monitor.summary()
+    print(format_monitor(results["monitor"]))
+    from paged_attention.bench.plots import plot_throughput
+
+    out_dir = Path(args.output_dir)
+    results["plot"] = plot_throughput(results, out_dir / "throughput.png").name
+    out = out_dir / "throughput.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return results
+
+
+def measure(args) -> dict:
     models: dict[str, str | None] = {}
     tmp = Path(tempfile.gettempdir()) / "paged_attention_bench"
     for name in args.models.split(","):
@@ -207,12 +224,21 @@ def main(args) -> dict:
         reqs = [BenchRequest([t % vocab for t in r.prompt_token_ids], r.output_len) for r in workload]
         for dtype in args.dtypes.split(","):
             ours = run_engine(model, reqs, dtype)
-            hf = run_hf_static(hf_model_for(model, DTYPES[dtype]), reqs, args.hf_batch_size)
+            hf_model = hf_model_for(model, DTYPES[dtype])
+            hf = run_hf_static(hf_model, reqs, args.hf_batch_size)
+            cont = run_hf_continuous(hf_model, reqs)
             row = {"model": model_name, "dtype": dtype, "engine": ours, "hf_static": hf,
-                   "speedup": ours["tokens_per_s"] / hf["tokens_per_s"]}
+                   "hf_continuous": cont, "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
+                   "speedup_vs_hf_continuous": ours["tokens_per_s"] / cont["tokens_per_s"]}
+            if args.llama_cpp and model is None:  # llama.cpp reads the default model's GGUF
+                from paged_attention.model.gguf import default_gguf_path
+
+                row["llama_cpp"] = run_llama_cpp(str(default_gguf_path()), reqs)
             results["runs"].append(row)
             print(f"{model_name:10s} {dtype:9s} engine {ours['tokens_per_s']:8.1f} tok/s  "
-                  f"HF static {hf['tokens_per_s']:8.1f} tok/s  x{row['speedup']:.2f}", flush=True)
+                  f"HF static {hf['tokens_per_s']:8.1f} tok/s  x{row['speedup']:.2f}  "
+                  f"HF continuous {cont['tokens_per_s']:8.1f} tok/s  x{row['speedup_vs_hf_continuous']:.2f}",
+                  flush=True)
     if not args.quick:
         profile_model = models.get("smollm2", next(iter(models.values())))
         results["decode_profile"] = profile_decode_step(profile_model, "auto")
@@ -220,10 +246,6 @@ def main(args) -> dict:
         if "smollm2" in models:
             results["time_to_first_token_s"] = time_to_first_token(None)
             print(f"process start to first token: {results['time_to_first_token_s']:.2f} s")
-    out = Path(args.output_dir) / "throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
     return results
 
 
@@ -233,6 +255,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list: float32, bfloat16")
     p.add_argument("--num-requests", type=int, default=128)
     p.add_argument("--hf-batch-size", type=int, default=32, help="transformers static batch size")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also run llama.cpp on the default model's GGUF (needs llama-cpp-python)")
     p.add_argument("--quick", action="store_true", help="a tiny run, for tests")
     p.add_argument("--output-dir", default="results")
     p.set_defaults(func=main)

@@ -38,6 +38,8 @@ class RequestState:
     finish_time: float | None = None
     _streamed_upto: int = 0  # text already sent as stream deltas
     _searched_upto: int = 0  # text already searched for stop strings
+    _prefix_offset: int = 0  # incremental decoding window: [prefix, read) already in text
+    _read_offset: int = 0
 
     @property
     def finished(self) -> bool:
@@ -62,7 +64,7 @@ class RequestState:
             self.logprobs.append(top_logprobs)
         params = self.params
         if self.needs_text_each_step:
-            self.text = self._decode(tokenizer)
+            self._decode_new_tokens(tokenizer)
         if token_id in self.stop_ids:
             self._finish("stop", token_id, now)
         elif params.stop and self._cut_at_stop_string():
@@ -90,6 +92,22 @@ class RequestState:
         self.finish_reason = reason
         self.stop_reason = stop_reason
         self.finish_time = now
+
+    def _decode_new_tokens(self, tokenizer) -> None:
+        """Extend `text` by the newest tokens without re-decoding the whole
+        output (quadratic over a long stream): decode a short window that ends
+        at the new tokens, with and without them, and append the difference.
+        The window starts a few tokens back so merges (a leading space, a
+        multi-byte character split over tokens) come out as in a full decode;
+        an incomplete character (U+FFFD) waits for the next token."""
+        ids = self.output_token_ids
+        skip = self.params.skip_special_tokens
+        before = tokenizer.decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip)
+        after = tokenizer.decode(ids[self._prefix_offset :], skip_special_tokens=skip)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(ids)
 
     def _decode(self, tokenizer) -> str:
         return tokenizer.decode(

@@ -37,9 +37,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped blocks (0: off)")
     g.add_argument("--preemption-mode", default="auto", choices=["auto", "swap", "recompute"],
                    help="how to free memory under pressure (default: auto, the cheaper by measured cost)")
-    g.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture decode CUDA graphs")
-    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="turn off automatic prefix caching")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
+                   help="CUDA: do not capture decode CUDA graphs")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse cached KV blocks of earlier prompts (default: on)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -96,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a Jinja chat template file, for models that ship none")
     chat.set_defaults(func=cmd_chat)
 
+    from paged_attention import planner
     from paged_attention.entrypoints import server
 
     server.add_parser(sub)
+    planner.add_parser(sub)
 
     bench = sub.add_parser("bench", help="measure the engine (writes JSON under results/)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -108,10 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     from paged_attention.bench import preemption as bench_preemption
     from paged_attention.bench import sharing as bench_sharing
 
+    from paged_attention.bench import all as bench_all
+    from paged_attention.bench import block_size, capacity, memory, report, scaling
+
     throughput.add_parser(bench_sub)
     bench_sharing.add_parser(bench_sub)
     bench_preemption.add_parser(bench_sub)
     bench_serve.add_parser(bench_sub)
+    for module in (memory, capacity, block_size, scaling, report):
+        module.add_parser(bench_sub)
+    bench_all.add_parser(bench_sub)  # last: `all` runs every benchmark registered before it
     return parser
 
 
