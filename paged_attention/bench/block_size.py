@@ -46,8 +46,9 @@ NEAR_BEST = 0.1
 @contextmanager
 def timed(target: object, name: str, bucket: dict[str, float], key: str) -> Iterator[None]:
     """Wrap target.name so each call adds its wall time to bucket[key]; restore
-    the original attribute (a classmethod stays a classmethod) afterwards."""
-    raw = vars(target)[name]
+    the original attribute afterwards (a classmethod stays a classmethod; a
+    method found on an instance's class is simply unshadowed again)."""
+    raw = vars(target).get(name)
     original = getattr(target, name)
 
     def wrapper(*args, **kwargs):
@@ -61,7 +62,10 @@ def timed(target: object, name: str, bucket: dict[str, float], key: str) -> Iter
     try:
         yield
     finally:
-        setattr(target, name, raw)
+        if raw is None:
+            delattr(target, name)
+        else:
+            setattr(target, name, raw)
 
 
 @contextmanager

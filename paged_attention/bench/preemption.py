@@ -47,7 +47,7 @@ from paged_attention.bench.monitor import (
 )
 from paged_attention.bench.report import format_table, write_json
 from paged_attention.bench.sharing import caching_kwargs, ceil_div, random_ids
-from paged_attention.bench.throughput import _timed
+from paged_attention.bench.block_size import timed
 from paged_attention.bench.workload import STORIES15M_CONFIG
 from paged_attention.core.block_table import BlockTable
 from paged_attention.core.request import Request
@@ -278,7 +278,7 @@ def starved_run(model_path: str | None, workload, label: str, mode: str, num_kv_
     tokens = 0
     copy_time: dict[str, float] = {}
     start = time.perf_counter()
-    with _timed(model_runner, "copy_between_pools", copy_time, "swap"):
+    with timed(model_runner, "copy_between_pools", copy_time, "swap"):
         while engine.has_unfinished():
             for out in engine.step():
                 if out.finished:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from paged_attention.bench.workload import (
     random_llama_folder,
     uniform_workload,
 )
-from paged_attention.bench.block_size import timed_backend
+from paged_attention.bench.block_size import timed, timed_backend
 from paged_attention.bench.monitor import MemoryMonitor, format_monitor
 from paged_attention.bench.peers import run_hf_continuous, run_llama_cpp
 from paged_attention.engine.model_runner import flush_denormals
@@ -117,25 +116,6 @@ def run_hf_static(hf, workload: list[BenchRequest], batch_size: int) -> dict:
 
 
 # ------------------------------------------------------- decode step profile
-@contextmanager
-def _timed(target: object, name: str, bucket: dict[str, float], key: str):
-    """Wrap target.name so each call adds its wall time to bucket[key]."""
-    original = getattr(target, name)
-
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            bucket[key] = bucket.get(key, 0.0) + time.perf_counter() - t
-
-    setattr(target, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(target, name, original)
-
-
 def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps: int = 20) -> dict:
     """Where a decode step's time goes with `num_seqs` running sequences."""
     from paged_attention.engine.llm import LLM
@@ -149,9 +129,9 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
         engine.step()  # finish every prefill first
     bucket: dict[str, float] = {}
     with (
-        _timed(engine.scheduler, "schedule", bucket, "scheduler"),
-        _timed(engine.sampler, "sample", bucket, "sampling"),
-        _timed(engine.runner, "execute", bucket, "model_runner"),
+        timed(engine.scheduler, "schedule", bucket, "scheduler"),
+        timed(engine.sampler, "sample", bucket, "sampling"),
+        timed(engine.runner, "execute", bucket, "model_runner"),
         timed_backend(engine.runner.model, bucket),  # "attention" and "kv_write"
     ):
         start = time.perf_counter()
