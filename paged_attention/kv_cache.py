@@ -83,12 +83,7 @@ class KVCachePool:
 
     def copy_blocks(self, copies: Iterable[CopyOnWrite]) -> None:
         """Perform copy-on-write copies for every layer at once."""
-        pairs = list(copies)
-        if not pairs:
-            return
-        src = torch.tensor([c.src for c in pairs], device=self.device)
-        dst = torch.tensor([c.dst for c in pairs], device=self.device)
-        self.data[:, :, dst] = self.data[:, :, src]
+        copy_between_pools(self, self, copies)
 
 
 def write_kv(
