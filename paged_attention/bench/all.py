@@ -36,7 +36,8 @@ SKIP = {"all", "report"}
 #   throughput: its full default (2 models x 2 dtypes x 128 requests, each also
 #     through transformers) took 17 minutes alone for the bfloat16 half with 64
 #     requests here, so `all` runs bfloat16 with 16 requests;
-#   serve: the tiny shipped model and 40 requests instead of SmolLM2 and 100.
+#   serve: the tiny shipped model and 40 requests instead of SmolLM2 and 100;
+#   preemption: one run per starved configuration instead of a median of 3.
 # `bench NAME` on its own still runs its full defaults.
 def _all_args() -> dict[str, list[tuple[str, str | None]]]:
     from paged_attention.engine.builder import STORIES260K
@@ -45,6 +46,7 @@ def _all_args() -> dict[str, list[tuple[str, str | None]]]:
         "memory": [("--draw", None)],
         "throughput": [("--dtypes", "bfloat16"), ("--num-requests", "16")],
         "serve": [("--model", str(STORIES260K)), ("--num-requests", "40")],
+        "preemption": [("--repeats", "1")],
     }
 
 
