@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from pathlib import Path
 
 from paged_attention.bench.memory import (
     DEFAULT_MIX,
@@ -37,7 +36,7 @@ from paged_attention.bench.monitor import (
     format_monitor,
     torch_threads,
 )
-from paged_attention.bench.report import format_table, write_json
+from paged_attention.bench.report import format_table, publish
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 NEAR_BEST = 0.1
@@ -201,11 +200,7 @@ def main(args) -> dict:
     )
     from paged_attention.bench.plots import plot_block_size
 
-    out_dir = Path(args.output_dir)
-    result["plot"] = plot_block_size(result, out_dir / "block_size.png").name
-    print_block_size(result)
-    print(f"wrote {write_json(out_dir, 'block_size', result)}")
-    return result
+    return publish(result, "block_size", args.output_dir, plot_block_size, print_block_size)
 
 
 def add_parser(sub) -> None:

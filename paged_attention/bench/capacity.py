@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict
-from pathlib import Path
 
 from paged_attention.bench.memory import (
     DEFAULT_MIX,
@@ -35,7 +34,7 @@ from paged_attention.bench.monitor import (
     format_monitor,
     torch_threads,
 )
-from paged_attention.bench.report import format_table, write_json
+from paged_attention.bench.report import format_table, publish
 
 
 def orca_fit(requests: list[MemoryRequest], budget: int, max_model_len: int) -> int:
@@ -136,11 +135,7 @@ def main(args) -> dict:
     )
     from paged_attention.bench.plots import plot_capacity
 
-    out_dir = Path(args.output_dir)
-    result["plot"] = plot_capacity(result, out_dir / "capacity.png").name
-    print_capacity(result)
-    print(f"wrote {write_json(out_dir, 'capacity', result)}")
-    return result
+    return publish(result, "capacity", args.output_dir, plot_capacity, print_capacity)
 
 
 def add_parser(sub) -> None:

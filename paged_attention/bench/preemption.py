@@ -45,7 +45,7 @@ from paged_attention.bench.monitor import (
     format_monitor,
     torch_threads,
 )
-from paged_attention.bench.report import format_table, write_json
+from paged_attention.bench.report import format_table, publish
 from paged_attention.bench.sharing import caching_kwargs, ceil_div, random_ids
 from paged_attention.bench.block_size import timed
 from paged_attention.bench.workload import STORIES15M_CONFIG
@@ -530,11 +530,7 @@ def main(args) -> dict:
                             block_sizes=ints(args.block_sizes), block_size=args.block_size,
                             num_requests=args.num_requests, repeats=args.repeats, seed=args.seed,
                             threads=args.threads if args.threads > 0 else None)
-    out_dir = Path(args.output_dir)
-    result["plot"] = plot_preemption(result, out_dir / "preemption.png").name
-    print_preemption(result)
-    print(f"wrote {write_json(out_dir, 'preemption', result)}")
-    return result
+    return publish(result, "preemption", args.output_dir, plot_preemption, print_preemption)
 
 
 def add_parser(sub) -> None:

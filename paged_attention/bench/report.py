@@ -51,6 +51,16 @@ def write_json(output_dir: str | Path, name: str, data: dict) -> Path:
     return path
 
 
+def publish(result: dict, name: str, output_dir: str | Path,
+            plot: Callable[[dict, Path], Path], show: Callable[[dict], None]) -> dict:
+    """How every bench subcommand ends: its plot, its table, its JSON."""
+    out_dir = Path(output_dir)
+    result["plot"] = plot(result, out_dir / f"{name}.png").name
+    show(result)
+    print(f"wrote {write_json(out_dir, name, result)}")
+    return result
+
+
 def _pct(x: float) -> str:
     return f"{x:.1%}"
 

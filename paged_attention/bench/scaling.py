@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from pathlib import Path
 
 from paged_attention.bench.memory import model_vocab_size, resolve_bench_model
 from paged_attention.bench.monitor import (
@@ -25,7 +24,7 @@ from paged_attention.bench.monitor import (
     format_monitor,
     torch_threads,
 )
-from paged_attention.bench.report import format_table, write_json
+from paged_attention.bench.report import format_table, publish
 from paged_attention.sampling_params import SamplingParams
 
 CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -151,11 +150,7 @@ def main(args) -> dict:
     )
     from paged_attention.bench.plots import plot_scaling
 
-    out_dir = Path(args.output_dir)
-    result["plot"] = plot_scaling(result, out_dir / "scaling.png").name
-    print_scaling(result)
-    print(f"wrote {write_json(out_dir, 'scaling', result)}")
-    return result
+    return publish(result, "scaling", args.output_dir, plot_scaling, print_scaling)
 
 
 def add_parser(sub) -> None:

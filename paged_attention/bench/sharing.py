@@ -51,7 +51,7 @@ from paged_attention.bench.monitor import (
     format_monitor,
     torch_threads,
 )
-from paged_attention.bench.report import format_table, write_json
+from paged_attention.bench.report import format_table, publish
 from paged_attention.core.request import RequestStatus
 from paged_attention.outputs import RequestOutput
 from paged_attention.sampling_params import SamplingParams
@@ -570,11 +570,7 @@ def main(args) -> dict:
     result = run_sharing(model=args.model, timing_model=timing_model, quick=args.quick,
                          block_size=args.block_size, seed=args.seed,
                          threads=args.threads if args.threads > 0 else None)
-    out_dir = Path(args.output_dir)
-    result["plot"] = plot_sharing(result, out_dir / "sharing.png").name
-    print_sharing(result)
-    print(f"wrote {write_json(out_dir, 'sharing', result)}")
-    return result
+    return publish(result, "sharing", args.output_dir, plot_sharing, print_sharing)
 
 
 def add_parser(sub) -> None:
