@@ -221,6 +221,40 @@ def _seqs_for(mode: str, block_size: int, rng: random.Random) -> list[tuple[int,
     ]
 
 
+@pytest.mark.parametrize("with_prefill", [False, True])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_decode_buckets_split_by_length_and_match(block_size, with_prefill, monkeypatch):
+    """Decode sequences of very different lengths are cut into several padded
+    buckets (each bucket's rows scattered back to batch order); the result still
+    equals plain attention, with NaN in every unwritten slot."""
+    import paged_attention.attention.metadata as metadata
+
+    monkeypatch.setattr(metadata, "MIN_PADDING_SAVED", 0)  # split at every drop in length
+    rng = random.Random(block_size)
+    seqs = [(rng.choice([1, 3, 9, 40, 41, 90]) * block_size // 4 + rng.randint(0, 3), 1) for _ in range(12)]
+    if with_prefill:
+        seqs.insert(5, (block_size + 1, 7))
+    case = run_case(seqs, block_size, 3, 2, 8, seed=block_size, table_mode="allocator")
+    assert_matches(case)
+    buckets = case.meta.decode_buckets()
+    assert len(buckets) >= 3
+    rows = sorted(r for b in buckets for r in b.rows.tolist())
+    decode_rows = [case.meta.query_start[i] for i, (_, n) in enumerate(seqs) if n == 1]
+    assert rows == decode_rows  # every decode query in exactly one bucket
+    for b in buckets:  # padding stays within the bucket's own longest sequence
+        lens = [case.meta.context_lens[case.meta.query_start.index(r)] for r in b.rows.tolist()]
+        assert b.num_blocks == -(-max(lens) // block_size)
+
+
+def test_one_decode_bucket_keeps_batch_order():
+    """Similar lengths: one bucket covering the whole batch in order, so its
+    output needs no row shuffling."""
+    case = run_case([(30, 1), (28, 1), (33, 1)], 4, 2, 2, 8, seed=5)
+    assert_matches(case)
+    [bucket] = case.meta.decode_buckets()
+    assert bucket.all_rows and bucket.rows.tolist() == [0, 1, 2]
+
+
 @pytest.mark.parametrize("table_mode", ["allocator", "random"])
 @pytest.mark.parametrize("mode", ["prefill", "prefill_cached", "decode", "mixed"])
 @pytest.mark.parametrize("group", [1, 2, 4])

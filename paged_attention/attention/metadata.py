@@ -14,6 +14,39 @@ from itertools import accumulate
 
 import torch
 
+# Splitting the decode batch into one more padded bucket costs a few more
+# kernel calls per layer; it pays only when it skips this many padded slots.
+MIN_PADDING_SAVED = 4096
+# A sequence whose blocks fall below this share of its bucket's longest one
+# is a candidate to start a new bucket.
+BUCKET_FILL = 0.75
+
+
+@dataclass(frozen=True)
+class DecodeBucket:
+    """Decode sequences (one query each) padded to a common number of blocks,
+    so that attention over all of them is two batched matmuls."""
+
+    rows: torch.Tensor  # [b] long: the sequences' query rows in the packed batch
+    block_ids: torch.Tensor  # [b * num_blocks] long: block tables, padded with block 0
+    padding: torch.Tensor  # [b, 1, num_blocks * block_size] bool: True beyond the context
+    tail_rows: torch.Tensor  # [n] long: flat rows of the unwritten slots in last blocks
+    num_blocks: int
+    all_rows: bool  # rows == 0..T-1: the step is this bucket alone
+
+    @property
+    def num_seqs(self) -> int:
+        return self.rows.numel()
+
+
+@dataclass(frozen=True)
+class PrefillGather:
+    """The sequences with more than one new token, and their context slots."""
+
+    seqs: list[int]  # indices into the batch
+    slots: torch.Tensor  # context slots of those sequences, concatenated
+    start: list[int]  # [len(seqs) + 1] offsets into `slots`
+
 
 @dataclass
 class AttentionMetadata:
@@ -26,6 +59,11 @@ class AttentionMetadata:
     block_size: int
     block_tables: list[list[int]]
     _masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _decode_buckets: list[DecodeBucket] | None = field(default=None, repr=False)
+    _prefill: PrefillGather | None = field(default=None, repr=False)
+    # Gather buffers reused by every layer of the step (large fresh allocations
+    # would be page-faulted in again at each layer).
+    _workspace: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -54,6 +92,82 @@ class AttentionMetadata:
             mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
             self._masks[key] = mask
         return mask
+
+    def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised buffer kept for the step, one per (name, shape, dtype)."""
+        key = (name, shape, dtype)
+        buf = self._workspace.get(key)
+        if buf is None:
+            buf = torch.empty(shape, dtype=dtype, device=self.slot_mapping.device)
+            self._workspace[key] = buf
+        return buf
+
+    def decode_buckets(self) -> list[DecodeBucket]:
+        """The decode sequences, longest first, cut into buckets of similar
+        length so that padding stays small; built on first use, once a step."""
+        if self._decode_buckets is None:
+            self._decode_buckets = self._plan_decode_buckets()
+        return self._decode_buckets
+
+    def _plan_decode_buckets(self) -> list[DecodeBucket]:
+        bs = self.block_size
+        order = sorted(
+            (i for i, n in enumerate(self.query_lens) if n == 1),
+            key=lambda i: -self.context_lens[i],
+        )
+        if not order:
+            return []
+        blocks = [-(-self.context_lens[i] // bs) for i in order]
+        cuts = [0]
+        for j in range(1, len(order)):
+            head = blocks[cuts[-1]]
+            saved = (len(order) - j) * (head - blocks[j]) * bs
+            if blocks[j] < BUCKET_FILL * head and saved >= MIN_PADDING_SAVED:
+                cuts.append(j)
+        cuts.append(len(order))
+        device = self.slot_mapping.device
+        buckets = []
+        for lo, hi in zip(cuts, cuts[1:]):
+            width = blocks[lo]
+            # Padding blocks repeat the longest sequence's first block: it is
+            # full of written (finite) K/V whenever padding exists (width > 1).
+            filler = self.block_tables[order[lo]][0]
+            seqs = sorted(order[lo:hi])  # batch order: a lone bucket needs no row shuffling
+            ids: list[int] = []
+            tails: list[int] = []
+            for k, i in enumerate(seqs):
+                used = -(-self.context_lens[i] // bs)
+                ids += self.block_tables[i][:used]
+                ids += [filler] * (width - used)
+                # Unwritten slots at the end of the last block may hold NaN.
+                tails += range(k * width * bs + self.context_lens[i], k * width * bs + used * bs)
+            ctx = torch.tensor([self.context_lens[i] for i in seqs])
+            pad = torch.arange(width * bs)[None, :] >= ctx[:, None]
+            rows = [self.query_start[i] for i in seqs]
+            buckets.append(DecodeBucket(
+                rows=torch.tensor(rows, dtype=torch.long, device=device),
+                block_ids=torch.tensor(ids, dtype=torch.long, device=device),
+                padding=pad[:, None, :].to(device),
+                tail_rows=torch.tensor(tails, dtype=torch.long, device=device),
+                num_blocks=width,
+                all_rows=rows == list(range(self.num_tokens)),
+            ))
+        return buckets
+
+    def prefill_gather(self) -> PrefillGather:
+        """Sequences with several new tokens (prompt chunks) and their context slots."""
+        if self._prefill is None:
+            seqs = [i for i, n in enumerate(self.query_lens) if n != 1]
+            cs = self.context_start
+            if len(seqs) == self.num_seqs:
+                slots = self.context_slots
+            elif seqs:
+                slots = torch.cat([self.context_slots[cs[i] : cs[i + 1]] for i in seqs])
+            else:
+                slots = self.context_slots[:0]
+            start = [0, *accumulate(self.context_lens[i] for i in seqs)]
+            self._prefill = PrefillGather(seqs, slots, start)
+        return self._prefill
 
     @classmethod
     def build(

@@ -7,6 +7,7 @@ Only requested output tokens are counted.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -206,19 +207,22 @@ def measure(args) -> dict:
             ours = run_engine(model, reqs, dtype)
             hf_model = hf_model_for(model, DTYPES[dtype])
             hf = run_hf_static(hf_model, reqs, args.hf_batch_size)
-            cont = run_hf_continuous(hf_model, reqs)
             row = {"model": model_name, "dtype": dtype, "engine": ours, "hf_static": hf,
-                   "hf_continuous": cont, "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
-                   "speedup_vs_hf_continuous": ours["tokens_per_s"] / cont["tokens_per_s"]}
+                   "speedup": ours["tokens_per_s"] / hf["tokens_per_s"]}
+            line = (f"{model_name:10s} {dtype:9s} engine {ours['tokens_per_s']:8.1f} tok/s  "
+                    f"HF static {hf['tokens_per_s']:8.1f} tok/s  x{row['speedup']:.2f}")
+            if args.hf_continuous:
+                cont = run_hf_continuous(hf_model, reqs)
+                row["hf_continuous"] = cont
+                row["speedup_vs_hf_continuous"] = ours["tokens_per_s"] / cont["tokens_per_s"]
+                line += (f"  HF continuous {cont['tokens_per_s']:8.1f} tok/s"
+                         f"  x{row['speedup_vs_hf_continuous']:.2f}")
             if args.llama_cpp and model is None:  # llama.cpp reads the default model's GGUF
                 from paged_attention.model.gguf import default_gguf_path
 
                 row["llama_cpp"] = run_llama_cpp(str(default_gguf_path()), reqs)
             results["runs"].append(row)
-            print(f"{model_name:10s} {dtype:9s} engine {ours['tokens_per_s']:8.1f} tok/s  "
-                  f"HF static {hf['tokens_per_s']:8.1f} tok/s  x{row['speedup']:.2f}  "
-                  f"HF continuous {cont['tokens_per_s']:8.1f} tok/s  x{row['speedup_vs_hf_continuous']:.2f}",
-                  flush=True)
+            print(line, flush=True)
     if not args.quick:
         profile_model = models.get("smollm2", next(iter(models.values())))
         results["decode_profile"] = profile_decode_step(profile_model, "auto")
@@ -235,6 +239,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list: float32, bfloat16")
     p.add_argument("--num-requests", type=int, default=128)
     p.add_argument("--hf-batch-size", type=int, default=32, help="transformers static batch size")
+    p.add_argument("--hf-continuous", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run transformers' continuous batching (generate_batch)")
     p.add_argument("--llama-cpp", action="store_true",
                    help="also run llama.cpp on the default model's GGUF (needs llama-cpp-python)")
     p.add_argument("--quick", action="store_true", help="a tiny run, for tests")
