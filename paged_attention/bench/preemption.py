@@ -10,9 +10,10 @@
         when it is scheduled again.
     Per block size: which is faster at each length and where that flips (the
     crossover), and whether the engine's auto cost model
-    (`PreemptionCostModel.prefers_swap`, with the speeds it calibrated at
+    (`PreemptionCostModel.prefers_swap`, with the copy bandwidth measured at
     start-up and the prefill speeds it has learned from the real steps before
-    the decision) picks the faster one.
+    the decision) picks the faster one; and whether it would have with only
+    its first step's prefill speed.
 (b) A memory-starved run: the KV pool holds 25% of the blocks the workload
     used at its peak in an unconstrained run. Throughput and p50/p99 request
     latency with preemption by swap, recompute and auto; and how much work
@@ -98,7 +99,7 @@ class PreemptCost:
     auto_predicted_swap_s: float
     auto_predicted_recompute_s: float
     auto_correct: bool
-    startup_choice: str  # the same model with only its start-up calibration
+    startup_choice: str  # the same model knowing only its first step (the warm-up prefill)
     startup_correct: bool
 
 
@@ -162,9 +163,9 @@ def sweep_block_size(model_path: str | None, vocab: int, block_size: int, length
               swap_space=SWAP_SPACE_GIB, **caching_kwargs(False))
     engine = llm.engine
     assert engine.cost_model is not None and engine.scheduler.swapper is not None
-    startup_model = dataclasses.replace(engine.cost_model)  # before any step teaches it
     rng = random.Random(seed)
     time_recompute(llm, 64, vocab, 1, rng)  # warm-up: first-call allocations
+    startup_model = dataclasses.replace(engine.cost_model)  # what its first step taught it
     rows = []
     for length in lengths:
         # Decide first, as the scheduler would now: the model knows the prefill
@@ -370,7 +371,7 @@ def print_preemption(result: dict) -> None:
         print(f"    block {c['block_size']}: {c['summary']}")
     a = result["swap_vs_recompute"]
     print(f"    auto picked the faster one in {a['auto_correct']}/{len(a['rows'])} cases "
-          f"(start-up calibration alone: {a['startup_correct']}/{len(a['rows'])})")
+          f"(knowing only its first step: {a['startup_correct']}/{len(a['rows'])})")
     print("    recompute measured / cost-model prediction, median over block sizes: "
           + ", ".join(f"{n} tok {x:.1f}x" for n, x in a["recompute_measured_over_predicted"].items()))
     b = result["starved"]

@@ -25,7 +25,6 @@ from paged_attention.engine.model_runner import ModelRunner
 from paged_attention.engine.preemption_cost import (
     PreemptionCostModel,
     measure_copy_bandwidth,
-    measure_prefill_speed,
 )
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
@@ -183,11 +182,9 @@ def build_swap_space(config: EngineConfig, plan: PoolPlan, model_config: ModelCo
     cost_model = PreemptionCostModel(
         bytes_per_block=plan.bytes_per_block,
         copy_bytes_per_s=measure_copy_bandwidth(kv_cache, host_cache),
-        prefill_tokens_per_s=measure_prefill_speed(net, kv_cache),
     )
     logger.info(
-        "swap space: %d host blocks (%.1f GiB); measured copy %.2f GB/s, prefill %.0f tokens/s",
+        "swap space: %d host blocks (%.1f GiB); measured copy %.2f GB/s",
         host_blocks, config.swap_space, cost_model.copy_bytes_per_s / 1e9,
-        cost_model.prefill_tokens_per_s,
     )
     return host_cache, swapper, cost_model

@@ -160,9 +160,8 @@ class LLMEngine:
             return []
         start = time.perf_counter()
         result = self.runner.execute(batch)
-        if self.cost_model is not None and batch.num_tokens >= 64:
-            # A prompt-heavy step: learn the prefill speed recompute would run at.
-            self.cost_model.observe_prefill(batch.num_tokens, time.perf_counter() - start)
+        if self.cost_model is not None:  # learn the prefill speed recompute would run at
+            self.cost_model.observe_step(batch.num_tokens, time.perf_counter() - start)
         self.stats.num_steps += 1
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.allocator.num_used_blocks)
         caching = self.allocator.prefix_cache is not None
