@@ -1,9 +1,9 @@
 """The preallocated KV pool: per layer, K and V as [num_blocks, block_size, num_kv_heads, head_dim].
 
-This layout keeps one token's heads contiguous, so writing new tokens is one
-`index_copy_` over a flat [num_slots, heads, head_dim] view, and gathering a
-sequence's context is one `index_select` whose result SDPA reads through a
-transposed view without a copy.
+This layout keeps one token's heads contiguous and one block of one layer in
+one piece, so writing new tokens is one `index_copy_` over a flat
+[num_slots, heads, head_dim] view, and gathering contexts is one
+`index_select` of whole blocks (decode) or of slots (prompts).
 """
 
 from __future__ import annotations
