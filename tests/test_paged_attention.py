@@ -236,7 +236,7 @@ def test_decode_buckets_split_by_length_and_match(block_size, with_prefill, monk
         seqs.insert(5, (block_size + 1, 7))
     case = run_case(seqs, block_size, 3, 2, 8, seed=block_size, table_mode="allocator")
     assert_matches(case)
-    buckets = case.meta.decode_buckets()
+    buckets = case.meta.decode_buckets
     assert len(buckets) >= 3
     rows = sorted(r for b in buckets for r in b.rows.tolist())
     decode_rows = [case.meta.query_start[i] for i, (_, n) in enumerate(seqs) if n == 1]
@@ -251,7 +251,7 @@ def test_one_decode_bucket_keeps_batch_order():
     output needs no row shuffling."""
     case = run_case([(30, 1), (28, 1), (33, 1)], 4, 2, 2, 8, seed=5)
     assert_matches(case)
-    [bucket] = case.meta.decode_buckets()
+    [bucket] = case.meta.decode_buckets
     assert bucket.all_rows and bucket.rows.tolist() == [0, 1, 2]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import accumulate
 
 import torch
@@ -28,7 +29,7 @@ class DecodeBucket:
     so that attention over all of them is two batched matmuls."""
 
     rows: torch.Tensor  # [b] long: the sequences' query rows in the packed batch
-    block_ids: torch.Tensor  # [b * num_blocks] long: block tables, padded with block 0
+    block_ids: torch.Tensor  # [b * num_blocks] long: block tables, padded with a full block
     padding: torch.Tensor  # [b, 1, num_blocks * block_size] bool: True beyond the context
     tail_rows: torch.Tensor  # [n] long: flat rows of the unwritten slots in last blocks
     num_blocks: int
@@ -59,8 +60,6 @@ class AttentionMetadata:
     block_size: int
     block_tables: list[list[int]]
     _masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-    _decode_buckets: list[DecodeBucket] | None = field(default=None, repr=False)
-    _prefill: PrefillGather | None = field(default=None, repr=False)
     # Gather buffers reused by every layer of the step (large fresh allocations
     # would be page-faulted in again at each layer).
     _workspace: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -102,33 +101,26 @@ class AttentionMetadata:
             self._workspace[key] = buf
         return buf
 
+    @cached_property
     def decode_buckets(self) -> list[DecodeBucket]:
         """The decode sequences, longest first, cut into buckets of similar
         length so that padding stays small; built on first use, once a step."""
-        if self._decode_buckets is None:
-            self._decode_buckets = self._plan_decode_buckets()
-        return self._decode_buckets
-
-    def _plan_decode_buckets(self) -> list[DecodeBucket]:
         bs = self.block_size
-        order = sorted(
-            (i for i, n in enumerate(self.query_lens) if n == 1),
-            key=lambda i: -self.context_lens[i],
-        )
+        blocks = {i: -(-self.context_lens[i] // bs) for i, n in enumerate(self.query_lens) if n == 1}
+        order = sorted(blocks, key=lambda i: -self.context_lens[i])
         if not order:
             return []
-        blocks = [-(-self.context_lens[i] // bs) for i in order]
         cuts = [0]
         for j in range(1, len(order)):
-            head = blocks[cuts[-1]]
-            saved = (len(order) - j) * (head - blocks[j]) * bs
-            if blocks[j] < BUCKET_FILL * head and saved >= MIN_PADDING_SAVED:
+            head = blocks[order[cuts[-1]]]
+            saved = (len(order) - j) * (head - blocks[order[j]]) * bs
+            if blocks[order[j]] < BUCKET_FILL * head and saved >= MIN_PADDING_SAVED:
                 cuts.append(j)
         cuts.append(len(order))
         device = self.slot_mapping.device
         buckets = []
         for lo, hi in zip(cuts, cuts[1:]):
-            width = blocks[lo]
+            width = blocks[order[lo]]
             # Padding blocks repeat the longest sequence's first block: it is
             # full of written (finite) K/V whenever padding exists (width > 1).
             filler = self.block_tables[order[lo]][0]
@@ -136,7 +128,7 @@ class AttentionMetadata:
             ids: list[int] = []
             tails: list[int] = []
             for k, i in enumerate(seqs):
-                used = -(-self.context_lens[i] // bs)
+                used = blocks[i]
                 ids += self.block_tables[i][:used]
                 ids += [filler] * (width - used)
                 # Unwritten slots at the end of the last block may hold NaN.
@@ -154,20 +146,18 @@ class AttentionMetadata:
             ))
         return buckets
 
+    @cached_property
     def prefill_gather(self) -> PrefillGather:
         """Sequences with several new tokens (prompt chunks) and their context slots."""
-        if self._prefill is None:
-            seqs = [i for i, n in enumerate(self.query_lens) if n != 1]
-            cs = self.context_start
-            if len(seqs) == self.num_seqs:
-                slots = self.context_slots
-            elif seqs:
-                slots = torch.cat([self.context_slots[cs[i] : cs[i + 1]] for i in seqs])
-            else:
-                slots = self.context_slots[:0]
-            start = [0, *accumulate(self.context_lens[i] for i in seqs)]
-            self._prefill = PrefillGather(seqs, slots, start)
-        return self._prefill
+        seqs = [i for i, n in enumerate(self.query_lens) if n != 1]
+        cs = self.context_start
+        if len(seqs) == self.num_seqs:
+            slots = self.context_slots
+        elif seqs:
+            slots = torch.cat([self.context_slots[cs[i] : cs[i + 1]] for i in seqs])
+        else:
+            slots = self.context_slots[:0]
+        return PrefillGather(seqs, slots, [0, *accumulate(self.context_lens[i] for i in seqs)])
 
     @classmethod
     def build(

@@ -38,7 +38,7 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     check_head_counts(num_heads, k_pool.shape[2])
     assert num_tokens == meta.num_tokens, f"q has {num_tokens} tokens, metadata {meta.num_tokens}"
-    buckets = meta.decode_buckets()
+    buckets = meta.decode_buckets
     if len(buckets) == 1 and buckets[0].all_rows:
         return _decode_bucket(q, k_pool, v_pool, meta, buckets[0], scale)
     out = torch.empty_like(q)
@@ -113,7 +113,7 @@ def _prefill(
 ) -> None:
     """Sequences with several new tokens (prompt chunks): one causal SDPA each
     over its gathered context, which already holds the chunk's own K/V."""
-    gather = meta.prefill_gather()
+    gather = meta.prefill_gather
     if not gather.seqs:
         return
     num_heads, head_dim = q.shape[1:]
