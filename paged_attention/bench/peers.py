@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from paged_attention.bench.workload import BenchRequest
+from paged_attention.bench.workload import BenchRequest, throughput_record
 
 
 # ------------------------------------------------------------ transformers
@@ -75,14 +75,8 @@ def run_hf_continuous(hf, workload: list[BenchRequest], page_size: int = 256,
         hook.remove()
     tokens = sum(produced.values())
     assert tokens == sum(r.output_len for r in workload), "transformers produced the wrong token count"
-    return {
-        "elapsed_s": elapsed,
-        "output_tokens": tokens,
-        "tokens_per_s": tokens / elapsed,
-        "requests_per_s": len(workload) / elapsed,
-        "page_size": page_size,
-        "max_batch_tokens": max_batch_tokens,
-    }
+    return throughput_record(tokens, elapsed, len(workload), page_size=page_size,
+                             max_batch_tokens=max_batch_tokens)
 
 
 # --------------------------------------------------------------- llama.cpp
@@ -118,13 +112,7 @@ def run_llama_cpp(gguf_path: str, workload: list[BenchRequest], n_ctx: int = 409
     start = time.perf_counter()
     tokens = sum(run_one(r) for r in workload)
     elapsed = time.perf_counter() - start
-    return {
-        "elapsed_s": elapsed,
-        "output_tokens": tokens,
-        "tokens_per_s": tokens / elapsed,
-        "requests_per_s": len(workload) / elapsed,
-        "batching": "none (one request at a time)",
-    }
+    return throughput_record(tokens, elapsed, len(workload), batching="none (one request at a time)")
 
 
 PEERS: dict[str, Callable[..., dict]] = {"hf_continuous": run_hf_continuous, "llama_cpp": run_llama_cpp}

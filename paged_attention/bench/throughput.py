@@ -21,6 +21,7 @@ from paged_attention.bench.workload import (
     STORIES15M_CONFIG,
     BenchRequest,
     random_llama_folder,
+    throughput_record,
     uniform_workload,
 )
 from paged_attention.bench.block_size import timed, timed_backend
@@ -50,15 +51,9 @@ def run_engine(model: str | None, workload: list[BenchRequest], dtype: str, **en
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert tokens == sum(r.output_len for r in workload), "engine produced the wrong token count"
     stats = llm.memory_stats()
-    return {
-        "elapsed_s": elapsed,
-        "output_tokens": tokens,
-        "tokens_per_s": tokens / elapsed,
-        "requests_per_s": len(workload) / elapsed,
-        "num_steps": stats["num_steps"],
-        "peak_used_blocks": stats["peak_used_blocks"],
-        "num_preemptions": stats["num_preemptions"],
-    }
+    return throughput_record(tokens, elapsed, len(workload), num_steps=stats["num_steps"],
+                             peak_used_blocks=stats["peak_used_blocks"],
+                             num_preemptions=stats["num_preemptions"])
 
 
 # ------------------------------------------------------------- transformers
@@ -107,13 +102,7 @@ def run_hf_static(hf, workload: list[BenchRequest], batch_size: int) -> dict:
             run_batch(workload[i : i + batch_size])
         elapsed = time.perf_counter() - start
     tokens = sum(r.output_len for r in workload)
-    return {
-        "elapsed_s": elapsed,
-        "output_tokens": tokens,
-        "tokens_per_s": tokens / elapsed,
-        "requests_per_s": len(workload) / elapsed,
-        "batch_size": batch_size,
-    }
+    return throughput_record(tokens, elapsed, len(workload), batch_size=batch_size)
 
 
 # ------------------------------------------------------- decode step profile

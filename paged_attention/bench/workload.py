@@ -16,6 +16,17 @@ class BenchRequest:
     output_len: int
 
 
+def throughput_record(output_tokens: int, elapsed_s: float, num_requests: int, **extra) -> dict:
+    """The figures every system in a throughput run reports, plus its own `extra`."""
+    return {
+        "elapsed_s": elapsed_s,
+        "output_tokens": output_tokens,
+        "tokens_per_s": output_tokens / elapsed_s,
+        "requests_per_s": num_requests / elapsed_s,
+        **extra,
+    }
+
+
 def uniform_workload(
     num_requests: int = 128,
     prompt_len: tuple[int, int] = (16, 512),
