@@ -94,7 +94,7 @@ def run_llama_cpp(gguf_path: str, workload: list[BenchRequest], n_ctx: int = 409
     binding has no continuous batching). Returns {"skipped": reason} when the
     package is not installed: it is an optional extra that builds llama.cpp."""
     if not llama_cpp_available():
-        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
+        return {"skipped": "llama-cpp-python is not installed (pip install 'paged-attention[llama]')"}
     from llama_cpp import Llama
 
     llm = Llama(model_path=gguf_path, n_ctx=n_ctx, n_threads=n_threads, verbose=False, seed=0)
