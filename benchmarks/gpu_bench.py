@@ -97,7 +97,7 @@ def _random_batch(num_computed, query_lens, block_size, num_kv_heads, head_dim, 
     for n in needed:
         tables.append(perm[at : at + n])
         at += n
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    shape = (num_blocks, num_kv_heads, block_size, head_dim)
     k_pool = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
     v_pool = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
     whole = AttentionMetadata.build(tables, [0] * len(contexts), contexts, block_size, num_blocks, "cuda")
@@ -137,8 +137,8 @@ def section_correctness(quick: bool) -> dict:
         scale = dim**-0.5
         row: dict = {"name": name, "heads": hq, "kv_heads": hkv, "head_dim": dim, "block_size": bs, "dtype": dt}
         try:
-            # write_kv: bitwise equal to index_copy_, padding slots untouched.
-            shape = (64, bs, hkv, dim)
+            # write_kv: bitwise equal to the torch write, padding slots untouched.
+            shape = (64, hkv, bs, dim)
             kp, vp, ref_k, ref_v = (torch.zeros(shape, dtype=dtype, device="cuda") for _ in range(4))
             k = torch.randn(100, hkv, dim, device="cuda")
             v = torch.randn(100, hkv, dim, device="cuda")
@@ -223,7 +223,7 @@ def section_decode(quick: bool) -> dict:
     # Pool and the contiguous SDPA copy of the largest config must both fit.
     budget = min(16 * GiB, int(free * 0.3))
     num_blocks = budget // (bs * token_bytes)
-    k_pool = torch.empty(num_blocks, bs, hkv, dim, dtype=dtype, device="cuda").normal_()
+    k_pool = torch.empty(num_blocks, hkv, bs, dim, dtype=dtype, device="cuda").normal_()
     v_pool = torch.empty_like(k_pool).normal_()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     copy_gbs = copy_bandwidth_gbs()
@@ -291,7 +291,7 @@ def section_prefill(quick: bool) -> dict:
         try:
             blocks = -(-length // bs)
             num_blocks = batch * blocks
-            k_pool = torch.randn(num_blocks, bs, hkv, dim, device="cuda", dtype=dtype)
+            k_pool = torch.randn(num_blocks, hkv, bs, dim, device="cuda", dtype=dtype)
             v_pool = torch.randn_like(k_pool)
             tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks).int()
             lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
@@ -336,7 +336,7 @@ def section_tuning(quick: bool) -> dict:
     rows = []
     for batch, ctx in ((1, 32768), (32, 4096), (256, 1024)):
         blocks = -(-ctx // bs)
-        k_pool = torch.randn(batch * blocks, bs, hkv, dim, device="cuda", dtype=dtype)
+        k_pool = torch.randn(batch * blocks, hkv, bs, dim, device="cuda", dtype=dtype)
         v_pool = torch.randn_like(k_pool)
         tables = torch.randperm(batch * blocks, device="cuda").view(batch, blocks).int()
         lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
@@ -356,7 +356,7 @@ def section_tuning(quick: bool) -> dict:
         free_cuda()
     for batch, length in ((1, 8192), (8, 1024)):
         blocks = -(-length // bs)
-        k_pool = torch.randn(batch * blocks, bs, hkv, dim, device="cuda", dtype=dtype)
+        k_pool = torch.randn(batch * blocks, hkv, bs, dim, device="cuda", dtype=dtype)
         v_pool = torch.randn_like(k_pool)
         tables = torch.randperm(batch * blocks, device="cuda").view(batch, blocks).int()
         lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")

@@ -1,9 +1,10 @@
-"""The preallocated KV pool: per layer, K and V as [num_blocks, block_size, num_kv_heads, head_dim].
+"""The preallocated KV pool: per layer, K and V as [num_blocks, num_kv_heads, block_size, head_dim].
 
-This layout keeps one token's heads contiguous and one block of one layer in
-one piece, so writing new tokens is one `index_copy_` over a flat
-[num_slots, heads, head_dim] view, and gathering contexts is one
-`index_select` of whole blocks (decode) or of slots (prompts).
+Heads outside tokens within a block (the original PagedAttention layout): one
+block of one layer is one piece (swaps and copy-on-write copy whole blocks),
+and one head's tokens in a block are one piece too, so decode attention
+gathers a sequence's context head-major, [Hkv, tokens, head_dim], ready for
+batched matmuls, with one `index_select` of (block, head) rows.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ class KVCachePool:
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        # One allocation for everything: [layer, k|v, block, slot, head, dim].
+        # One allocation for everything: [layer, k|v, block, head, slot, dim].
         # `empty`, not `zeros`: only written slots are ever read, and on the CPU
         # untouched pages then cost no RAM and no start-up time.
         self.data = torch.empty(
-            num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+            num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
             dtype=dtype, device=self.device, pin_memory=pin_memory,
         )
 
@@ -71,7 +72,7 @@ class KVCachePool:
 
     # ------------------------------------------------------------------ views
     def key(self, layer: int) -> torch.Tensor:
-        return self.data[layer, 0]  # [num_blocks, block_size, H, D]
+        return self.data[layer, 0]  # [num_blocks, H, block_size, D]
 
     def value(self, layer: int) -> torch.Tensor:
         return self.data[layer, 1]
@@ -86,6 +87,16 @@ class KVCachePool:
         copy_between_pools(self, self, copies)
 
 
+def slot_rows(slots: torch.Tensor, num_kv_heads: int, block_size: int, heads_first: bool = False) -> torch.Tensor:
+    """Where each (slot, head) lives in a pool viewed as rows [N * Hkv * block_size, D]:
+    [len(slots), Hkv], or [Hkv, len(slots)] with `heads_first`."""
+    blocks, offsets = slots // block_size, slots % block_size
+    heads = torch.arange(num_kv_heads, device=slots.device)
+    if heads_first:
+        return (blocks[None, :] * num_kv_heads + heads[:, None]) * block_size + offsets[None, :]
+    return (blocks[:, None] * num_kv_heads + heads[None, :]) * block_size + offsets[:, None]
+
+
 def write_kv(
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
@@ -93,13 +104,16 @@ def write_kv(
     v: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Write K/V [T, H, D] into pools [N, block_size, H, D] at flat slots [T].
+    """Write K/V [T, H, D] into contiguous pools [N, H, block_size, D] at flat
+    slots [T] (slot = block * block_size + offset).
 
     Slots are bounds-checked once per step when the metadata is built, not here
     in every layer."""
-    heads, dim = k_pool.shape[2], k_pool.shape[3]
-    k_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(k_pool.dtype))
-    v_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(v_pool.dtype))
+    num_kv_heads, block_size, head_dim = k_pool.shape[1:]
+    assert k_pool.is_contiguous() and v_pool.is_contiguous(), "write_kv needs contiguous pools"
+    rows = slot_rows(slot_mapping, num_kv_heads, block_size).view(-1)
+    k_pool.view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim).to(k_pool.dtype))
+    v_pool.view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim).to(v_pool.dtype))
 
 
 def copy_between_pools(src: KVCachePool, dst: KVCachePool, copies) -> None:

@@ -10,7 +10,7 @@ plus one `BlockTable`; the layer projects new tokens to q, k, v, appends k and v
 through the table (taking blocks as the sequence grows) and runs the same
 `paged_attention` the engine uses. The cache stores each token's k/v as one
 `hidden_dim` vector (one "head" of width hidden_dim); the layer views it as
-[num_kv_heads, head_dim], which is free because the pool is contiguous.
+[num_kv_heads, head_dim], a free (strided) view.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class PagedKVCache:
         if cow is not None:
             self.pool.copy_blocks([cow])
         slot_tensor = torch.tensor(slots, dtype=torch.long, device=self.pool.device)
-        self.pool.write(0, k[:, None, :], v[:, None, :], slot_tensor)
+        # The cache holds values, not autograd history (inference only, like the engine).
+        self.pool.write(0, k.detach()[:, None, :], v.detach()[:, None, :], slot_tensor)
         return slots
 
     def metadata(self, num_new_tokens: int) -> AttentionMetadata:
@@ -153,11 +154,13 @@ class PagedAttention(nn.Module):
         q = self.q_proj(tokens).view(num_new, self.num_heads, self.head_dim)
         kv_cache.append(self.k_proj(tokens), self.v_proj(tokens))
         pool = kv_cache.pool
+        # The cache's one "head" of width hidden_dim holds the tokens' heads side
+        # by side: a strided [num_blocks, Hkv, block_size, head_dim] view, no copy.
         heads_view = (pool.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         out = paged_attention(
             q,
-            pool.key(0).view(heads_view),
-            pool.value(0).view(heads_view),
+            pool.key(0).view(heads_view).transpose(1, 2),
+            pool.value(0).view(heads_view).transpose(1, 2),
             kv_cache.metadata(num_new),
             scale=self.head_dim**-0.5,
         )

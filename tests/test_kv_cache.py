@@ -13,19 +13,19 @@ from paged_attention.kv_cache import KVCachePool, write_kv
 # ------------------------------------------------------------------ shapes
 def test_shapes_and_views():
     pool = KVCachePool(num_layers=3, num_blocks=5, block_size=4, num_kv_heads=2, head_dim=8)
-    assert pool.data.shape == (3, 2, 5, 4, 2, 8)
+    assert pool.data.shape == (3, 2, 5, 2, 4, 8)  # [layer, k|v, block, head, slot, dim]
     assert pool.data.dtype == torch.float32
     assert pool.device == torch.device("cpu")
     pool.data.zero_()  # the pool starts uninitialised; only written slots are read
     for layer in range(3):
-        assert pool.key(layer).shape == (5, 4, 2, 8)
-        assert pool.value(layer).shape == (5, 4, 2, 8)
+        assert pool.key(layer).shape == (5, 2, 4, 8)
+        assert pool.value(layer).shape == (5, 2, 4, 8)
         # Views into the one allocation, not copies.
         assert pool.key(layer).data_ptr() == pool.data[layer, 0].data_ptr()
         assert pool.value(layer).data_ptr() == pool.data[layer, 1].data_ptr()
         assert pool.key(layer).is_contiguous()
-    pool.key(1)[2, 3, 1, 5] = 7.0
-    assert pool.data[1, 0, 2, 3, 1, 5] == 7.0
+    pool.key(1)[2, 1, 3, 5] = 7.0
+    assert pool.data[1, 0, 2, 1, 3, 5] == 7.0
     pool.value(2)[4, 0, 0, 0] = -3.0
     assert pool.data[2, 1, 4, 0, 0, 0] == -3.0
     assert int((pool.data != 0).sum()) == 2
@@ -87,31 +87,31 @@ def test_write_through_slot_mapping_lands_in_block_and_offset():
     pool.write(1, k, v, torch.tensor(slots))
     for i, s in enumerate(slots):
         block, offset = divmod(s, bs)
-        assert torch.equal(pool.key(1)[block, offset], k[i])
-        assert torch.equal(pool.value(1)[block, offset], v[i])
+        assert torch.equal(pool.key(1)[block, :, offset], k[i])
+        assert torch.equal(pool.value(1)[block, :, offset], v[i])
     # Nothing else changed: layer 0 untouched, other slots of layer 1 keep the sentinel.
     assert bool((pool.data[0] == -7.5).all())
     written = torch.zeros(nb * bs, dtype=torch.bool)
     written[slots] = True
-    flat_k = pool.key(1).reshape(nb * bs, h, d)
-    flat_v = pool.value(1).reshape(nb * bs, h, d)
+    flat_k = pool.key(1).transpose(1, 2).reshape(nb * bs, h, d)
+    flat_v = pool.value(1).transpose(1, 2).reshape(nb * bs, h, d)
     assert bool((flat_k[~written] == -7.5).all())
     assert bool((flat_v[~written] == -7.5).all())
 
 
 def test_write_kv_on_bare_pools_converts_dtype():
     bs, h, d = 2, 1, 4
-    k_pool = torch.zeros(3, bs, h, d, dtype=torch.float16)
-    v_pool = torch.zeros(3, bs, h, d, dtype=torch.float16)
+    k_pool = torch.zeros(3, h, bs, d, dtype=torch.float16)
+    v_pool = torch.zeros(3, h, bs, d, dtype=torch.float16)
     k = torch.arange(2 * h * d, dtype=torch.float32).reshape(2, h, d) + 0.5
     v = -k
     write_kv(k_pool, v_pool, k, v, torch.tensor([5, 2]))
     assert k_pool.dtype == torch.float16
-    assert torch.equal(k_pool[2, 1], k[0].half())
-    assert torch.equal(k_pool[1, 0], k[1].half())
-    assert torch.equal(v_pool[2, 1], v[0].half())
-    assert torch.equal(v_pool[1, 0], v[1].half())
-    assert int((k_pool != 0).any(-1).any(-1).sum()) == 2
+    assert torch.equal(k_pool[2, :, 1], k[0].half())
+    assert torch.equal(k_pool[1, :, 0], k[1].half())
+    assert torch.equal(v_pool[2, :, 1], v[0].half())
+    assert torch.equal(v_pool[1, :, 0], v[1].half())
+    assert int((k_pool != 0).any(-1).any(1).sum()) == 2  # two (block, slot) pairs written
 
 
 def test_write_through_a_block_table_reads_back_in_token_order():
@@ -132,8 +132,8 @@ def test_write_through_a_block_table_reads_back_in_token_order():
         pool.write(0, k[done : done + chunk], v[done : done + chunk], torch.tensor(slots))
         done += chunk
     assert t.block_ids == [3, 5, 0]
-    gathered_k = torch.cat([pool.key(0)[b] for b in t.block_ids])[:10]
-    gathered_v = torch.cat([pool.value(0)[b] for b in t.block_ids])[:10]
+    gathered_k = torch.cat([pool.key(0)[b].transpose(0, 1) for b in t.block_ids])[:10]
+    gathered_v = torch.cat([pool.value(0)[b].transpose(0, 1) for b in t.block_ids])[:10]
     assert torch.equal(gathered_k, k)
     assert torch.equal(gathered_v, v)
 
@@ -194,7 +194,7 @@ def test_copy_on_write_end_to_end_keeps_both_sequences_intact():
         pool.write(layer, other_k[layer], other_k[layer], torch.tensor(slots))
 
     def read(table: BlockTable, layer: int, kv: int) -> torch.Tensor:
-        flat = pool.data[layer, kv].reshape(-1, h, d)
+        flat = pool.data[layer, kv].transpose(1, 2).reshape(-1, h, d)
         return flat[torch.tensor(table.slots(0, table.num_tokens))]
 
     for layer in range(layers):

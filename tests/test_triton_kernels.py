@@ -51,12 +51,12 @@ def kernels():
     try:
         from paged_attention.attention import triton_kernels
 
-        pool = torch.zeros(2, 4, 1, 16, device=DEVICE)
+        pool = torch.zeros(2, 1, 4, 16, device=DEVICE)
         triton_kernels.write_kv(
             pool, pool.clone(), torch.ones(1, 1, 16, device=DEVICE), torch.ones(1, 1, 16, device=DEVICE),
             torch.tensor([5], device=DEVICE),
         )
-        assert pool[1, 1].eq(1).all()
+        assert pool[1, :, 1].eq(1).all()
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot run", not a wrong kernel
         pytest.skip(f"triton cannot run its kernels here ({type(exc).__name__}: {exc})")
     return triton_kernels
@@ -83,7 +83,7 @@ def make_batch(
     for n in needed:
         tables.append(perm[at : at + n])
         at += n
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    shape = (num_blocks, num_kv_heads, block_size, head_dim)
     k_pool = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
     v_pool = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
     whole = AttentionMetadata.build(tables, [0] * len(contexts), contexts, block_size, num_blocks, DEVICE)
@@ -115,7 +115,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
 def test_write_kv_matches_torch_and_skips_padding_slots(kernels):
     g = torch.Generator().manual_seed(0)
     heads, dim = 3, 80
-    pool = torch.full((6, 8, heads, dim), float("nan"), device=DEVICE)
+    pool = torch.full((6, heads, 8, dim), float("nan"), device=DEVICE)
     # k and v as the model makes them: views into one fused projection output.
     fused = torch.randn(5, 2 * heads + 1, dim, generator=g).to(DEVICE)
     k, v = fused[:, 1 : 1 + heads], fused[:, 1 + heads :]
@@ -131,7 +131,7 @@ def test_write_kv_matches_torch_and_skips_padding_slots(kernels):
 
 
 def test_write_kv_converts_to_the_pool_dtype(kernels):
-    pool = torch.zeros(2, 4, 2, 64, dtype=torch.float16, device=DEVICE)
+    pool = torch.zeros(2, 2, 4, 64, dtype=torch.float16, device=DEVICE)
     k = torch.randn(3, 2, 64, device=DEVICE)
     v = torch.randn(3, 2, 64, device=DEVICE)
     slots = torch.tensor([0, 5, 7], dtype=torch.int32, device=DEVICE)

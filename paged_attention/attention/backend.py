@@ -126,7 +126,7 @@ class TritonAttention:
         scale: float,
     ) -> torch.Tensor:
         num_tokens, num_heads, _ = q.shape
-        num_kv_heads = k_pool.shape[2]
+        num_kv_heads = k_pool.shape[1]
         check_head_counts(num_heads, num_kv_heads)
         km = self.kernel_metadata(meta)
         if km.max_query_len == 1 and num_tokens == meta.num_seqs:

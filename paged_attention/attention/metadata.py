@@ -15,6 +15,8 @@ from itertools import accumulate
 
 import torch
 
+from paged_attention.kv_cache import slot_rows
+
 # Splitting the decode batch into one more padded bucket costs a few more
 # kernel calls per layer; it pays only when it skips this many padded slots.
 MIN_PADDING_SAVED = 4096
@@ -31,13 +33,29 @@ class DecodeBucket:
     rows: torch.Tensor  # [b] long: the sequences' query rows in the packed batch
     block_ids: torch.Tensor  # [b * num_blocks] long: block tables, padded with a full block
     padding: torch.Tensor  # [b, 1, num_blocks * block_size] bool: True beyond the context
-    tail_rows: torch.Tensor  # [n] long: flat rows of the unwritten slots in last blocks
+    tail_slots: torch.Tensor  # [n] long: unwritten slots of last blocks, flat over [b, num_blocks * block_size]
     num_blocks: int
     all_rows: bool  # rows == 0..T-1: the step is this bucket alone
+    _by_heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:
         return self.rows.numel()
+
+    def head_rows(self, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bucket's (block, head) rows of a pool viewed [N * Hkv, block_size * D],
+        in [b, Hkv, num_blocks] order, so the gathered K/V is [b * Hkv, tokens, D];
+        and the rows of that gathered tensor, viewed [b * Hkv * tokens, D], that are
+        unwritten slots. Built once per step, on the first layer."""
+        cached = self._by_heads.get(num_kv_heads)
+        if cached is None:
+            b, length = self.num_seqs, self.padding.shape[-1]
+            heads = torch.arange(num_kv_heads, device=self.block_ids.device)
+            blocks = self.block_ids.view(b, 1, self.num_blocks) * num_kv_heads + heads.view(1, -1, 1)
+            seq, pos = self.tail_slots // length, self.tail_slots % length
+            tails = ((seq * num_kv_heads)[:, None] + heads[None, :]) * length + pos[:, None]
+            cached = self._by_heads[num_kv_heads] = (blocks.reshape(-1), tails.reshape(-1))
+        return cached
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,16 @@ class PrefillGather:
     seqs: list[int]  # indices into the batch
     slots: torch.Tensor  # context slots of those sequences, concatenated
     start: list[int]  # [len(seqs) + 1] offsets into `slots`
+    block_size: int
+    _by_heads: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def head_rows(self, num_kv_heads: int) -> torch.Tensor:
+        """[Hkv, len(slots)] rows of a pool viewed [N * Hkv * block_size, D]:
+        gathered, each head's context is contiguous. Built once per step."""
+        rows = self._by_heads.get(num_kv_heads)
+        if rows is None:
+            rows = self._by_heads[num_kv_heads] = slot_rows(self.slots, num_kv_heads, self.block_size, heads_first=True)
+        return rows
 
 
 @dataclass
@@ -140,7 +168,7 @@ class AttentionMetadata:
                 rows=torch.tensor(rows, dtype=torch.long, device=device),
                 block_ids=torch.tensor(ids, dtype=torch.long, device=device),
                 padding=pad[:, None, :].to(device),
-                tail_rows=torch.tensor(tails, dtype=torch.long, device=device),
+                tail_slots=torch.tensor(tails, dtype=torch.long, device=device),
                 num_blocks=width,
                 all_rows=rows == list(range(self.num_tokens)),
             ))
@@ -157,7 +185,8 @@ class AttentionMetadata:
             slots = torch.cat([self.context_slots[cs[i] : cs[i + 1]] for i in seqs])
         else:
             slots = self.context_slots[:0]
-        return PrefillGather(seqs, slots, [0, *accumulate(self.context_lens[i] for i in seqs)])
+        start = [0, *accumulate(self.context_lens[i] for i in seqs)]
+        return PrefillGather(seqs, slots, start, self.block_size)
 
     @classmethod
     def build(

@@ -1,7 +1,8 @@
 """Paged attention in plain PyTorch: the CPU path and the oracle for GPU kernels.
 
 Decode sequences (one new token each) are attended in buckets of similar
-length: whole blocks gathered into a padded batch, then two batched matmuls.
+length: whole (block, head) pieces gathered into a padded head-major batch,
+then two batched matmuls.
 Prompt chunks gather only their real context slots and run one causal
 `scaled_dot_product_attention` each on transposed views (no copies).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from paged_attention.attention.metadata import AttentionMetadata, DecodeBucket
+from paged_attention.attention.metadata import AttentionMetadata, DecodeBucket, PrefillGather
 
 _HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -33,10 +34,10 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention of packed queries q [T, Hq, D] over paged K/V pools
-    [num_blocks, block_size, Hkv, D]. The new tokens' K/V must already be in the
+    [num_blocks, Hkv, block_size, D]. The new tokens' K/V must already be in the
     pool. Returns [T, Hq, D]."""
     num_tokens, num_heads, head_dim = q.shape
-    check_head_counts(num_heads, k_pool.shape[2])
+    check_head_counts(num_heads, k_pool.shape[1])
     assert num_tokens == meta.num_tokens, f"q has {num_tokens} tokens, metadata {meta.num_tokens}"
     buckets = meta.decode_buckets
     if len(buckets) == 1 and buckets[0].all_rows:
@@ -58,49 +59,50 @@ def _decode_bucket(
 ) -> torch.Tensor:
     """One query per sequence: two batched matmuls over block-padded K/V.
 
-    K/V are gathered whole blocks at a time into [b, L, Hkv * D] (a memcpy per
-    block, no transposes). Each query head must meet only its own KV head, so the
-    queries are laid out block-diagonally, [b, Hq, Hkv * D] with zeros outside
-    their head: Hkv times the multiply-adds, but on this layout one matmul per
-    product beats a loop of per-sequence SDPA calls several times over (the
-    work is bound by reading K/V, not by arithmetic)."""
+    Each (block, KV head) of the pool is one contiguous piece, so one
+    `index_select` gathers every context head-major, [b * Hkv, tokens, D], and
+    the queries of a KV head's group are the rows of one matrix: [b * Hkv,
+    group, D] is a free view of q. Padded slots are masked."""
     b = bucket.num_seqs
     num_heads, head_dim = q.shape[1:]
-    num_blocks, block_size, num_kv_heads, _ = k_pool.shape
+    num_kv_heads, block_size = k_pool.shape[1], k_pool.shape[2]
     group = num_heads // num_kv_heads
     length = bucket.num_blocks * block_size
-    row = block_size * num_kv_heads * head_dim
-    keys = _gather_blocks(k_pool.reshape(num_blocks, row), bucket.block_ids, meta, "k")
-    values = _gather_blocks(v_pool.reshape(num_blocks, row), bucket.block_ids, meta, "v")
-    keys = keys.view(b, length, num_kv_heads * head_dim)
-    values = values.view(b, length, num_kv_heads * head_dim)
-    # Slots past a context are masked below. Padding blocks hold written K/V,
-    # but the unwritten tail of a last block may hold NaN, and 0 * NaN is NaN.
-    values.view(-1, num_kv_heads * head_dim).index_fill_(0, bucket.tail_rows, 0)
-    queries = (q if bucket.all_rows else q.index_select(0, bucket.rows)).to(keys.dtype)
-    if num_kv_heads > 1:
-        eye = torch.eye(num_kv_heads, dtype=keys.dtype, device=q.device)
-        queries = queries.view(b, num_kv_heads, group, 1, head_dim) * eye.view(1, num_kv_heads, 1, num_kv_heads, 1)
-    queries = queries.reshape(b, num_heads, num_kv_heads * head_dim)
+    block_rows, tail_rows = bucket.head_rows(num_kv_heads)
+    keys = _gather_rows(k_pool, block_rows, meta, "k").view(b * num_kv_heads, length, head_dim)
+    values = _gather_rows(v_pool, block_rows, meta, "v").view(b * num_kv_heads, length, head_dim)
+    # Padding blocks hold written K/V, but the unwritten tail of a last block
+    # may hold NaN, and a masked score's 0 * NaN is still NaN.
+    values.view(-1, head_dim).index_fill_(0, tail_rows, 0)
+    queries = q if bucket.all_rows else q.index_select(0, bucket.rows)
+    queries = queries.to(keys.dtype).reshape(b * num_kv_heads, group, head_dim)
     # Softmax in at least float32 (bf16/fp16 scores are widened, as transformers' eager path does).
     softmax_dtype = torch.promote_types(keys.dtype, torch.float32)
     scores = torch.bmm(queries, keys.transpose(1, 2)).to(softmax_dtype).mul_(scale)
-    scores.masked_fill_(bucket.padding, float("-inf"))
+    scores.view(b, num_heads, length).masked_fill_(bucket.padding, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    mixed = torch.bmm(probs, values)  # [b, Hq, Hkv * D]: keep each head's own block
-    if num_kv_heads > 1:
-        mixed = torch.diagonal(mixed.view(b, num_kv_heads, group, num_kv_heads, head_dim), dim1=1, dim2=3)
-        mixed = mixed.permute(0, 3, 1, 2)  # [b, Hkv, group, D]
-    return mixed.reshape(b, num_heads, head_dim).to(q.dtype)
+    return torch.bmm(probs, values).view(b, num_heads, head_dim).to(q.dtype)
 
 
-def _gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor, meta: AttentionMetadata, name: str) -> torch.Tensor:
-    """pool [N, row] rows `block_ids`, into the step's workspace when autograd is
-    not watching (out= cannot record a graph; the layer API may run with grad)."""
-    if pool.requires_grad and torch.is_grad_enabled():
-        return pool.index_select(0, block_ids)
-    out = meta.workspace(name, (block_ids.numel(), pool.shape[1]), pool.dtype)
-    return torch.index_select(pool, 0, block_ids, out=out)
+def _gather_rows(pool: torch.Tensor, rows: torch.Tensor, meta: AttentionMetadata, name: str) -> torch.Tensor:
+    """(block, head) rows of pool [N, Hkv, block_size, D] as [len(rows), block_size, D]
+    (row = block * Hkv + head), into the step's workspace."""
+    num_blocks, num_kv_heads, block_size, head_dim = pool.shape
+    if pool.is_contiguous():
+        out = meta.workspace(name, (rows.numel(), block_size * head_dim), pool.dtype)
+        return torch.index_select(pool.view(num_blocks * num_kv_heads, -1), 0, rows, out=out)
+    # A strided view (the layer API's, whose heads sit side by side in a slot).
+    return pool[rows // num_kv_heads, rows % num_kv_heads]
+
+
+def _gather_slots(pool: torch.Tensor, gather: PrefillGather) -> torch.Tensor:
+    """The context slots of the prompt chunks, head-major: [Hkv, len(slots), D]."""
+    num_kv_heads, block_size, head_dim = pool.shape[1:]
+    if pool.is_contiguous():
+        rows = gather.head_rows(num_kv_heads)
+        return pool.view(-1, head_dim).index_select(0, rows.view(-1)).view(num_kv_heads, -1, head_dim)
+    blocks, offsets = gather.slots // block_size, gather.slots % block_size
+    return pool[blocks, :, offsets].transpose(0, 1)
 
 
 def _prefill(
@@ -116,17 +118,16 @@ def _prefill(
     gather = meta.prefill_gather
     if not gather.seqs:
         return
-    num_heads, head_dim = q.shape[1:]
-    num_kv_heads = k_pool.shape[2]
-    group = num_heads // num_kv_heads
-    keys = k_pool.view(-1, num_kv_heads, head_dim).index_select(0, gather.slots)
-    values = v_pool.view(-1, num_kv_heads, head_dim).index_select(0, gather.slots)
+    num_heads = q.shape[1]
+    group = num_heads // k_pool.shape[1]
+    keys = _gather_slots(k_pool, gather)  # [Hkv, context tokens, D]
+    values = _gather_slots(v_pool, gather)
     if q.dtype != keys.dtype:
         keys, values = keys.to(q.dtype), values.to(q.dtype)
     qs, cs = meta.query_start, gather.start
     for j, i in enumerate(gather.seqs):
-        k_i = keys[cs[j] : cs[j + 1]].transpose(0, 1)  # [Hkv, C, D]
-        v_i = values[cs[j] : cs[j + 1]].transpose(0, 1)
+        k_i = keys[:, cs[j] : cs[j + 1]]  # [Hkv, C, D]
+        v_i = values[:, cs[j] : cs[j + 1]]
         q_i = q[qs[i] : qs[i + 1]].transpose(0, 1)  # [Hq, L, D]
         causal = meta.query_lens[i] == meta.context_lens[i]
         if group > 1 and not _HAS_ENABLE_GQA:

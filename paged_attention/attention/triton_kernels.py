@@ -1,7 +1,7 @@
 """Triton kernels for the paged KV pool (the CUDA path; the PyTorch reference in
 `reference.py` is the oracle they are tested against).
 
-Pools are [num_blocks, block_size, num_kv_heads, head_dim], as `KVCachePool`
+Pools are [num_blocks, num_kv_heads, block_size, head_dim], as `KVCachePool`
 lays them out; the kernels address them through their strides, so any view
 with a unit-stride last dimension works. Three kernels:
 
@@ -101,12 +101,17 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 def _check_pools(k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
     assert k_pool.dim() == 4 and k_pool.shape == v_pool.shape, (
-        f"pools must be [num_blocks, block_size, Hkv, D] and alike, got "
+        f"pools must be [num_blocks, Hkv, block_size, D] and alike, got "
         f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}"
     )
     # The kernels take one set of strides for both pools (KVCachePool's K and V
     # are sibling views of one allocation, so they always agree).
     assert k_pool.stride() == v_pool.stride() and k_pool.stride(-1) == 1, "pools need equal, unit-last strides"
+
+
+def _pool_strides(pool: torch.Tensor) -> tuple[int, int, int]:
+    """The kernels' (block, slot, head) strides of a [N, Hkv, block_size, D] pool."""
+    return pool.stride(0), pool.stride(2), pool.stride(1)
 
 
 def write_kv(
@@ -126,9 +131,9 @@ def write_kv(
     _write_kv_kernel[(num_tokens,)](
         k, v, k_pool, v_pool, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        *_pool_strides(k_pool),
         num_heads, head_dim,
-        BLOCK_SIZE=k_pool.shape[1], BLOCK_H=_pow2(num_heads), BLOCK_D=_pow2(head_dim),
+        BLOCK_SIZE=k_pool.shape[2], BLOCK_H=_pow2(num_heads), BLOCK_D=_pow2(head_dim),
     )
 
 
@@ -265,7 +270,7 @@ def decode_attention(
     _check_pools(k_pool, v_pool)
     q = _unit_last(q)
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_pool.shape[2]
+    num_kv_heads = k_pool.shape[1]
     assert num_heads % num_kv_heads == 0, f"{num_heads} query heads over {num_kv_heads} KV heads"
     assert block_tables.stride(-1) == 1, "block_tables rows must be contiguous"
     group = num_heads // num_kv_heads
@@ -274,14 +279,14 @@ def decode_attention(
     if batch == 0:
         return out
     common = dict(
-        BLOCK_SIZE=k_pool.shape[1], GROUP=group, GROUP_PAD=_pow2(group, MIN_DOT_DIM),
+        BLOCK_SIZE=k_pool.shape[2], GROUP=group, GROUP_PAD=_pow2(group, MIN_DOT_DIM),
         HEAD_DIM=head_dim, D_PAD=_pow2(head_dim, MIN_DOT_DIM),
         BLOCK_N=block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps,
     )
     strides = (
         q.stride(0), q.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        *_pool_strides(k_pool),
         block_tables.stride(0),
     )
     grid = (batch, num_kv_heads, num_splits)
@@ -430,7 +435,7 @@ def prefill_attention(
     _check_pools(k_pool, v_pool)
     q = _unit_last(q)
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_pool.shape[2]
+    num_kv_heads = k_pool.shape[1]
     assert num_heads % num_kv_heads == 0, f"{num_heads} query heads over {num_kv_heads} KV heads"
     assert block_tables.stride(-1) == 1, "block_tables rows must be contiguous"
     group = num_heads // num_kv_heads
@@ -447,11 +452,11 @@ def prefill_attention(
     _prefill_kernel[grid](
         q, k_pool, v_pool, block_tables, context_lens, query_start, out, batch,
         q.stride(0), q.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        *_pool_strides(k_pool),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         scale * LOG2E,
-        BLOCK_SIZE=k_pool.shape[1], GROUP=group, GROUP_PAD=group_pad,
+        BLOCK_SIZE=k_pool.shape[2], GROUP=group, GROUP_PAD=group_pad,
         HEAD_DIM=head_dim, D_PAD=_pow2(head_dim, MIN_DOT_DIM),
         BLOCK_Q=block_q, BLOCK_N=PREFILL_BLOCK_N,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps,
