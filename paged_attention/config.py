@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,16 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float": torch.float32}
+
+
+# The environment variable the HTTP server reads its API key from.
+API_KEY_ENV = "PAGED_ATTENTION_API_KEY"
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/paged_attention`, else `~/.cache/paged_attention` (read at call time)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "paged_attention"
 
 
 def parse_bytes(value: int | str) -> int:

@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from paged_attention.bench.throughput import hf_model_for
-    from paged_attention.engine.builder import load_tokenizer
     from paged_attention.engine.llm import LLM
     from paged_attention.engine.model_runner import flush_denormals
     from paged_attention.sampling_params import SamplingParams
+    from paged_attention.tokenizer import load_auto_tokenizer
 
     model_arg, tok_dir = resolve(args.model)
     dtype = getattr(torch, args.dtype)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     total = n * len(PROMPTS)
     phases: list[dict] = []
     with torch_threads(args.threads), torch.inference_mode(), flush_denormals(True):
-        tok = phase("load tokenizer", lambda: load_tokenizer(tok_dir), phases)
+        tok = phase("load tokenizer", lambda: load_auto_tokenizer(tok_dir), phases)
         ids = [tok.encode(p) for p in PROMPTS]
         hf = phase("transformers: load model", lambda: hf_model_for(model_arg, dtype), phases)
         pad = 0

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from paged_attention.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, RopeScaling
 from paged_attention.model import find_model_files, load_model

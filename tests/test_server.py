@@ -445,13 +445,13 @@ def test_full_waiting_queue_answers_503_with_retry_after(guarded):
 def test_serve_parser_defaults_to_loopback():
     import argparse
 
-    from paged_attention.entrypoints import server
+    from paged_attention.entrypoints import cli
 
     parser = argparse.ArgumentParser()
-    server.add_parser(parser.add_subparsers(dest="command"))
+    cli.add_serve_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--model", str(STORIES260K), "--max-waiting", "4"])
     assert (args.host, args.port, args.api_key, args.max_waiting) == ("127.0.0.1", 8000, None, 4)
-    assert args.block_size == 16 and args.func is server.cmd_serve  # engine options are there too
+    assert args.block_size == 16 and args.func is cli.cmd_serve  # engine options are there too
 
 
 @pytest.mark.slow

@@ -12,7 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from paged_attention.attention.metadata import AttentionMetadata, DecodeBucket, PrefillGather
+from paged_attention.attention.metadata import (
+    AttentionMetadata,
+    DecodeBucket,
+    PrefillGather,
+)
 
 _HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 

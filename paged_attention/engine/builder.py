@@ -28,6 +28,7 @@ from paged_attention.engine.preemption_cost import (
 )
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
+from paged_attention.tokenizer import Tokenizer
 
 logger = logging.getLogger("paged_attention")
 
@@ -110,16 +111,6 @@ def plan_pool(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtyp
     return PoolPlan(num_blocks, bs, per_block, max_model_len)
 
 
-def load_tokenizer(folder: Path):
-    """AutoTokenizer from a local folder. Handing it an empty model config skips
-    AutoConfig, whose model-module imports cost about 2 s of start-up here; the
-    tokenizer class still comes from tokenizer_config.json."""
-    from transformers import AutoTokenizer
-    from transformers.configuration_utils import PretrainedConfig
-
-    return AutoTokenizer.from_pretrained(str(folder), config=PretrainedConfig())
-
-
 def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     from paged_attention.model.loader import load_model
 
@@ -130,7 +121,7 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     net, model_config = load_model(
         source.weights, dtype=dtype, device=device, config=source.tokenizer_dir
     )
-    tokenizer = load_tokenizer(source.tokenizer_dir)
+    tokenizer = Tokenizer.load(source.tokenizer_dir)
     plan = plan_pool(config, model_config, dtype, device)
     allocator = BlockAllocator(plan.num_blocks, plan.block_size,
                                enable_prefix_caching=config.enable_prefix_caching)

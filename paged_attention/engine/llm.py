@@ -63,7 +63,8 @@ class LLM:
 
     # ---------------------------------------------------------------- helpers
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        """The transformers AutoTokenizer (as vLLM's `get_tokenizer`)."""
+        return self.engine.tokenizer.hf
 
     def memory_stats(self) -> dict[str, int | float]:
         return self.engine.memory_stats()

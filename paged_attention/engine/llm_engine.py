@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from paged_attention.kv_cache import KVCachePool
 from paged_attention.outputs import RequestOutput
 from paged_attention.sampler import Sampler, make_generator
 from paged_attention.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from paged_attention.tokenizer import Tokenizer
 
 
 @dataclass
@@ -36,7 +40,7 @@ class LLMEngine:
         kv_cache: KVCachePool,
         allocator: BlockAllocator,
         scheduler: Scheduler,
-        tokenizer,
+        tokenizer: Tokenizer,
         eos_token_ids: frozenset[int],
         max_model_len: int,
         vocab_size: int,

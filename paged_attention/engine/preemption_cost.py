@@ -20,7 +20,6 @@ import torch
 from paged_attention.core.swap import BlockCopy
 from paged_attention.kv_cache import KVCachePool, copy_between_pools
 
-
 # Steps with fewer new tokens than this are mostly decode: their speed says
 # little about a prefill's, so after the first observation they are not learned.
 MIN_PREFILL_TOKENS = 64

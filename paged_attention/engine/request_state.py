@@ -6,12 +6,15 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from paged_attention.outputs import CompletionOutput, RequestOutput
 from paged_attention.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from paged_attention.tokenizer import Tokenizer
 
 
 @dataclass(eq=False)
@@ -50,7 +53,7 @@ class RequestState:
         return self.stream or bool(self.params.stop)
 
     def append_token(
-        self, token_id: int, logprob: float, top_logprobs: dict[int, float] | None, tokenizer
+        self, token_id: int, logprob: float, top_logprobs: dict[int, float] | None, tokenizer: Tokenizer
     ) -> None:
         """Record one sampled token and decide whether the request is done."""
         now = time.perf_counter()
@@ -93,7 +96,7 @@ class RequestState:
         self.stop_reason = stop_reason
         self.finish_time = now
 
-    def _decode_new_tokens(self, tokenizer) -> None:
+    def _decode_new_tokens(self, tokenizer: Tokenizer) -> None:
         """Extend `text` by the newest tokens without re-decoding the whole
         output (quadratic over a long stream): decode a short window that ends
         at the new tokens, with and without them, and append the difference.
@@ -109,7 +112,7 @@ class RequestState:
             self._prefix_offset = self._read_offset
             self._read_offset = len(ids)
 
-    def _decode(self, tokenizer) -> str:
+    def _decode(self, tokenizer: Tokenizer) -> str:
         return tokenizer.decode(
             self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens
         )

@@ -18,12 +18,16 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from paged_attention.core.request import Request
 from paged_attention.outputs import CompletionOutput, RequestOutput
 from paged_attention.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from paged_attention.tokenizer import Tokenizer
 
 _NEG = -1.0e9
 
@@ -53,7 +57,7 @@ class SampleGroup(GroupBase):
     def finished(self) -> bool:
         return not self.members and self.fanned_out
 
-    def to_output(self, tokenizer) -> RequestOutput:
+    def to_output(self, tokenizer: Tokenizer) -> RequestOutput:
         assert self.finished, f"group {self.request_id} still has live sequences"
         done = sorted(self.done, key=lambda item: item[0])
         if self.params.best_of > self.params.n:
@@ -99,7 +103,6 @@ class BeamGroup(GroupBase):
     def advance(self, fork: Callable[[Request], Request], drop: Callable[[Request], None]) -> None:
         """One beam-search round (all live beams have reported)."""
         beams = self.members
-        lp = self.params.length_penalty
         gen_len = beams[0].num_output_tokens + 1  # generated tokens after this round
         vocab = next(iter(self.pending.values())).shape[-1]
         totals = torch.stack([self.pending[id(b)] + self.scores.get(id(b), 0.0) for b in beams])
@@ -178,7 +181,7 @@ class BeamGroup(GroupBase):
         self.members = []
         self.is_done = True
 
-    def to_output(self, tokenizer) -> RequestOutput:
+    def to_output(self, tokenizer: Tokenizer) -> RequestOutput:
         assert self.is_done, f"beam group {self.request_id} is still running"
         best = heapq.nsmallest(self.params.n, enumerate(self.hypotheses),
                                key=lambda item: (-item[1].score, item[0]))

@@ -71,6 +71,37 @@ def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
 
 
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    """`serve` subcommand. Defined here, not in the server module, so that other
+    commands do not pay for importing FastAPI."""
+    from paged_attention.config import API_KEY_ENV
+
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server",
+        description="Serve the model over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models), with /health and Prometheus /metrics.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, else off)")
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the folder name)")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="answer 503 + Retry-After once this many requests wait (default: no limit)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template: a file or the template text")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (info adds an access log)")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from paged_attention.entrypoints import server
+
+    return server.cmd_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paged-attention", description=DESCRIPTION,
@@ -98,9 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     from paged_attention import planner
-    from paged_attention.entrypoints import server
 
-    server.add_parser(sub)
+    add_serve_parser(sub)
     planner.add_parser(sub)
 
     bench = sub.add_parser("bench", help="measure the engine (writes JSON under results/)")

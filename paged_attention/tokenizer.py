@@ -1,0 +1,138 @@
+"""The engine's tokenizer: transformers' AutoTokenizer, with encode and decode run
+straight on the Rust `tokenizers` backend that it wraps.
+
+Importing transformers and building an AutoTokenizer takes about 1.5 s here, half
+of the time from process start to the first token; building its backend from
+JSON takes 0.15 s. So the first load of a tokenizer folder builds the
+AutoTokenizer and saves its backend, exactly as transformers configured it
+(post-processor, added tokens), to a cache file keyed by the tokenizer files and
+the transformers version. Later starts read that file, and load the
+AutoTokenizer only when a chat template or `get_tokenizer()` asks for it.
+Tokenizers whose decode does more than the backend's (slow tokenizers,
+`clean_up_tokenization_spaces`) always go through transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from paged_attention.config import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+# Bump when the cache file's contents change meaning.
+CACHE_FORMAT = "paged_attention.tokenizer/1"
+# The files AutoTokenizer reads from a folder (weights and model config excluded).
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt")
+
+
+def load_auto_tokenizer(folder: Path) -> Any:
+    """AutoTokenizer from a local folder. Handing it an empty model config skips
+    AutoConfig, whose model-module imports cost about 2 s of start-up here; the
+    tokenizer class still comes from tokenizer_config.json."""
+    from transformers import AutoTokenizer
+    from transformers.configuration_utils import PretrainedConfig
+
+    return AutoTokenizer.from_pretrained(str(folder), config=PretrainedConfig())
+
+
+class Tokenizer:
+    """encode/decode/eos_token_id for the engine; `hf` is the AutoTokenizer."""
+
+    def __init__(self, folder: Path, backend: tokenizers.Tokenizer | None,
+                 eos_token_id: int | None, hf: Any = None) -> None:
+        assert backend is not None or hf is not None, "a tokenizer needs a backend or an AutoTokenizer"
+        self.folder = folder
+        self.eos_token_id = eos_token_id
+        self._backend = backend
+        self._hf = hf
+
+    @classmethod
+    def load(cls, folder: str | Path, cache_dir: Path | None = None) -> Tokenizer:
+        folder = Path(folder)
+        cache_file = _cache_file(folder, cache_dir if cache_dir is not None else default_cache_dir())
+        try:
+            text = cache_file.read_text()
+        except OSError:
+            text = None
+        if text is not None:
+            try:
+                saved = json.loads(text)
+                return cls(folder, tokenizers.Tokenizer.from_str(saved["backend"]), saved["eos_token_id"])
+            except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception; a bad file is a miss
+                logger.warning("ignoring the tokenizer cache %s (%s)", cache_file, exc)
+        hf = load_auto_tokenizer(folder)
+        backend = _plain_backend(hf)
+        if backend is not None:
+            saved = {"format": CACHE_FORMAT, "backend": backend.to_str(), "eos_token_id": hf.eos_token_id}
+            try:
+                _write_atomic(cache_file, json.dumps(saved))
+            except OSError as exc:
+                logger.warning("not caching the tokenizer of %s (%s)", folder, exc)
+        return cls(folder, backend, hf.eos_token_id, hf)
+
+    @property
+    def hf(self) -> Any:
+        """The transformers AutoTokenizer (loaded on first use)."""
+        if self._hf is None:
+            self._hf = load_auto_tokenizer(self.folder)
+        return self._hf
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._backend is None:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        if self._backend is None:
+            return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        return self.hf.apply_chat_template(*args, **kwargs)
+
+
+def _plain_backend(hf: Any) -> tokenizers.Tokenizer | None:
+    """The AutoTokenizer's backend when encode/decode are the backend's alone."""
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None or getattr(hf, "clean_up_tokenization_spaces", False):
+        return None
+    return backend
+
+
+def _cache_file(folder: Path, cache_dir: Path) -> Path:
+    """Cache file for the tokenizer in `folder`: named by a hash of its files'
+    contents and of the transformers version that built it."""
+    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    try:
+        digest.update(importlib.metadata.version("transformers").encode())
+    except importlib.metadata.PackageNotFoundError:
+        pass  # load_auto_tokenizer will say transformers is missing
+    files = sorted({f for pattern in _TOKENIZER_FILES for f in folder.glob(pattern) if f.is_file()})
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return cache_dir / f"tokenizer-{digest.hexdigest()[:16]}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename it into place: a
+    concurrent reader sees no file or the whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
