@@ -323,6 +323,29 @@ def test_a_stranded_evictable_entry_gives_its_slot_to_a_live_chain():
     alloc.check_invariants([c])
 
 
+def test_a_new_entry_that_displaces_a_stale_one_counts_as_cached():
+    """Found by the memory state machine: the count of newly cached blocks was
+    the change in the cache's size, so an entry that took a stale entry's hash
+    slot counted as nothing."""
+    alloc = BlockAllocator(6, 1)
+    cache = _cache(alloc)
+    a = BlockTable(alloc)
+    a.append_slots(1)
+    assert a.cache_full_blocks([0]) == 1
+    a.free()
+    b = BlockTable(alloc)
+    b.append_slots(5)
+    assert b.cache_full_blocks([0] * 5) == 4  # its first block duplicates a's, which is kept
+    b.free()
+    c = BlockTable(alloc)
+    c.append_slots(2)
+    assert c.block_ids == [1, 0]  # a's block evicted: b's chain after it is stranded
+    assert c.cache_full_blocks([0, 0]) == 2  # block 0 takes the stranded entry's slot
+    assert cache.cached_block_ids() == [0, 1, 3, 4, 5] and not cache.is_cached(2)
+    assert cache.lookup([0, 0, 0]) == [1, 0]
+    alloc.check_invariants([c])
+
+
 # -------------------------------------------------------------- collisions
 def test_forged_hash_collisions_never_return_wrong_blocks(monkeypatch):
     monkeypatch.setattr(prefix_cache_module, "hash_block", lambda parent, tokens: 0)

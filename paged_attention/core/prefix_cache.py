@@ -134,9 +134,8 @@ class PrefixCache:
         added = 0
         for i in range(start, end):
             block_tokens = tokens[(i - start) * bs : (i - start + 1) * bs]
-            before = self.num_cached_blocks
-            tail = self._register(table.block_ids[i], block_tokens, tail, first=i == 0)
-            added += self.num_cached_blocks - before
+            tail, created = self._register(table.block_ids[i], block_tokens, tail, first=i == 0)
+            added += created  # not the change in size: a new entry may displace a stale one
         table.set_prefix_chain(end, tail)
         return added
 
@@ -187,32 +186,33 @@ class PrefixCache:
         tail: CachedBlock | None,
         *,
         first: bool,
-    ) -> CachedBlock | None:
+    ) -> tuple[CachedBlock | None, bool]:
         """Cache one full block after `tail` (the entry for the prefix before
         it). Returns the entry that now stands for the prefix ending with this
         block -- its own, or an identical one's -- or None when the chain is
-        broken and later blocks of this table cannot be cached."""
+        broken and later blocks of this table cannot be cached; and whether a
+        new entry was made."""
         own = self._by_block.get(block_id)
         if own is not None:
             # Adopted as a hit, or a fork sharing this block registered it first.
             assert own.token_ids == block_tokens, (
                 f"block {block_id} is cached with other token ids than the table's"
             )
-            return own
+            return own, False
         if not first and (tail is None or not self.is_alive(tail)):
             # The prefix before this block has no live entry (our copy of it was
             # a duplicate whose original got evicted): an entry here could
             # never be matched, so do not waste a slot on it.
-            return None
+            return None, False
         parent_hash = None if tail is None else tail.block_hash
         parent_serial = None if tail is None else tail.serial
         block_hash = hash_block(parent_hash, block_tokens)
         occupant = self._by_hash.get(block_hash)
         if occupant is not None:
             if occupant.token_ids == block_tokens and occupant.parent_serial == parent_serial:
-                return occupant  # identical block cached elsewhere: keep it
+                return occupant, False  # identical block cached elsewhere: keep it
             if self._allocator.ref_count(occupant.block_id) > 0:
-                return None  # a collision with a block in use: leave ours uncached
+                return None, False  # a collision with a block in use: leave ours uncached
             # An evictable block that can no longer be matched (its parent was
             # evicted) or a collision loser: give its slot to the live chain.
             self._allocator.uncache(occupant.block_id)
@@ -221,4 +221,4 @@ class PrefixCache:
         )
         self._by_hash[block_hash] = entry
         self._by_block[block_id] = entry
-        return entry
+        return entry, True
