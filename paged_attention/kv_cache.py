@@ -103,15 +103,20 @@ def write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     slot_mapping: torch.Tensor,
+    rows: torch.Tensor | None = None,
 ) -> None:
     """Write K/V [T, H, D] into contiguous pools [N, H, block_size, D] at flat
-    slots [T] (slot = block * block_size + offset).
+    slots [T] (slot = block * block_size + offset). `rows`, when given, is
+    `slot_rows(slot_mapping, H, block_size)`: the engine builds it once a step
+    (`AttentionMetadata.write_rows`) instead of once a layer.
 
     Slots are bounds-checked once per step when the metadata is built, not here
     in every layer."""
     num_kv_heads, block_size, head_dim = k_pool.shape[1:]
     assert k_pool.is_contiguous() and v_pool.is_contiguous(), "write_kv needs contiguous pools"
-    rows = slot_rows(slot_mapping, num_kv_heads, block_size).view(-1)
+    if rows is None:
+        rows = slot_rows(slot_mapping, num_kv_heads, block_size)
+    rows = rows.view(-1)
     k_pool.view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim).to(k_pool.dtype))
     v_pool.view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim).to(v_pool.dtype))
 

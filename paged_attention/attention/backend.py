@@ -1,10 +1,9 @@
 """Pick the attention implementation for a device: the Triton kernels on CUDA
 when triton imports, else the PyTorch reference.
 
-Both backends expose the same two callables, with the signatures of
-`kv_cache.write_kv` and `reference.paged_attention`:
+Both backends expose the same two callables, each taking the step's metadata:
 
-    write_kv(k_pool, v_pool, k [T, Hkv, D], v, slot_mapping [T]) -> None
+    write_kv(k_pool, v_pool, k [T, Hkv, D], v, meta) -> None  (at meta.slot_mapping)
     attention(q [T, Hq, D], k_pool, v_pool, meta, scale) -> [T, Hq, D]
 
 The kernels need the step's block tables and lengths as device tensors
@@ -28,7 +27,7 @@ from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.attention.reference import check_head_counts, paged_attention
 from paged_attention.kv_cache import write_kv as torch_write_kv
 
-WriteKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+WriteKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], None]
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
 
 # Stands in for the SM count when the kernels run in Triton's CPU interpreter
@@ -113,9 +112,9 @@ class TritonAttention:
         v_pool: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        slot_mapping: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> None:
-        self.kernels.write_kv(k_pool, v_pool, k, v, slot_mapping)
+        self.kernels.write_kv(k_pool, v_pool, k, v, meta.slot_mapping)
 
     def attention(
         self,
@@ -156,8 +155,14 @@ def triton_available() -> bool:
     return True
 
 
+def _torch_write_kv(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+) -> None:
+    torch_write_kv(k_pool, v_pool, k, v, meta.slot_mapping, meta.write_rows(k_pool.shape[1]))
+
+
 def torch_backend() -> AttentionBackend:
-    return AttentionBackend("torch", torch_write_kv, paged_attention)
+    return AttentionBackend("torch", _torch_write_kv, paged_attention)
 
 
 def select_attention_backend(device: torch.device | str, kind: str = "auto") -> AttentionBackend:

@@ -91,6 +91,7 @@ class AttentionMetadata:
     # Gather buffers reused by every layer of the step (large fresh allocations
     # would be page-faulted in again at each layer).
     _workspace: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _write_rows: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -128,6 +129,14 @@ class AttentionMetadata:
             buf = torch.empty(shape, dtype=dtype, device=self.slot_mapping.device)
             self._workspace[key] = buf
         return buf
+
+    def write_rows(self, num_kv_heads: int) -> torch.Tensor:
+        """`slot_rows` of the new tokens' slots: where `write_kv` puts each
+        (token, head). Built once per step, on the first layer."""
+        rows = self._write_rows.get(num_kv_heads)
+        if rows is None:
+            rows = self._write_rows[num_kv_heads] = slot_rows(self.slot_mapping, num_kv_heads, self.block_size)
+        return rows
 
     @cached_property
     def decode_buckets(self) -> list[DecodeBucket]:

@@ -3,8 +3,8 @@
 Decode sequences (one new token each) are attended in buckets of similar
 length: whole (block, head) pieces gathered into a padded head-major batch,
 then two batched matmuls.
-Prompt chunks gather only their real context slots and run one causal
-`scaled_dot_product_attention` each on transposed views (no copies).
+Prompt chunks gather only their real context slots, head-major, and run one
+causal `scaled_dot_product_attention` each on slices of them (no copies).
 """
 
 from __future__ import annotations

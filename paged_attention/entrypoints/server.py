@@ -78,7 +78,6 @@ if TYPE_CHECKING:
     from paged_attention.engine.llm_engine import LLMEngine
 
 
-
 # ------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class ServerConfig:

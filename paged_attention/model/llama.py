@@ -64,7 +64,7 @@ class Attention(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         layer = self.layer_idx
         k_pool, v_pool = kv_cache.key(layer), kv_cache.value(layer)
-        self.backend.write_kv(k_pool, v_pool, k, v, meta.slot_mapping)
+        self.backend.write_kv(k_pool, v_pool, k, v, meta)
         out = self.backend.attention(q, k_pool, v_pool, meta, self.scale)
         return F.linear(out.reshape(num_tokens, -1), self.o_weight, self.o_bias)
 
