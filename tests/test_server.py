@@ -11,6 +11,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass
 
 import httpx
 import openai
@@ -392,13 +394,35 @@ def test_metrics_after_traffic(client, server):
 
 
 # ------------------------------------------- API key, queue limit, no template
+@dataclass
+class Guarded:
+    url: str
+    steps: threading.Event  # cleared: the engine thread holds before its next step
+
+
 @pytest.fixture(scope="module")
-def guarded() -> str:
-    """One running sequence at most, one waiting at most, a key, no chat template."""
+def guarded_server() -> Guarded:
+    """One running sequence at most, one waiting at most, a key, no chat template.
+    Its engine steps only while `steps` is set, so a test can hold a request
+    running for as long as it needs, whatever the machine's speed."""
     llm = _llm(max_num_seqs=1)
+    steps = threading.Event()
+    steps.set()
+    step = llm.engine.step
+
+    def gated_step():
+        steps.wait()
+        return step()
+
+    llm.engine.step = gated_step
     app = create_app(llm, served_model_name="tiny", api_key="sekret", max_waiting=1)
     with serve_in_thread(app) as url:
-        yield url
+        yield Guarded(url, steps)
+
+
+@pytest.fixture
+def guarded(guarded_server: Guarded) -> str:
+    return guarded_server.url
 
 
 KEY = {"Authorization": "Bearer sekret"}
@@ -426,16 +450,23 @@ def test_chat_without_a_template_is_a_clear_400(guarded):
     assert "--chat-template" in _error(_post(guarded, "/v1/chat/completions", body, KEY), 400, "messages")
 
 
-def test_full_waiting_queue_answers_503_with_retry_after(guarded):
+def test_full_waiting_queue_answers_503_with_retry_after(guarded_server):
+    guarded = guarded_server.url
     long = {"prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "temperature": 0, "stream": True}
     with httpx.Client(base_url=guarded, headers=KEY, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=long) as running:
             next(running.iter_lines())  # the first chunk: this one occupies the only running slot
-            with http.stream("POST", "/v1/completions", json=long) as waiting:
-                assert waiting.status_code == 200  # queued: the one waiting place
-                rejected = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
-                assert "overloaded" in _error(rejected, 503)
-                assert rejected.headers["Retry-After"] == "1"
+            # Held, it cannot finish (and free the slot) before the rejection below,
+            # however fast stories260K runs on this machine.
+            guarded_server.steps.clear()
+            try:
+                with http.stream("POST", "/v1/completions", json=long) as waiting:
+                    assert waiting.status_code == 200  # queued: the one waiting place
+                    rejected = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+                    assert "overloaded" in _error(rejected, 503)
+                    assert rejected.headers["Retry-After"] == "1"
+            finally:
+                guarded_server.steps.set()
     # Both streams were closed: aborted, and the server serves again.
     wait_until(lambda: memory(guarded, KEY)["num_free_blocks"] == memory(guarded, KEY)["num_blocks"])
     assert _post(guarded, "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2}), KEY).status_code == 200
