@@ -60,14 +60,19 @@ def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
-def drive(llm, prompts, params: SamplingParams) -> list[RequestOutput]:
-    """Like llm.generate, but checks every invariant after every engine step."""
+def drive(llm, prompts, params: SamplingParams, max_steps: int = 100_000) -> list[RequestOutput]:
+    """Like llm.generate, but checks every invariant after every engine step,
+    and fails (rather than hangs) if the engine is still busy after `max_steps`."""
     engine = llm.engine
     ids = llm.add_requests(prompts, params, None)
     done: dict[str, RequestOutput] = {}
     engine.check_invariants()
-    while engine.has_unfinished():
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
         for out in engine.step():
             done[out.request_id] = out
         engine.check_invariants()
+    else:
+        raise AssertionError(f"engine still busy after {max_steps} steps: {engine.memory_stats()}")
     return [done[i] for i in ids]

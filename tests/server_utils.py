@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 
@@ -14,6 +15,28 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+
+
+@dataclass
+class Served:
+    url: str
+    steps: threading.Event  # cleared: the engine thread holds before its next step
+
+
+def gate_steps(llm) -> threading.Event:
+    """Make `llm`'s engine step only while the returned event is set, so a test
+    can keep requests running (unfinished) for as long as it needs, however
+    fast the model runs on the machine."""
+    steps = threading.Event()
+    steps.set()
+    step = llm.engine.step
+
+    def gated_step():
+        steps.wait()
+        return step()
+
+    llm.engine.step = gated_step
+    return steps
 
 
 @contextmanager

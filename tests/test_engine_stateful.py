@@ -23,6 +23,7 @@ def tiny_llm() -> LLM:
                max_model_len=96, max_num_seqs=6, max_num_batched_tokens=48)
 
 
+MAX_DRAIN_STEPS = 20_000
 SYSTEM = [1, 450, 300, 270, 281, 262, 311, 290, 333]  # a shared prefix of 9 tokens
 
 
@@ -74,10 +75,17 @@ class EngineMachine(RuleBasedStateMachine):
         self.engine.check_invariants()
 
     def teardown(self) -> None:
-        while self.engine.has_unfinished():
+        # Each live request needs at most (prompt + max_tokens) steps even when
+        # recomputed after every preemption; far more means the engine is stuck.
+        for _ in range(MAX_DRAIN_STEPS):
+            if not self.engine.has_unfinished():
+                break
             for out in self.engine.step():
                 self.outputs[out.request_id] = out
             self.engine.check_invariants()
+        else:
+            raise AssertionError(f"engine still busy after {MAX_DRAIN_STEPS} steps: "
+                                 f"{self.engine.memory_stats()}")
         alloc = self.engine.allocator
         assert alloc.num_free_blocks == alloc.num_blocks, "blocks leaked"
         PREEMPTIONS.append(self.engine.memory_stats()["num_preemptions"])

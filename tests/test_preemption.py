@@ -64,6 +64,28 @@ def test_outputs_are_identical_under_pressure(reference, mode):
         assert swapper.host.num_free_blocks == swapper.host.num_blocks
 
 
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_beam_groups_that_cannot_all_fit_still_finish(mode):
+    """Six width-3 beam searches in 20 blocks of 4 tokens. A beam that has
+    reported its round waits, idle, holding blocks; a sibling that was swapped
+    out or requeued then cannot come back, and nothing can run. (This hung
+    before the scheduler learnt to preempt idle beams for it.) The outputs
+    still equal a run with room for everything."""
+    beams = SamplingParams(use_beam_search=True, best_of=3, n=3, max_tokens=20)
+    roomy = LLM(str(STORIES260K), dtype="float32", num_kv_blocks=512, block_size=16)
+    expected = [[o.token_ids for o in r.outputs] for r in roomy.generate(PROMPTS, beams, use_tqdm=False)]
+    llm = tight_llm(mode, num_kv_blocks=20, max_model_len=64)
+    scheduler = llm.engine.scheduler
+    unblocked: list[int] = []
+    unblock = scheduler._unblock
+    scheduler._unblock = lambda batch: (unblocked.append(len(scheduler.running)), unblock(batch))[1]
+    outs = drive(llm, PROMPTS, beams, max_steps=2000)
+    assert unblocked, "the run never reached the state this test is about"
+    assert [[o.token_ids for o in r.outputs] for r in outs] == expected
+    stats = llm.memory_stats()
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
 def test_auto_follows_the_cost_model():
     llm = tight_llm("auto")
     model = llm.engine.cost_model

@@ -11,8 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass
 
 import httpx
 import openai
@@ -21,7 +19,9 @@ import pytest
 from paged_attention import LLM, SamplingParams
 from paged_attention.engine.builder import STORIES260K
 from paged_attention.entrypoints.server import create_app
-from tests.server_utils import CHAT_TEMPLATE, memory, metric_value, serve_in_thread, wait_until
+from tests.server_utils import (
+    CHAT_TEMPLATE, Served, gate_steps, memory, metric_value, serve_in_thread, wait_until,
+)
 
 MODEL = "stories260K"
 PROMPT = "Once upon a time"
@@ -41,14 +41,20 @@ def reference() -> LLM:
 
 
 @pytest.fixture(scope="module")
-def server() -> str:
+def served() -> Served:
     llm = _llm(max_num_seqs=64)
+    steps = gate_steps(llm)
     app = create_app(llm, served_model_name=MODEL, chat_template=CHAT_TEMPLATE)
     with serve_in_thread(app) as url:
-        yield url
+        yield Served(url, steps)
     # Shutdown aborted anything left: the pool is whole again.
     stats = llm.memory_stats()
     assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+@pytest.fixture(scope="module")
+def server(served: Served) -> str:
+    return served.url
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +268,8 @@ def _read_until(sock: socket.socket, marker: bytes) -> bytes:
     return data
 
 
-def test_disconnected_stream_is_aborted_and_its_blocks_freed(server):
+def test_disconnected_stream_is_aborted_and_its_blocks_freed(served):
+    server = served.url
     aborted_before = memory(server)["num_aborted"]
     long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "temperature": 0}
     socks = []
@@ -270,21 +277,31 @@ def test_disconnected_stream_is_aborted_and_its_blocks_freed(server):
         sock = _raw_request(server, {**long, "stream": True})
         _read_until(sock, b"data: ")  # the stream has started: tokens are being generated
         socks.append(sock)
-    assert memory(server)["num_used_blocks"] > 0
-    for sock in socks:
-        sock.close()
-    wait_until(lambda: memory(server)["num_aborted"] == aborted_before + 3)
+    served.steps.clear()  # none of them may finish before its client hangs up
+    try:
+        assert memory(server)["num_used_blocks"] > 0
+        for sock in socks:
+            sock.close()
+        # An abort counts once the server has seen the hang-up (the event loop's side).
+        wait_until(lambda: memory(server)["num_aborted"] == aborted_before + 3)
+    finally:
+        served.steps.set()
     _assert_idle(server)
     assert metric_value(server, "paged_attention_num_aborted_requests_total") == aborted_before + 3
 
 
-def test_disconnected_non_streaming_request_is_aborted(server):
+def test_disconnected_non_streaming_request_is_aborted(served):
+    server = served.url
     aborted_before = memory(server)["num_aborted"]
     sock = _raw_request(server, {"model": MODEL, "prompt": PROMPT, "max_tokens": 480,
                                     "ignore_eos": True, "temperature": 0})
     wait_until(lambda: memory(server)["num_running"] == 1)
-    sock.close()
-    wait_until(lambda: memory(server)["num_aborted"] == aborted_before + 1)
+    served.steps.clear()
+    try:
+        sock.close()
+        wait_until(lambda: memory(server)["num_aborted"] == aborted_before + 1)
+    finally:
+        served.steps.set()
     _assert_idle(server)
 
 
@@ -394,34 +411,18 @@ def test_metrics_after_traffic(client, server):
 
 
 # ------------------------------------------- API key, queue limit, no template
-@dataclass
-class Guarded:
-    url: str
-    steps: threading.Event  # cleared: the engine thread holds before its next step
-
-
 @pytest.fixture(scope="module")
-def guarded_server() -> Guarded:
-    """One running sequence at most, one waiting at most, a key, no chat template.
-    Its engine steps only while `steps` is set, so a test can hold a request
-    running for as long as it needs, whatever the machine's speed."""
+def guarded_server() -> Served:
+    """One running sequence at most, one waiting at most, a key, no chat template."""
     llm = _llm(max_num_seqs=1)
-    steps = threading.Event()
-    steps.set()
-    step = llm.engine.step
-
-    def gated_step():
-        steps.wait()
-        return step()
-
-    llm.engine.step = gated_step
+    steps = gate_steps(llm)
     app = create_app(llm, served_model_name="tiny", api_key="sekret", max_waiting=1)
     with serve_in_thread(app) as url:
-        yield Guarded(url, steps)
+        yield Served(url, steps)
 
 
 @pytest.fixture
-def guarded(guarded_server: Guarded) -> str:
+def guarded(guarded_server: Served) -> str:
     return guarded_server.url
 
 

@@ -11,6 +11,11 @@ Every step:
      `max_num_seqs` (sequences per step) and the budget allow. A prompt longer than what is left of
      the budget is prefilled in chunks over several steps.
 Importance is (priority, arrival): lower values first.
+
+A step never comes back empty while work remains. A beam that has computed its
+token for the round waits, idle, for its siblings; when a sibling cannot come
+back (swapped or requeued) for want of blocks that idle beams hold, idle
+requests are preempted, least valuable first, until it fits (`_unblock`).
 """
 
 from __future__ import annotations
@@ -57,6 +62,11 @@ def _rank(req: Request) -> tuple[int, int]:
     return (req.priority, req.arrival_index)
 
 
+def _has_work(req: Request) -> bool:
+    """Tokens left to compute (a beam that has reported its round has none)."""
+    return req.num_computed_tokens < req.num_tokens
+
+
 class Scheduler:
     def __init__(
         self,
@@ -96,6 +106,18 @@ class Scheduler:
     def add(self, req: Request) -> None:
         assert req.status is RequestStatus.WAITING, f"{req.request_id} is {req.status}"
         heapq.heappush(self._waiting, (*_rank(req), next(self._entries), req))
+
+    def add_fork(self, child: Request, parent: Request) -> None:
+        """Queue a sequence forked from `parent` (sharing its blocks) where its
+        blocks are: with the swapped requests when the parent is on the host,
+        else waiting (its KV is in place; it waits only for a slot in a batch)."""
+        if parent.status is RequestStatus.SWAPPED:
+            assert child.block_table.allocator is parent.block_table.allocator, "fork left its pool"
+            child.status = RequestStatus.SWAPPED
+            self.swapped.append(child)
+            self.swapped.sort(key=_rank)
+            return
+        self.add(child)
 
     @property
     def waiting(self) -> list[Request]:
@@ -158,10 +180,46 @@ class Scheduler:
 
         if not batch.preempted:
             budget = self._swap_in(batch, budget)
-            if not self.swapped:  # swapped work resumes before new work starts
+            if not any(_has_work(r) for r in self.swapped):  # swapped work resumes before new work
                 self._admit(batch, budget)
+        if batch.is_empty and self.has_unfinished():
+            self._unblock(batch)
         assert len(batch.requests) <= self.max_num_seqs, "batch larger than max_num_seqs"
+        assert not batch.is_empty or not self.has_unfinished(), "no progress with work left"
         return batch
+
+    def _unblock(self, batch: ScheduledBatch) -> None:
+        """Nothing could run, so every running request is idle (a beam whose
+        round waits for siblings) and what would complete a round is swapped or
+        waiting without room. Free room for the most important such request,
+        preempting idle requests least valuable first, until it runs."""
+        # Nothing was swapped in this step (what is swapped in is scheduled), so
+        # no victim below has a swap-in copy pending that its swap-out would precede.
+        budget = self.max_num_batched_tokens
+        target = next((r for r in self.swapped if _has_work(r)), None)
+        assert target is not None or self._waiting, "work left, but nothing needs computing"
+        while True:
+            if target is not None:
+                if self._swap_in_one(target, batch, budget, margin=0):
+                    return
+            else:
+                self._admit(batch, budget)
+                if not batch.is_empty:
+                    return
+            if self.running:
+                self._preempt(self._pick_victim(set()), batch)
+                continue
+            # Last resort: forks waiting with their KV in place hold blocks too;
+            # requeue one (not the head we are trying to admit) for recompute.
+            head = None if target is not None else self._waiting[0][-1]
+            holders = [e[-1] for e in self._waiting if e[-1].block_table.block_ids and e[-1] is not head]
+            assert holders, f"the pool cannot hold request {(target or head).request_id} alone"
+            victim = max(holders, key=lambda r: (r.priority, -r.num_computed_tokens, r.arrival_index))
+            self._waiting = [e for e in self._waiting if e[-1] is not victim]
+            heapq.heapify(self._waiting)
+            victim.num_preemptions += 1
+            self.num_preemptions += 1
+            self._requeue_for_recompute(victim)
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self._waiting and budget > 0 and len(batch.requests) < self.max_num_seqs:
@@ -184,30 +242,42 @@ class Scheduler:
         self.running.sort(key=_rank)
 
     def _swap_in(self, batch: ScheduledBatch, budget: int) -> int:
+        """Resume swapped requests that have tokens to compute, in rank order.
+        An idle beam stays on the host until its round completes: coming back
+        with nothing to do would only hold blocks its siblings need."""
         assert self.swapper is not None or not self.swapped, "swapped requests without a swapper"
-        while self.swapped and budget > 0 and len(batch.requests) < self.max_num_seqs:
-            req = self.swapped[0]
-            table = req.block_table
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            # Room for its blocks plus the ones its next tokens need.
-            needed = self.swapper.blocks_to_swap_in(table) + table.blocks_needed(n) + 1
-            if not self.allocator.can_allocate(needed):
+        for req in [r for r in self.swapped if _has_work(r)]:
+            if budget <= 0 or len(batch.requests) >= self.max_num_seqs:
                 break
-            batch.swap_in += self.swapper.swap_in(table)
-            self.swapped.pop(0)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            if n == 0:
-                continue
-            appended = table.append_slots(n)
-            assert appended is not None, "room was checked before swapping in"
-            if appended[1] is not None:
-                batch.copies.append(appended[1])
-            batch.requests.append(req)
-            batch.num_new_tokens.append(n)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            # One block of slack, so a resumed request does not preempt at once.
+            if not self._swap_in_one(req, batch, budget, margin=1):
+                break
             budget -= n
-        self.running.sort(key=_rank)
         return budget
+
+    def _swap_in_one(self, req: Request, batch: ScheduledBatch, budget: int, margin: int) -> bool:
+        """Bring `req` back to the device and schedule its next tokens, if its
+        blocks, the blocks those tokens need and `margin` more are free."""
+        assert self.swapper is not None and req.status is RequestStatus.SWAPPED and _has_work(req)
+        table = req.block_table
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        assert n > 0, f"no token budget to resume {req.request_id}"
+        needed = self.swapper.blocks_to_swap_in(table) + table.blocks_needed(n) + margin
+        if not self.allocator.can_allocate(needed):
+            return False
+        batch.swap_in += self.swapper.swap_in(table)
+        self.swapped.remove(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        self.running.sort(key=_rank)
+        appended = table.append_slots(n)
+        assert appended is not None, "room was checked before swapping in"
+        if appended[1] is not None:
+            batch.copies.append(appended[1])
+        batch.requests.append(req)
+        batch.num_new_tokens.append(n)
+        return True
 
     def _pick_victim(self, scheduled: set[int]) -> Request:
         candidates = [r for r in self.running if id(r) not in scheduled]
@@ -230,6 +300,9 @@ class Scheduler:
             self.swapped.sort(key=_rank)
             self.num_swapped_out += 1
             return
+        self._requeue_for_recompute(req)
+
+    def _requeue_for_recompute(self, req: Request) -> None:
         self.num_recomputed_tokens += req.num_computed_tokens
         req.block_table.free()
         req.num_computed_tokens = 0

@@ -160,7 +160,8 @@ class LLMEngine:
         """One iteration. Returns outputs of requests that finished, plus a
         delta for every streaming request that produced text."""
         batch = self.scheduler.schedule()
-        if batch.is_empty:
+        if batch.is_empty:  # the scheduler only returns one when no work is left
+            assert not (batch.swap_out or batch.swap_in), "swap copies in an empty step"
             return []
         start = time.perf_counter()
         result = self.runner.execute(batch)
@@ -234,8 +235,7 @@ class LLMEngine:
             output_token_ids=list(parent.output_token_ids),
             num_computed_tokens=parent.num_computed_tokens,
         )
-        # Its KV is in place: it waits only for a slot in the running batch.
-        self.scheduler.add(child)
+        self.scheduler.add_fork(child, parent)
         return child
 
     def _fork_beam(self, parent: Request) -> Request:
