@@ -37,10 +37,32 @@ class DecodeBucket:
     num_blocks: int
     all_rows: bool  # rows == 0..T-1: the step is this bucket alone
     _by_heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _value_slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:
         return self.rows.numel()
+
+    def value_slots(self, num_kv_heads: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For `embedding_bag` over a value pool viewed [N * Hkv * block_size, D]:
+        one bag of padded-length slots per (sequence, query head), flat, and the
+        bags' offsets. Slots beyond a context point at the sequence's first slot
+        (written, so finite: its weight 0 then contributes exactly 0). Built
+        once per step, on the first layer."""
+        key = (num_kv_heads, group)
+        cached = self._value_slots.get(key)
+        if cached is None:
+            b, length = self.num_seqs, self.padding.shape[-1]
+            block_rows, _ = self.head_rows(num_kv_heads)
+            bs = length // self.num_blocks
+            offsets = torch.arange(bs, device=self.block_ids.device)
+            slots = (block_rows.view(-1, 1) * bs + offsets).view(b, num_kv_heads, length)
+            slots = torch.where(self.padding, slots[:, :, :1], slots)
+            if group > 1:  # each KV head's slots serve its group of query heads
+                slots = slots.repeat_interleave(group, dim=1)
+            bag_starts = torch.arange(0, slots.numel(), length, device=slots.device)
+            cached = self._value_slots[key] = (slots.reshape(-1), bag_starts)
+        return cached
 
     def head_rows(self, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The bucket's (block, head) rows of a pool viewed [N * Hkv, block_size * D],

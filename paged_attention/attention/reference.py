@@ -61,12 +61,15 @@ def _decode_bucket(
     bucket: DecodeBucket,
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence: two batched matmuls over block-padded K/V.
+    """One query per sequence over block-padded K/V.
 
-    Each (block, KV head) of the pool is one contiguous piece, so one
+    Scores: each (block, KV head) of the pool is one contiguous piece, so one
     `index_select` gathers every context head-major, [b * Hkv, tokens, D], and
-    the queries of a KV head's group are the rows of one matrix: [b * Hkv,
-    group, D] is a free view of q. Padded slots are masked."""
+    the queries of a KV head's group are the rows of one matrix ([b * Hkv,
+    group, D] is a free view of q): one batched matmul. Padded slots are masked.
+    Output: the probability-weighted sum of value rows is exactly what
+    `embedding_bag(mode="sum", per_sample_weights=probs)` computes, reading the
+    pool in place: no gathered copy of V (3-4x faster than gather + bmm here)."""
     b = bucket.num_seqs
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, block_size = k_pool.shape[1], k_pool.shape[2]
@@ -74,17 +77,22 @@ def _decode_bucket(
     length = bucket.num_blocks * block_size
     block_rows, tail_rows = bucket.head_rows(num_kv_heads)
     keys = _gather_rows(k_pool, block_rows, meta, "k").view(b * num_kv_heads, length, head_dim)
-    values = _gather_rows(v_pool, block_rows, meta, "v").view(b * num_kv_heads, length, head_dim)
-    # Padding blocks hold written K/V, but the unwritten tail of a last block
-    # may hold NaN, and a masked score's 0 * NaN is still NaN.
-    values.view(-1, head_dim).index_fill_(0, tail_rows, 0)
     queries = q if bucket.all_rows else q.index_select(0, bucket.rows)
     queries = queries.to(keys.dtype).reshape(b * num_kv_heads, group, head_dim)
     # Softmax in at least float32 (bf16/fp16 scores are widened, as transformers' eager path does).
     softmax_dtype = torch.promote_types(keys.dtype, torch.float32)
     scores = torch.bmm(queries, keys.transpose(1, 2)).to(softmax_dtype).mul_(scale)
     scores.view(b, num_heads, length).masked_fill_(bucket.padding, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    probs = torch.softmax(scores, dim=-1).to(v_pool.dtype)
+    if v_pool.is_contiguous():
+        slots, bag_starts = bucket.value_slots(num_kv_heads, group)
+        out = F.embedding_bag(slots, v_pool.view(-1, head_dim), bag_starts, mode="sum",
+                              per_sample_weights=probs.view(-1))
+        return out.view(b, num_heads, head_dim).to(q.dtype)
+    values = _gather_rows(v_pool, block_rows, meta, "v").view(b * num_kv_heads, length, head_dim)
+    # Padding blocks hold written K/V, but the unwritten tail of a last block
+    # may hold NaN, and a masked score's 0 * NaN is still NaN.
+    values.view(-1, head_dim).index_fill_(0, tail_rows, 0)
     return torch.bmm(probs, values).view(b, num_heads, head_dim).to(q.dtype)
 
 
