@@ -3,8 +3,9 @@
 Heads outside tokens within a block (the original PagedAttention layout): one
 block of one layer is one piece (swaps and copy-on-write copy whole blocks),
 and one head's tokens in a block are one piece too, so decode attention
-gathers a sequence's context head-major, [Hkv, tokens, head_dim], ready for
-batched matmuls, with one `index_select` of (block, head) rows.
+gathers a sequence's keys head-major, [Hkv, tokens, head_dim], ready for a
+batched matmul, with one `index_select` of (block, head) rows; values are read
+in place, slot by slot, by `embedding_bag`.
 """
 
 from __future__ import annotations
