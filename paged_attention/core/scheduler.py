@@ -62,6 +62,12 @@ def _rank(req: Request) -> tuple[int, int]:
     return (req.priority, req.arrival_index)
 
 
+def _loss(req: Request) -> tuple[int, int, int]:
+    """Order of preemption victims (the max goes first): lowest priority (largest
+    value), then least work done, then latest arrival."""
+    return (req.priority, -req.num_computed_tokens, req.arrival_index)
+
+
 def _has_work(req: Request) -> bool:
     """Tokens left to compute (a beam that has reported its round has none)."""
     return req.num_computed_tokens < req.num_tokens
@@ -214,7 +220,7 @@ class Scheduler:
             head = None if target is not None else self._waiting[0][-1]
             holders = [e[-1] for e in self._waiting if e[-1].block_table.block_ids and e[-1] is not head]
             assert holders, f"the pool cannot hold request {(target or head).request_id} alone"
-            victim = max(holders, key=lambda r: (r.priority, -r.num_computed_tokens, r.arrival_index))
+            victim = max(holders, key=_loss)
             self._waiting = [e for e in self._waiting if e[-1] is not victim]
             heapq.heapify(self._waiting)
             victim.num_preemptions += 1
@@ -282,8 +288,7 @@ class Scheduler:
     def _pick_victim(self, scheduled: set[int]) -> Request:
         candidates = [r for r in self.running if id(r) not in scheduled]
         assert candidates, "no running request left to preempt"
-        # Lose the least: lowest priority (largest value) first, then least work done.
-        return max(candidates, key=lambda r: (r.priority, -r.num_computed_tokens, r.arrival_index))
+        return max(candidates, key=_loss)  # lose the least
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
         """Swap the victim's blocks to the host, or free them for recompute and
