@@ -60,19 +60,23 @@ def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
-def drive(llm, prompts, params: SamplingParams, max_steps: int = 100_000) -> list[RequestOutput]:
-    """Like llm.generate, but checks every invariant after every engine step,
-    and fails (rather than hangs) if the engine is still busy after `max_steps`."""
-    engine = llm.engine
-    ids = llm.add_requests(prompts, params, None)
+def drain(engine, max_steps: int = 100_000) -> dict[str, RequestOutput]:
+    """Step `engine` until it has no work, checking every invariant after every
+    step; fails (rather than hangs) if it is still busy after `max_steps`.
+    Returns the finished requests' outputs by request id."""
     done: dict[str, RequestOutput] = {}
     engine.check_invariants()
     for _ in range(max_steps):
         if not engine.has_unfinished():
-            break
+            return done
         for out in engine.step():
             done[out.request_id] = out
         engine.check_invariants()
-    else:
-        raise AssertionError(f"engine still busy after {max_steps} steps: {engine.memory_stats()}")
+    raise AssertionError(f"engine still busy after {max_steps} steps: {engine.memory_stats()}")
+
+
+def drive(llm, prompts, params: SamplingParams, max_steps: int = 100_000) -> list[RequestOutput]:
+    """Like llm.generate, through `drain` (invariants after every step, a step cap)."""
+    ids = llm.add_requests(prompts, params, None)
+    done = drain(llm.engine, max_steps)
     return [done[i] for i in ids]

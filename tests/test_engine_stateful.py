@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from paged_attention import LLM, SamplingParams
 from paged_attention.engine.builder import STORIES260K
+from tests.engine_utils import drain
 
 # Preemption counts summed over every example, for the check at the end.
 PREEMPTIONS: list[int] = []
@@ -77,15 +78,7 @@ class EngineMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         # Each live request needs at most (prompt + max_tokens) steps even when
         # recomputed after every preemption; far more means the engine is stuck.
-        for _ in range(MAX_DRAIN_STEPS):
-            if not self.engine.has_unfinished():
-                break
-            for out in self.engine.step():
-                self.outputs[out.request_id] = out
-            self.engine.check_invariants()
-        else:
-            raise AssertionError(f"engine still busy after {MAX_DRAIN_STEPS} steps: "
-                                 f"{self.engine.memory_stats()}")
+        self.outputs.update(drain(self.engine, MAX_DRAIN_STEPS))
         alloc = self.engine.allocator
         assert alloc.num_free_blocks == alloc.num_blocks, "blocks leaked"
         PREEMPTIONS.append(self.engine.memory_stats()["num_preemptions"])

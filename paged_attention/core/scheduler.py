@@ -141,6 +141,10 @@ class Scheduler:
         yield from (entry[-1] for entry in self._waiting)
         yield from self.swapped
 
+    def _remove_waiting(self, req: Request) -> None:
+        self._waiting = [e for e in self._waiting if e[-1] is not req]
+        heapq.heapify(self._waiting)
+
     def finish(self, req: Request) -> None:
         """Remove a request (finished or aborted) wherever it is; free its blocks."""
         if req.status is RequestStatus.RUNNING:
@@ -148,8 +152,7 @@ class Scheduler:
         elif req.status is RequestStatus.SWAPPED:
             self.swapped.remove(req)
         elif req.status is RequestStatus.WAITING:
-            self._waiting = [e for e in self._waiting if e[-1] is not req]
-            heapq.heapify(self._waiting)
+            self._remove_waiting(req)
         req.block_table.free()
         req.status = RequestStatus.FINISHED
 
@@ -221,8 +224,7 @@ class Scheduler:
             holders = [e[-1] for e in self._waiting if e[-1].block_table.block_ids and e[-1] is not head]
             assert holders, f"the pool cannot hold request {(target or head).request_id} alone"
             victim = max(holders, key=_loss)
-            self._waiting = [e for e in self._waiting if e[-1] is not victim]
-            heapq.heapify(self._waiting)
+            self._remove_waiting(victim)
             victim.num_preemptions += 1
             self.num_preemptions += 1
             self._requeue_for_recompute(victim)
@@ -255,23 +257,24 @@ class Scheduler:
         for req in [r for r in self.swapped if _has_work(r)]:
             if budget <= 0 or len(batch.requests) >= self.max_num_seqs:
                 break
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
             # One block of slack, so a resumed request does not preempt at once.
-            if not self._swap_in_one(req, batch, budget, margin=1):
+            n = self._swap_in_one(req, batch, budget, margin=1)
+            if not n:
                 break
             budget -= n
         return budget
 
-    def _swap_in_one(self, req: Request, batch: ScheduledBatch, budget: int, margin: int) -> bool:
+    def _swap_in_one(self, req: Request, batch: ScheduledBatch, budget: int, margin: int) -> int:
         """Bring `req` back to the device and schedule its next tokens, if its
-        blocks, the blocks those tokens need and `margin` more are free."""
+        blocks, the blocks those tokens need and `margin` more are free.
+        Returns how many tokens it scheduled (0: no room, nothing done)."""
         assert self.swapper is not None and req.status is RequestStatus.SWAPPED and _has_work(req)
         table = req.block_table
         n = min(req.num_tokens - req.num_computed_tokens, budget)
         assert n > 0, f"no token budget to resume {req.request_id}"
         needed = self.swapper.blocks_to_swap_in(table) + table.blocks_needed(n) + margin
         if not self.allocator.can_allocate(needed):
-            return False
+            return 0
         batch.swap_in += self.swapper.swap_in(table)
         self.swapped.remove(req)
         req.status = RequestStatus.RUNNING
@@ -283,7 +286,7 @@ class Scheduler:
             batch.copies.append(appended[1])
         batch.requests.append(req)
         batch.num_new_tokens.append(n)
-        return True
+        return n
 
     def _pick_victim(self, scheduled: set[int]) -> Request:
         candidates = [r for r in self.running if id(r) not in scheduled]
