@@ -50,7 +50,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from paged_attention.attention.metadata import AttentionMetadata  # noqa: E402
-from paged_attention.attention.reference import paged_attention  # noqa: E402
+from paged_attention.attention.torch_attention import paged_attention  # noqa: E402
 from paged_attention.kv_cache import write_kv as torch_write_kv  # noqa: E402
 
 GiB = 2**30

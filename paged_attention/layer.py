@@ -1,4 +1,4 @@
-"""The original project's low-level API: one attention layer over one sequence.
+"""The single-layer API: one attention layer over one sequence.
 
     allocator = BlockAllocator(total_blocks=128, block_size=16, hidden_dim=512)
     kv_cache = PagedKVCache(block_size=16, hidden_dim=512, allocator=allocator)
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from paged_attention.attention.metadata import AttentionMetadata
-from paged_attention.attention.reference import check_head_counts, paged_attention
+from paged_attention.attention.torch_attention import check_head_counts, paged_attention
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.block_table import BlockTable
 from paged_attention.kv_cache import KVCachePool

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from paged_attention.attention.metadata import AttentionMetadata
-from paged_attention.attention.reference import paged_attention
+from paged_attention.attention.torch_attention import paged_attention
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.block_table import BlockTable
 from paged_attention.engine.builder import STORIES260K

@@ -21,9 +21,13 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
-from paged_attention.model import gguf as pg  # noqa: E402
 
-ASSETS = Path(pg.__file__).resolve().parents[1] / "assets" / "smollm2-135m-instruct"
+from paged_attention.config import default_cache_dir  # noqa: E402
+from paged_attention.model import gguf as pg  # noqa: E402
+from paged_attention.model.gguf import cache as gguf_cache  # noqa: E402
+from paged_attention.model.gguf import load as gguf_load  # noqa: E402
+
+ASSETS = Path(pg.__file__).resolve().parents[2] / "assets" / "smollm2-135m-instruct"
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -450,7 +454,7 @@ def test_cache_roundtrip_is_exact_and_skips_the_gguf(
     def no_parsing(*args: object, **kwargs: object) -> None:
         raise AssertionError("warm load parsed the GGUF")
 
-    monkeypatch.setattr(pg, "read_gguf_header", no_parsing)
+    monkeypatch.setattr(gguf_load, "read_gguf_header", no_parsing)
     warm_config, warm = pg.load_gguf(tiny_gguf, cache_dir=tmp_path)
     warm = dict(warm)
     assert cold_config == warm_config == config
@@ -484,7 +488,7 @@ def test_damaged_cache_is_rebuilt(tiny_gguf: Path, tmp_path: Path) -> None:
     _, tensors = pg.load_gguf(tiny_gguf, cache_dir=tmp_path)
     tensors = dict(tensors)
     assert _bits_equal(tensors["lm_head.weight"], load_direct(tiny_gguf)[1]["lm_head.weight"])
-    assert pg._read_cache_index(entry, pg._cache_key(tiny_gguf, tmp_path)[1]) is not None
+    assert gguf_cache.read_cache_index(entry, gguf_cache.cache_key(tiny_gguf, tmp_path)[1]) is not None
 
 
 def test_cache_entry_of_another_gguf_is_not_served(tmp_path: Path) -> None:
@@ -511,7 +515,7 @@ def test_use_cache_false_writes_nothing(
     tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert pg.default_cache_dir() == tmp_path / "paged_attention"
+    assert default_cache_dir() == tmp_path / "paged_attention"
     dict(pg.load_gguf(tiny_gguf, use_cache=False)[1])
     assert list(tmp_path.iterdir()) == []
     dict(pg.load_gguf(tiny_gguf)[1])  # the default does cache, under XDG_CACHE_HOME

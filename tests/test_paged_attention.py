@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paged_attention.attention.metadata import AttentionMetadata
-from paged_attention.attention.reference import check_head_counts, paged_attention
+from paged_attention.attention.torch_attention import check_head_counts, paged_attention
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.block_table import BlockTable
 from paged_attention.kv_cache import KVCachePool

@@ -27,7 +27,7 @@ from paged_attention.attention.backend import (  # noqa: E402
     select_attention_backend,
 )
 from paged_attention.attention.metadata import AttentionMetadata  # noqa: E402
-from paged_attention.attention.reference import paged_attention  # noqa: E402
+from paged_attention.attention.torch_attention import paged_attention  # noqa: E402
 from paged_attention.engine.cuda_graphs import (  # noqa: E402
     DecodeCudaGraphs,
     capture_sizes,

@@ -1,5 +1,5 @@
 """Pick the attention implementation for a device: the Triton kernels on CUDA
-when triton imports, else the PyTorch reference.
+when triton imports, else the PyTorch ops of `torch_attention`.
 
 Both backends expose the same two callables, each taking the step's metadata:
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from paged_attention.attention.metadata import AttentionMetadata
-from paged_attention.attention.reference import check_head_counts, paged_attention
+from paged_attention.attention.torch_attention import check_head_counts, paged_attention
 from paged_attention.kv_cache import write_kv as torch_write_kv
 
 WriteKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], None]

@@ -1,5 +1,5 @@
-"""Triton kernels for the paged KV pool (the CUDA path; the PyTorch reference in
-`reference.py` is the oracle they are tested against).
+"""Triton kernels for the paged KV pool (the CUDA path; the PyTorch
+implementation in `torch_attention.py` is the oracle they are tested against).
 
 Pools are [num_blocks, num_kv_heads, block_size, head_dim], as `KVCachePool`
 lays them out; the kernels address them through their strides, so any view

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.attention.backend import AttentionBackend, select_attention_backend
+from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
-from paged_attention.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, empty_param, apply_rotary
+from paged_attention.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_param
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 

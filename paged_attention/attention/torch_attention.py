@@ -1,4 +1,6 @@
-"""Paged attention in plain PyTorch: the CPU path and the oracle for GPU kernels.
+"""Paged attention in PyTorch ops: the "torch" backend, which serves every
+device without the Triton kernels (CPU above all) and is the oracle they are
+tested against.
 
 Decode sequences (one new token each) are attended in buckets of similar
 length: whole (block, head) pieces gathered into a padded head-major batch,
@@ -69,7 +71,7 @@ def _decode_bucket(
     group, D] is a free view of q): one batched matmul. Padded slots are masked.
     Output: the probability-weighted sum of value rows is exactly what
     `embedding_bag(mode="sum", per_sample_weights=probs)` computes, reading the
-    pool in place: no gathered copy of V (3-4x faster than gather + bmm here)."""
+    pool in place: no gathered copy of V (3-4x faster on CPU than gather + bmm)."""
     b = bucket.num_seqs
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, block_size = k_pool.shape[1], k_pool.shape[2]
