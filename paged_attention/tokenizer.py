@@ -69,7 +69,7 @@ class Tokenizer:
             try:
                 saved = json.loads(text)
                 return cls(folder, tokenizers.Tokenizer.from_str(saved["backend"]), saved["eos_token_id"])
-            except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception; a bad file is a miss
+            except Exception as exc:  # tokenizers raises bare Exception; a bad file is a miss
                 logger.warning("ignoring the tokenizer cache %s (%s)", cache_file, exc)
         hf = load_auto_tokenizer(folder)
         backend = _plain_backend(hf)

@@ -17,8 +17,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from paged_attention.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, RopeScaling
-from paged_attention.model import find_model_files, load_model
+from paged_attention.model import (
+    SUPPORTED_ARCHITECTURES,
+    CausalLM,
+    ModelConfig,
+    RopeScaling,
+    find_model_files,
+    load_model,
+)
 from paged_attention.model.layers import RotaryEmbedding, apply_rotary, rms_norm, rope_inv_freq
 from paged_attention.model.loader import iter_safetensors
 from tests.model_utils import PagedRunner, build_hf_model, hf_logits
