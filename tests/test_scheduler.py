@@ -399,8 +399,6 @@ def test_recompute_with_prefix_caching_recovers_the_victims_surviving_blocks():
     assert sched.num_recomputed_tokens == 8  # counts what was dropped, not what was recomputed
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: preempting a running request ranked before the "
-                   "current one shifts `running`, and the loop's `i += 1` then skips the next one")
 def test_preempting_an_idle_request_ahead_does_not_skip_the_next_running_request():
     pool = make_pool(3)
     sched = make_scheduler(pool, max_num_batched_tokens=100)

@@ -5,8 +5,8 @@ Every step:
      owe (1 for a decode, the rest of a prompt chunk otherwise) within the
      token budget. When a request's next block cannot be had, the least
      valuable unscheduled running request (lowest priority, then least work
-     done) is preempted by recompute: its blocks are freed and it goes back to
-     the waiting queue, keeping its place.
+     done, or another of VICTIM_ORDERS) is preempted by recompute: its blocks
+     are freed and it goes back to the waiting queue, keeping its place.
   2. Waiting requests are admitted in (priority, arrival) order while blocks,
      `max_num_seqs` (sequences per step) and the budget allow. A prompt longer than what is left of
      the budget is prefilled in chunks over several steps.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,6 +68,19 @@ def _loss(req: Request) -> tuple[int, int, int]:
     return (req.priority, -req.num_computed_tokens, req.arrival_index)
 
 
+def _latest(req: Request) -> tuple[int, int]:
+    """vLLM's victim order: lowest priority, then latest arrival."""
+    return (req.priority, req.arrival_index)
+
+
+# Victim orders by name (`EngineConfig.preemption_victim`); the max goes first.
+VICTIM_ORDERS: dict[str, Callable[[Request], tuple[int, ...]]] = {
+    "lowest_priority_least_computed": _loss,
+    "lowest_priority_latest": _latest,
+}
+PREEMPTION_VICTIMS = tuple(VICTIM_ORDERS)
+
+
 def _has_work(req: Request) -> bool:
     """Tokens left to compute (a beam that has reported its round has none)."""
     return req.num_computed_tokens < req.num_tokens
@@ -83,7 +96,12 @@ class Scheduler:
         swapper: SwapManager | None = None,
         preemption_mode: str = "recompute",
         cost_model: CostModel | None = None,
+        preemption_victim: str = "lowest_priority_least_computed",
     ) -> None:
+        if preemption_victim not in VICTIM_ORDERS:
+            raise ValueError(
+                f"preemption_victim must be one of {PREEMPTION_VICTIMS}, got {preemption_victim!r}"
+            )
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(
                 f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}"
@@ -104,6 +122,7 @@ class Scheduler:
         self.swapper = swapper
         self.preemption_mode = preemption_mode if swapper is not None else "recompute"
         self.cost_model = cost_model
+        self._victim_order = VICTIM_ORDERS[preemption_victim]
         self.num_preemptions = 0
         self.num_swapped_out = 0
         self.num_recomputed_tokens = 0
@@ -118,7 +137,7 @@ class Scheduler:
         blocks are: with the swapped requests when the parent is on the host,
         else waiting (its KV is in place; it waits only for a slot in a batch)."""
         if parent.status is RequestStatus.SWAPPED:
-            assert child.block_table.allocator is parent.block_table.allocator, "fork left its pool"
+            assert child.block_table.pool is parent.block_table.pool, "fork left its pool"
             child.status = RequestStatus.SWAPPED
             self.swapped.append(child)
             self.swapped.sort(key=_rank)
@@ -153,7 +172,7 @@ class Scheduler:
             self.swapped.remove(req)
         elif req.status is RequestStatus.WAITING:
             self._remove_waiting(req)
-        req.block_table.free()
+        req.free_blocks()
         req.status = RequestStatus.FINISHED
 
     # --------------------------------------------------------------- schedule
@@ -172,6 +191,8 @@ class Scheduler:
             appended = req.block_table.append_slots(n)
             while appended is None:
                 victim = self._pick_victim(scheduled)
+                if self.running.index(victim) < i:  # an idle beam ahead: keep the cursor on req
+                    i -= 1
                 self._preempt(victim, batch)
                 if victim is req:
                     break
@@ -223,7 +244,7 @@ class Scheduler:
             head = None if target is not None else self._waiting[0][-1]
             holders = [e[-1] for e in self._waiting if e[-1].block_table.block_ids and e[-1] is not head]
             assert holders, f"the pool cannot hold request {(target or head).request_id} alone"
-            victim = max(holders, key=_loss)
+            victim = max(holders, key=self._victim_order)
             self._remove_waiting(victim)
             victim.num_preemptions += 1
             self.num_preemptions += 1
@@ -233,7 +254,7 @@ class Scheduler:
         while self._waiting and budget > 0 and len(batch.requests) < self.max_num_seqs:
             req = self._waiting[0][-1]
             # An empty table first reuses the longest cached full-block prefix.
-            admitted = req.block_table.admit(req.token_ids(0, req.num_tokens), budget)
+            admitted = req.block_table.admit(req.token_ids(0, req.num_tokens), budget, req.prefix_chain)
             if admitted is None:
                 break  # no room: never preempt running work to admit new work
             if admitted.cow is not None:  # a forked sample or beam writing its first token
@@ -291,7 +312,7 @@ class Scheduler:
     def _pick_victim(self, scheduled: set[int]) -> Request:
         candidates = [r for r in self.running if id(r) not in scheduled]
         assert candidates, "no running request left to preempt"
-        return max(candidates, key=_loss)  # lose the least
+        return max(candidates, key=self._victim_order)
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
         """Swap the victim's blocks to the host, or free them for recompute and
@@ -312,7 +333,7 @@ class Scheduler:
 
     def _requeue_for_recompute(self, req: Request) -> None:
         self.num_recomputed_tokens += req.num_computed_tokens
-        req.block_table.free()
+        req.free_blocks()
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         self.add(req)
@@ -338,7 +359,7 @@ class Scheduler:
             req.check_invariants()
         for req in self.swapped:
             assert req.status is RequestStatus.SWAPPED, f"{req.request_id} in swapped is {req.status}"
-            assert self.swapper is not None and req.block_table.allocator is self.swapper.host, (
+            assert self.swapper is not None and req.block_table.pool is self.swapper.host, (
                 f"swapped request {req.request_id} holds device blocks"
             )
             req.check_invariants()
