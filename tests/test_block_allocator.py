@@ -1,4 +1,5 @@
-"""BlockAllocator: exact-id unit tests on tiny pools, and bad-input errors."""
+"""BlockAllocator (the block pool): exact-id unit tests on tiny pools, bad-input
+errors, and the invariant check on a pool of a million blocks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from paged_attention.core.block_allocator import (
     BlockAllocator,
     validate_block_size,
 )
+from paged_attention.core.block_pool import BlockPool
 from paged_attention.core.block_table import BlockTable
+from paged_attention.core.prefix_cache import PrefixChain
 
 
 class _Holder:
@@ -241,11 +244,11 @@ def test_check_invariants_catches_a_ref_count_that_does_not_match_holders():
 def test_check_invariants_catches_corrupt_free_list():
     alloc = BlockAllocator(4, 2)
     alloc.allocate()
-    alloc._free.append(0)  # block 0 both used and free
+    alloc._released[0] = None  # block 0 both used and free
     with pytest.raises(AssertionError):
         alloc.check_invariants()
     alloc = BlockAllocator(4, 2)
-    alloc._free.append(1)  # block 1 free twice
+    alloc._released[1] = None  # block 1 free twice: never handed out, and released
     with pytest.raises(AssertionError, match="twice"):
         alloc.check_invariants()
 
@@ -263,19 +266,93 @@ def test_generation_counts_allocations_not_revivals():
     assert alloc.generation(0) == 2
     # A cached block freed and revived by a cache hit keeps its contents, and
     # its generation; evicting it for a new allocation bumps it.
-    cache = alloc.prefix_cache
-    assert cache is not None
+    assert alloc.enable_prefix_caching
     alloc.free(0)
     alloc.free(1)
-    table = BlockTable(alloc)
-    assert table.admit([7, 7, 7], 3) is not None and table.block_ids == [0, 1]
-    table.cache_full_blocks([7, 7, 7])
+    table, chain = BlockTable(alloc), PrefixChain()
+    assert table.admit([7, 7, 7], 3, chain) is not None and table.block_ids == [0, 1]
+    alloc.cache_full_blocks(table, chain, [7, 7, 7])
     table.free()
+    chain = PrefixChain()
     assert alloc.evictable_block_ids() == [0]
-    assert table.admit([7, 7, 7], 1) is not None and table.block_ids == [0, 1]
+    assert table.admit([7, 7, 7], 1, chain) is not None and table.block_ids == [0, 1]
     assert alloc.generation(0) == 3
     table.free()
     assert alloc.allocate_many(2) == [1, 0]  # block 0 evicted
     assert alloc.generation(0) == 4
     with pytest.raises(ValueError, match=r"block id 2\b"):
         alloc.generation(2)
+
+
+# ------------------------------------------------- a pool of a million blocks
+BIG = 1_000_000
+
+
+def _big_pool() -> tuple[BlockPool, list[_Holder]]:
+    """A million blocks, a handful used: 0, 1 (shared), 2 released, 3 cached."""
+    pool = BlockPool(BIG, 4)
+    a, b = _Holder(pool.allocate_many(3)), _Holder([])
+    b.block_ids.append(pool.fork(1))
+    assert pool.free(2) is True
+    a.block_ids.remove(2)
+    table, chain = BlockTable(pool), PrefixChain()
+    assert table.admit([5] * 5, 5, chain) is not None and table.block_ids == [3, 4]
+    assert pool.cache_full_blocks(table, chain, [5] * 5) == 1
+    pool.check_invariants([a, b, table])
+    return pool, [a, b, table]
+
+
+def test_seed_name_is_the_pool():
+    assert BlockAllocator is BlockPool
+
+
+def test_a_million_block_pool_hands_out_untouched_blocks_before_released_ones():
+    pool, _ = _big_pool()
+    assert pool.num_used_blocks == 4 and pool.num_free_blocks == BIG - 4
+    assert [pool.ref_count(b) for b in range(6)] == [1, 2, 0, 1, 1, 0]
+    assert pool.free_block_ids()[:2] == [5, 6] and pool.free_block_ids()[-1] == 2
+    assert pool.allocate() == 5
+    assert pool.allocate_many(BIG - 6) == list(range(6, BIG))
+    assert pool.allocate() == 2  # the released block, after every untouched one
+    assert pool.allocate() is None
+    assert pool.generation(2) == 2 and pool.generation(BIG - 1) == 1
+
+
+def test_check_invariants_on_a_million_blocks_catches_an_off_by_one_ref_count():
+    pool, holders = _big_pool()
+    pool._ref_counts[1] += 1
+    with pytest.raises(AssertionError, match=r"block 1: ref count 3 but 2 holders"):
+        pool.check_invariants(holders)
+    pool._ref_counts[1] -= 2
+    with pytest.raises(AssertionError, match=r"block 1: ref count 1 but 2 holders"):
+        pool.check_invariants(holders)
+    pool._ref_counts[1] += 1
+    pool.check_invariants(holders)
+    holders[0].block_ids.append(BIG - 1)  # a table holding a block nobody handed out
+    with pytest.raises(AssertionError, match=rf"block {BIG - 1}: ref count 0 but 1 holders"):
+        pool.check_invariants(holders)
+
+
+def test_check_invariants_on_a_million_blocks_catches_a_block_both_free_and_used():
+    pool, holders = _big_pool()
+    pool._released[0] = None  # used block 0 also on the free list
+    with pytest.raises(AssertionError, match=r"block 0 is both free and used"):
+        pool.check_invariants(holders)
+    del pool._released[0]
+    pool._ref_counts[BIG - 1] = 1  # used, yet above the never-handed-out mark
+    with pytest.raises(AssertionError, match=rf"block {BIG - 1} is both used and never handed out"):
+        pool.check_invariants()
+    del pool._ref_counts[BIG - 1]
+    pool._evictable[0] = None  # used block 0 also evictable
+    with pytest.raises(AssertionError, match=r"block 0 is both evictable and used"):
+        pool.check_invariants()
+    del pool._evictable[0]
+    pool._released[3] = None  # cached block 3 (in use) also on the free list
+    with pytest.raises(AssertionError, match=r"block 3 is both free and used"):
+        pool.check_invariants()
+    del pool._released[3]
+    del pool._released[2]  # released block 2 lost
+    with pytest.raises(AssertionError, match=r"free twice, or lost"):
+        pool.check_invariants()
+    pool._released[2] = None
+    pool.check_invariants(holders)

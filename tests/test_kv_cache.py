@@ -202,3 +202,30 @@ def test_copy_on_write_end_to_end_keeps_both_sequences_intact():
         assert torch.equal(read(child, layer, 1), torch.cat([prompt_v[layer], new_v[layer]]))
         assert torch.equal(read(parent, layer, 0), torch.cat([prompt_k[layer], other_k[layer]]))
         assert torch.equal(read(parent, layer, 1), torch.cat([prompt_v[layer], other_k[layer]]))
+
+
+# ------------------------------------------------------------ host swap pool
+def test_host_pool_is_capped_at_the_device_pool():
+    from paged_attention.engine.builder import PoolPlan, host_pool_blocks
+
+    plan = PoolPlan(num_blocks=64, block_size=4, bytes_per_block=5120, max_model_len=128)
+    assert host_pool_blocks(4.0, plan) == 64  # 4 GiB would be 838,860 blocks
+    assert host_pool_blocks(0.0002, plan) == 41  # 214,748 bytes: fewer than the device's
+    assert host_pool_blocks(0, plan) == 0
+
+
+def test_engine_host_pool_matches_the_device_pool_and_is_logged(caplog):
+    import logging
+
+    from paged_attention import LLM
+    from paged_attention.engine.builder import STORIES260K
+
+    with caplog.at_level(logging.INFO, logger="paged_attention"):
+        engine = LLM(str(STORIES260K), dtype="float32", num_kv_blocks=64, block_size=4,
+                     max_model_len=128, swap_space=4.0).engine
+    swapper = engine.scheduler.swapper
+    assert swapper is not None
+    assert engine.allocator.num_blocks == swapper.host.num_blocks == 64
+    assert engine.runner.host_cache.num_blocks == 64
+    assert "swap space: 64 host blocks" in caplog.text
+    swapper.host.check_invariants([])

@@ -36,8 +36,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from paged_attention.core.block_allocator import BlockAllocator
+from paged_attention.core.block_pool import BlockPool
 from paged_attention.core.block_table import Admission, BlockTable, CopyOnWrite
+from paged_attention.core.prefix_cache import PrefixChain
+from paged_attention.core.request import Request
 from paged_attention.kv_cache import KVCachePool
 
 TOKENS = st.lists(st.integers(0, 1), max_size=12)
@@ -76,9 +78,10 @@ class MemoryMachine(RuleBasedStateMachine):
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.caching = caching
-        self.alloc = BlockAllocator(num_blocks, block_size, enable_prefix_caching=caching)
+        self.alloc = BlockPool(num_blocks, block_size, enable_prefix_caching=caching)
         self.pool = KVCachePool(1, num_blocks, block_size, 1, 1, dtype=torch.float64)
         self.tables: list[BlockTable] = []
+        self.prefix_chains: list[PrefixChain] = []  # each table's real hash chain, as a request holds it
         self.tokens: list[list[int]] = []  # the model: each table's token ids
         self.expected: list[list[float]] = []  # ... and token labels
         self.chains: list[tuple[int, ModelEntry | None]] = []  # ... and hash-chain state
@@ -178,8 +181,11 @@ class MemoryMachine(RuleBasedStateMachine):
         self.write_labels(i, slots)
         self.tokens[i] += new_tokens
 
-    def add_table(self, table: BlockTable, tokens: list[int], labels: list[float], chain) -> int:
+    def add_table(
+        self, table: BlockTable, prefix_chain: PrefixChain, tokens: list[int], labels: list[float], chain
+    ) -> int:
         self.tables.append(table)
+        self.prefix_chains.append(prefix_chain)
         self.tokens.append(tokens)
         self.expected.append(labels)
         self.chains.append(chain)
@@ -188,7 +194,7 @@ class MemoryMachine(RuleBasedStateMachine):
     # -------------------------------------------------------------------- rules
     @rule(tokens=TOKENS)
     def new_table(self, tokens: list[int]) -> None:
-        i = self.add_table(BlockTable(self.alloc), [], [], (0, None))
+        i = self.add_table(BlockTable(self.alloc), PrefixChain(), [], [], (0, None))
         self.do_append(i, tokens)
 
     @rule(tokens=PROMPTS, budget=st.integers(1, 12), compute=st.booleans())
@@ -207,11 +213,12 @@ class MemoryMachine(RuleBasedStateMachine):
         assert set(revived) <= set(self.alloc.evictable_block_ids())
         before = self.snapshot()
 
-        table = BlockTable(self.alloc)
-        got = table.admit(tokens, budget)
+        table, prefix_chain = BlockTable(self.alloc), PrefixChain()
+        got = table.admit(tokens, budget, prefix_chain)
         if needed + len(revived) > len(free_before):
             assert got is None
             assert table.block_ids == [] and table.num_tokens == 0
+            assert prefix_chain == PrefixChain()
             assert self.snapshot() == before
             return
         self.queried += len(tokens)
@@ -225,7 +232,10 @@ class MemoryMachine(RuleBasedStateMachine):
         assert self.alloc.free_block_ids() == remaining[needed:]
         self.note_taken(taken)
         labels = [x for e in hits for x in e.labels]
-        i = self.add_table(table, tokens[:num_cached], labels, (len(hits), hits[-1] if hits else None))
+        assert prefix_chain.num_hashed_blocks == len(hits)
+        i = self.add_table(
+            table, prefix_chain, tokens[:num_cached], labels, (len(hits), hits[-1] if hits else None)
+        )
         self.write_labels(i, got.slots)
         self.tokens[i] += tokens[num_cached : num_cached + n]
         if compute:
@@ -274,8 +284,8 @@ class MemoryMachine(RuleBasedStateMachine):
         if self.caching:
             self.chains[i] = (num_full, tail)
 
-        assert table.cache_full_blocks(tokens) == added
-        assert table.num_hashed_blocks == self.chains[i][0]
+        assert self.alloc.cache_full_blocks(table, self.prefix_chains[i], tokens) == added
+        assert self.prefix_chains[i].num_hashed_blocks == self.chains[i][0]
         assert self.alloc.free_block_ids() == free_part + evictable
         assert self.alloc.evictable_block_ids() == evictable
 
@@ -291,17 +301,19 @@ class MemoryMachine(RuleBasedStateMachine):
         parent = self.tables[i]
         counts = self.model_ref_counts()
         free_before = self.alloc.free_block_ids()
-        child = parent.fork()
+        parent_chain = self.prefix_chains[i]
+        child, child_chain = parent.fork(), parent_chain.copy()  # as the engine forks a request
         assert child.block_ids == parent.block_ids
         assert child.num_tokens == parent.num_tokens
-        assert (child.num_hashed_blocks, child.prefix_tail) == (
-            parent.num_hashed_blocks,
-            parent.prefix_tail,
+        assert (child_chain.num_hashed_blocks, child_chain.tail) == (
+            parent_chain.num_hashed_blocks,
+            parent_chain.tail,
         )
+        assert child_chain is not parent_chain
         assert self.alloc.free_block_ids() == free_before
         for b in set(parent.block_ids):
             assert self.alloc.ref_count(b) == counts[b] + parent.block_ids.count(b)
-        self.add_table(child, list(self.tokens[i]), list(self.expected[i]), self.chains[i])
+        self.add_table(child, child_chain, list(self.tokens[i]), list(self.expected[i]), self.chains[i])
 
     @precondition(lambda self: self.tables)
     @rule(pick=st.integers(0, 10**6))
@@ -336,16 +348,17 @@ class MemoryMachine(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 10**6))
     def free_table(self, pick: int) -> None:
         i = pick % len(self.tables)
-        table = self.tables.pop(i)
+        table, prefix_chain = self.tables.pop(i), self.prefix_chains.pop(i)
         for model in (self.tokens, self.expected, self.chains):
             model.pop(i)
         others = self.model_ref_counts()  # holders left after this table goes
         evictable = self.alloc.evictable_block_ids()
         free_part = self.alloc.free_block_ids()[: len(self.alloc.free_block_ids()) - len(evictable)]
         released = [b for b in table.block_ids if others[b] == 0]
-        table.free()
+        owner = Request("freed", [], table, 0, prefix_chain=prefix_chain)
+        owner.free_blocks()
         assert table.block_ids == [] and table.num_tokens == 0
-        assert (table.num_hashed_blocks, table.prefix_tail) == (0, None)
+        assert (owner.prefix_chain.num_hashed_blocks, owner.prefix_chain.tail) == (0, None)
         # Uncached blocks go to the back of the free list in the table's order;
         # cached ones turn evictable tail first.
         free_part += [b for b in released if b not in self.entries]
@@ -357,13 +370,14 @@ class MemoryMachine(RuleBasedStateMachine):
     @invariant()
     def structures_are_consistent(self) -> None:
         self.alloc.check_invariants(self.tables)
-        for table in self.tables:
+        for table, prefix_chain in zip(self.tables, self.prefix_chains):
             table.check_invariants()
+            prefix_chain.check_invariants(table.num_full_blocks)
         counts = self.model_ref_counts()
         assert self.alloc.num_free_blocks == self.model_num_free()
         assert self.alloc.num_used_blocks == len(counts)
-        cache = self.alloc.prefix_cache
-        if cache is None:
+        cache = self.alloc
+        if not cache.enable_prefix_caching:
             assert not self.entries and self.alloc.num_evictable_blocks == 0
             return
         assert cache.cached_block_ids() == sorted(self.entries)

@@ -15,6 +15,7 @@ from typing import Any
 
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.block_table import BlockTable
+from paged_attention.core.prefix_cache import PrefixChain
 
 
 class RequestStatus(enum.Enum):
@@ -39,6 +40,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on admission
+    # How far the prefix cache's hash chain has got along the table's blocks.
+    prefix_chain: PrefixChain = field(default_factory=PrefixChain)
 
     @classmethod
     def create(
@@ -72,6 +75,11 @@ class Request:
             return self.output_token_ids[start - n_prompt : end - n_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
 
+    def free_blocks(self) -> None:
+        """Give back every KV block; the hash chain starts over with the table."""
+        self.block_table.free()
+        self.prefix_chain = PrefixChain()
+
     def check_invariants(self) -> None:
         assert 0 <= self.num_computed_tokens <= self.num_tokens, (
             f"request {self.request_id}: computed {self.num_computed_tokens} of {self.num_tokens}"
@@ -81,3 +89,4 @@ class Request:
             f"computed {self.num_computed_tokens}"
         )
         self.block_table.check_invariants()
+        self.prefix_chain.check_invariants(self.block_table.num_full_blocks)

@@ -7,7 +7,7 @@ prefixes) are copied once and stay shared: a full block's first swap records
 device -> host, and a sibling swapped later forks that host block instead of
 copying again; swap-in records host -> device the same way. A record is
 trusted only while the block it points at is still the same allocation
-(`BlockAllocator.generation`), and only for full blocks, which are never
+(`BlockPool.generation`), and only for full blocks, which are never
 written again.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paged_attention.core.block_allocator import BlockAllocator
+from paged_attention.core.block_pool import BlockPool
 from paged_attention.core.block_table import BlockTable
 
 
@@ -26,7 +26,7 @@ class BlockCopy:
 
 
 class SwapManager:
-    def __init__(self, device: BlockAllocator, host: BlockAllocator) -> None:
+    def __init__(self, device: BlockPool, host: BlockPool) -> None:
         assert device.block_size == host.block_size, "device and host block sizes differ"
         self.device = device
         self.host = host
@@ -37,19 +37,19 @@ class SwapManager:
 
     # -------------------------------------------------------------- queries
     def _shared_copy(self, table: BlockTable, index: int,
-                     records: dict[int, tuple[int, int, int]], target: BlockAllocator) -> int | None:
+                     records: dict[int, tuple[int, int, int]], target: BlockPool) -> int | None:
         """The block already holding this block's data on the other side, if any."""
         if (index + 1) * table.block_size > table.num_tokens:
             return None  # a partly filled block may still be written: never shared
         block = table.block_ids[index]
         record = records.get(block)
-        if record is None or not self._valid(block, record, table.allocator, target):
+        if record is None or not self._valid(block, record, table.pool, target):
             return None
         return record[1]
 
     @staticmethod
-    def _valid(block: int, record: tuple[int, int, int], source: BlockAllocator,
-               target: BlockAllocator) -> bool:
+    def _valid(block: int, record: tuple[int, int, int], source: BlockPool,
+               target: BlockPool) -> bool:
         """Both ends are still the allocations that were recorded."""
         generation, other, other_generation = record
         return (
@@ -77,19 +77,19 @@ class SwapManager:
     def swap_out(self, table: BlockTable) -> list[BlockCopy]:
         """Move `table` to the host. Returns the device->host copies to perform
         (before any freed device block is written again)."""
-        assert table.allocator is self.device, "table is not on the device"
+        assert table.pool is self.device, "table is not on the device"
         assert self.can_swap_out(table), "host pool too small: check can_swap_out first"
         return self._move(table, self._on_host, self._on_device, self.host)
 
     def swap_in(self, table: BlockTable) -> list[BlockCopy]:
         """Move `table` back to the device; returns host->device copies."""
-        assert table.allocator is self.host, "table is not on the host"
+        assert table.pool is self.host, "table is not on the host"
         assert self.device.can_allocate(self.blocks_to_swap_in(table)), "device pool too small"
         return self._move(table, self._on_device, self._on_host, self.device)
 
     def _move(self, table: BlockTable, records: dict[int, tuple[int, int, int]],
-              reverse: dict[int, tuple[int, int, int]], target: BlockAllocator) -> list[BlockCopy]:
-        source = table.allocator
+              reverse: dict[int, tuple[int, int, int]], target: BlockPool) -> list[BlockCopy]:
+        source = table.pool
         copies: list[BlockCopy] = []
         new_ids: list[int] = []
         for i, block in enumerate(table.block_ids):
@@ -107,7 +107,7 @@ class SwapManager:
             new_ids.append(other)
         source.free_blocks(table.block_ids)  # cached blocks turn evictable tail first
         table.block_ids = new_ids
-        table.allocator = target
+        table.pool = target
         self._forget_stale()
         return copies
 

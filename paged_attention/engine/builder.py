@@ -16,7 +16,7 @@ from paged_attention.config import (
     resolve_device,
     resolve_dtype,
 )
-from paged_attention.core.block_allocator import BlockAllocator
+from paged_attention.core.block_pool import BlockPool
 from paged_attention.core.scheduler import Scheduler
 from paged_attention.core.swap import SwapManager
 from paged_attention.engine.cuda_graphs import maybe_decode_graphs
@@ -123,8 +123,8 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     )
     tokenizer = Tokenizer.load(source.tokenizer_dir)
     plan = plan_pool(config, model_config, dtype, device)
-    allocator = BlockAllocator(plan.num_blocks, plan.block_size,
-                               enable_prefix_caching=config.enable_prefix_caching)
+    allocator = BlockPool(plan.num_blocks, plan.block_size,
+                          enable_prefix_caching=config.enable_prefix_caching)
     kv_cache = KVCachePool(
         model_config.num_layers, plan.num_blocks, plan.block_size,
         model_config.num_kv_heads, model_config.head_dim, dtype, device,
@@ -153,12 +153,20 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     )
 
 
+def host_pool_blocks(swap_space_gib: float, plan: PoolPlan) -> int:
+    """Blocks of the host pool: what `swap_space` GiB holds, but never more than
+    the device pool's blocks, since only blocks on the device can be swapped
+    out (and a shared block is swapped once). A few GiB for a small model would
+    otherwise be hundreds of thousands of blocks no step could ever fill."""
+    return min(int(swap_space_gib * 2**30) // plan.bytes_per_block, plan.num_blocks)
+
+
 def build_swap_space(config: EngineConfig, plan: PoolPlan, model_config: ModelConfig,
-                     dtype: torch.dtype, device: torch.device, allocator: BlockAllocator,
+                     dtype: torch.dtype, device: torch.device, allocator: BlockPool,
                      kv_cache: KVCachePool, net: torch.nn.Module):
     """The host block pool for swapping (None when swap_space is 0 or preemption
     is recompute-only), with the cost model that prices swap against recompute."""
-    host_blocks = int(config.swap_space * 2**30) // plan.bytes_per_block
+    host_blocks = host_pool_blocks(config.swap_space, plan)
     if host_blocks < 1 or config.preemption_mode == "recompute":
         return None, None, None
     # Pinned host memory lets CUDA copies run asynchronously; on the CPU both
@@ -168,14 +176,16 @@ def build_swap_space(config: EngineConfig, plan: PoolPlan, model_config: ModelCo
         model_config.head_dim, dtype, "cpu", pin_memory=device.type == "cuda",
     )
     swapper = SwapManager(
-        allocator, BlockAllocator(host_blocks, plan.block_size, enable_prefix_caching=False)
+        allocator, BlockPool(host_blocks, plan.block_size, enable_prefix_caching=False)
     )
     cost_model = PreemptionCostModel(
         bytes_per_block=plan.bytes_per_block,
         copy_bytes_per_s=measure_copy_bandwidth(kv_cache, host_cache),
     )
     logger.info(
-        "swap space: %d host blocks (%.1f GiB); measured copy %.2f GB/s",
-        host_blocks, config.swap_space, cost_model.copy_bytes_per_s / 1e9,
+        "swap space: %d host blocks, %.1f MiB (of %.1f GiB asked, capped at the device "
+        "pool's %d blocks); measured copy %.2f GB/s",
+        host_blocks, host_blocks * plan.bytes_per_block / 2**20, config.swap_space,
+        plan.num_blocks, cost_model.copy_bytes_per_s / 1e9,
     )
     return host_cache, swapper, cost_model

@@ -169,13 +169,13 @@ class LLMEngine:
             self.cost_model.observe_step(batch.num_tokens, time.perf_counter() - start)
         self.stats.num_steps += 1
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.allocator.num_used_blocks)
-        caching = self.allocator.prefix_cache is not None
+        caching = self.allocator.enable_prefix_caching
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
             if req.num_computed_tokens <= req.num_prompt_tokens:
                 self.stats.num_prompt_tokens += n
             if caching:
-                req.block_table.cache_full_blocks(req.token_ids)
+                self.allocator.cache_full_blocks(req.block_table, req.prefix_chain, req.token_ids)
                 if req.num_cached_tokens:
                     self._note_cached(req)
         outputs: list[RequestOutput] = []
@@ -234,6 +234,7 @@ class LLMEngine:
             priority=parent.priority, arrival_index=parent.arrival_index,
             output_token_ids=list(parent.output_token_ids),
             num_computed_tokens=parent.num_computed_tokens,
+            prefix_chain=parent.prefix_chain.copy(),
         )
         self.scheduler.add_fork(child, parent)
         return child
@@ -270,7 +271,6 @@ class LLMEngine:
     # ------------------------------------------------------------ inspection
     def memory_stats(self) -> dict[str, int | float]:
         used = self.allocator.num_used_blocks
-        cache = self.allocator.prefix_cache
         return {
             "num_blocks": self.allocator.num_blocks,
             "num_free_blocks": self.allocator.num_free_blocks,
@@ -286,8 +286,8 @@ class LLMEngine:
             "num_recomputed_tokens": self.scheduler.num_recomputed_tokens,
             "num_steps": self.stats.num_steps,
             "peak_used_blocks": self.stats.peak_used_blocks,
-            "num_cached_blocks": cache.num_cached_blocks if cache is not None else 0,
-            "prefix_cache_hit_rate": cache.hit_rate if cache is not None else 0.0,
+            "num_cached_blocks": self.allocator.num_cached_blocks,
+            "prefix_cache_hit_rate": self.allocator.hit_rate,
         }
 
     def check_invariants(self) -> None:
