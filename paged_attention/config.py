@@ -1,21 +1,34 @@
-"""Engine settings: one dataclass, validated on construction, plus the resolvers
-that turn "auto" into a concrete device, dtype and KV pool size."""
+"""Engine options, each defined once as a field of `EngineConfig` (default and
+help text together), validated on construction.
+
+`LLM(model, **options)` takes these fields as keywords, and the command line
+generates its engine flags from them (`entrypoints/engine_args.py`). This
+module does not import torch, so the CLI can parse arguments (and answer
+--help) before torch loads; `engine/resolve.py` turns "auto" into a concrete
+device, dtype and memory size."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from dataclasses import dataclass
+import textwrap
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+from paged_attention.core.scheduler import PREEMPTION_MODES, PREEMPTION_VICTIMS
+
+if TYPE_CHECKING:
+    import torch
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
           "tb": 1000**4, "tib": 1024**4}
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "float": torch.float32}
+# dtype names the engine accepts -> the torch attribute they name.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
 # The environment variable the HTTP server reads its API key from.
@@ -43,72 +56,53 @@ def parse_bytes(value: int | str) -> int:
     return size
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 where the hardware runs it fast (CUDA with bf16, CPUs with
-    AVX512-BF16/AMX: measured 4-6x faster matmuls than float32), else float32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use 'auto' or one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    """Free device memory now (CUDA) or MemAvailable (CPU)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+def option(default: Any, help: str, *, type: Any = None, choices: tuple[str, ...] | None = None,
+           metavar: str | None = None, cli: bool = True) -> Any:
+    """An engine option: a dataclass field whose metadata carries what the
+    command line needs. `type` parses a flag's text (default: the default's
+    type, else str); `cli=False` keeps an option off the command line."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices,
+                                            "metavar": metavar, "cli": cli})
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """What the engine is asked for; `None` means "derive it"."""
 
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int | str | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: max(8192, max_model_len)
-    max_model_len: int | None = None  # default: the model's max positions
-    dtype: str | torch.dtype = "auto"
-    device: str | torch.device = "auto"
-    seed: int = 0
-    swap_space: float = 4.0  # GiB of host memory for swapped-out blocks; 0 disables swapping
-    preemption_mode: str = "auto"  # "swap" | "recompute" | "auto" (cheaper by measured cost)
-    enforce_eager: bool = False  # CUDA: never replay captured decode graphs
-    enable_prefix_caching: bool = True  # reuse cached full blocks of earlier prompts
-    # On the CPU, without an explicit size, the pool takes at most this share of
-    # available RAM (and no more than max_num_seqs full-length sequences need).
-    cpu_kv_memory_fraction: float = 0.25
-    gpu_memory_utilization: float = 0.9
+    block_size: int = option(16, "tokens per KV block (a power of two)")
+    num_kv_blocks: int | None = option(
+        None, "KV pool size in blocks (default: from --kv-cache-memory, else from free memory)", type=int)
+    kv_cache_memory: int | str | None = option(
+        None, "KV pool budget, e.g. 2GiB (default: a share of free memory)", metavar="SIZE")
+    max_num_seqs: int = option(256, "most sequences running at once")
+    max_num_batched_tokens: int | None = option(
+        None, "token budget per step (default: max(8192, max_model_len))", type=int)
+    max_model_len: int | None = option(
+        None, "longest prompt + output in tokens (default: the model's max positions)", type=int)
+    dtype: str | torch.dtype = option(
+        "auto", "weight and KV dtype: auto (bfloat16 where fast, else float32 on the CPU; "
+        "bfloat16 or float16 on CUDA), float32, bfloat16 or float16",
+        choices=("auto", *DTYPE_NAMES), metavar="DTYPE")
+    device: str | torch.device = option("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
+    seed: int = option(0, "engine seed (sampling without a per-request seed)")
+    swap_space: float = option(4.0, "GiB of host memory for swapped-out blocks; 0 disables swapping")
+    preemption_mode: str = option(
+        "auto", "how to free blocks under memory pressure: swap to host memory, recompute "
+        "later, or auto (per victim, whichever the measured costs say is cheaper)", choices=PREEMPTION_MODES)
+    preemption_victim: str = option(
+        "lowest_priority_least_computed", "which running request to preempt first, lowest priority "
+        "first either way: the least computed (loses the least work) or the latest arrival "
+        "(vLLM's order)", choices=PREEMPTION_VICTIMS)
+    enforce_eager: bool = option(False, "CUDA: never capture or replay decode CUDA graphs")
+    enable_prefix_caching: bool = option(True, "reuse cached full KV blocks of earlier prompts")
+    cpu_kv_memory_fraction: float = option(
+        0.25, "CPU, without a pool size: the largest share of available RAM the KV pool takes "
+        "(and never more than max_num_seqs full-length sequences need)")
+    gpu_memory_utilization: float = option(
+        0.9, "CUDA, without a pool size: the share of free device memory the engine may use")
+    record_step_stats: bool = option(
+        False, "keep one StepStats record per engine step in LLMEngine.step_stats (token counts "
+        "and timings; grows with every step, so for benchmarks and tests)", cli=False)
 
     def __post_init__(self) -> None:
         from paged_attention.core.block_allocator import validate_block_size
@@ -126,13 +120,49 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use 'auto' or one of {sorted(DTYPE_NAMES)}")
         if not self.swap_space >= 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
-        if self.preemption_mode not in ("swap", "recompute", "auto"):
-            raise ValueError(
-                f"preemption_mode must be 'swap', 'recompute' or 'auto', got {self.preemption_mode!r}"
-            )
+        for name, allowed in (("preemption_mode", PREEMPTION_MODES),
+                              ("preemption_victim", PREEMPTION_VICTIMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("enforce_eager", "enable_prefix_caching", "record_step_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("cpu_kv_memory_fraction", "gpu_memory_utilization"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], caller: str = "EngineConfig") -> EngineConfig:
+        """Build from keyword options, naming any unknown one (and the nearest
+        real option) in a TypeError, as Python does for a bad keyword."""
+        names = engine_option_names()
+        for name in options:
+            if name not in names:
+                near = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else f"; the options are {', '.join(names)}"
+                raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}{hint}")
+        return cls(**options)
+
+
+def engine_options() -> tuple[Field, ...]:
+    """Every engine option, in definition order."""
+    return fields(EngineConfig)
+
+
+def engine_option_names() -> tuple[str, ...]:
+    return tuple(f.name for f in engine_options())
+
+
+def describe_options() -> str:
+    """One line per option (name, default, help): the `LLM` docstring's list."""
+    lines = []
+    for f in engine_options():
+        default = "required" if f.default is MISSING else repr(f.default)
+        lines += textwrap.wrap(f"{f.name} = {default}: {f.metadata['help']}", width=88,
+                               initial_indent="    ", subsequent_indent="        ")
+    return "\n".join(lines)

@@ -40,6 +40,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+from paged_attention.entrypoints.engine_args import add_engine_args
 from paged_attention.planner_configs import (
     DTYPE_BYTES,
     GIB,
@@ -221,14 +222,13 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-memory", default=None, help="KV budget directly (skips weights and utilization)")
     p.add_argument("--dtype", default="float16", help="weight dtype (float32, bfloat16, float16, int8, int4)")
     p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: --dtype)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--prompt-mean", type=float, default=256)
     p.add_argument("--prompt-max", type=int, default=1024)
     p.add_argument("--output-mean", type=float, default=256)
     p.add_argument("--output-max", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=None, help="default: prompt max + output max")
-    p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--shared-prompt", type=int, default=0, help="tokens of a system prompt all users share")
     p.add_argument("--users", type=int, default=100, help="users for the shared-prompt comparison")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_engine_args(p, only=("block_size", "gpu_memory_utilization"), model=False)
     p.set_defaults(func=main)

@@ -340,3 +340,27 @@ def test_llama_cpp_peer_skips_cleanly_when_not_installed():
     if llama_cpp_available():
         pytest.skip("llama-cpp-python is installed")
     assert "not installed" in run_llama_cpp("missing.gguf", [])["skipped"]
+
+
+def test_engine_step_stats_count_what_each_step_ran():
+    """The per-step records benchmarks read instead of wrapping the engine."""
+    from paged_attention.engine.builder import STORIES260K
+    from paged_attention.engine.llm import LLM
+    from paged_attention.sampling_params import SamplingParams
+
+    llm = LLM(str(STORIES260K), num_kv_blocks=32, record_step_stats=True, max_num_batched_tokens=16)
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (20, 3)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    records = llm.engine.step_stats
+    assert len(records) == llm.engine.stats.num_steps
+    # Every prompt token once (20 in two chunks under the 16-token budget), then
+    # the 3 decodes after each prompt's first sampled token.
+    assert sum(r.num_prompt_tokens for r in records) == 23
+    assert sum(r.num_tokens for r in records) == 23 + 2 * 3
+    assert records[0].num_tokens == 16 and records[0].num_prompt_tokens == 16
+    assert all(r.num_tokens <= 16 and 1 <= r.num_seqs <= 2 for r in records)
+    assert all(r.num_preempted == r.num_swap_out_blocks == r.num_swap_in_blocks == 0 for r in records)
+    assert all(min(r.schedule_s, r.execute_s, r.update_s) >= 0 for r in records)
+    assert all(r.step_s == r.schedule_s + r.execute_s + r.update_s for r in records)
+    assert LLM(str(STORIES260K), num_kv_blocks=32).engine.step_stats is None  # off by default

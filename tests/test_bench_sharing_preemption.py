@@ -12,12 +12,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("psutil")
 
 from paged_attention.bench import preemption, sharing
-from paged_attention.bench.preemption import (
-    PreemptCost,
-    crossovers,
-    newest_first_victim,
-    percentile,
-)
+from paged_attention.bench.preemption import PreemptCost, crossovers, percentile
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.request import Request, RequestStatus
 from paged_attention.core.scheduler import Scheduler
@@ -158,21 +153,32 @@ def test_preemption_starved_run(preemption_result):
 
 
 # ------------------------------------------------------------------ pieces
-def test_newest_first_victim_picks_the_latest_arrival():
-    alloc = BlockAllocator(16, 4)
-    sched = Scheduler(alloc, max_num_seqs=8, max_num_batched_tokens=64)
-    reqs = [Request.create(str(i), [5] * (8 - 2 * i), alloc, 4, arrival_index=i) for i in range(3)]
-    for r in reqs:
+def _running(sched: Scheduler, alloc: BlockAllocator, computed: list[int], priorities: list[int]) -> list[Request]:
+    reqs = [Request.create(str(i), [5] * 8, alloc, 4, priority=p, arrival_index=i)
+            for i, p in enumerate(priorities)]
+    for r, n in zip(reqs, computed):
         r.status = RequestStatus.RUNNING
+        r.num_computed_tokens = n
         sched.running.append(r)
-        r.num_computed_tokens = len(r.prompt_token_ids)
-    assert newest_first_victim(sched, set()) is reqs[2]
-    assert newest_first_victim(sched, {id(reqs[2])}) is reqs[1]
-    # The engine's own choice differs here: least computed first is also the newest,
-    # so check a case where they part: make the oldest the least computed.
-    reqs[0].num_computed_tokens = 1
-    assert sched._pick_victim(set()) is reqs[0]
-    assert newest_first_victim(sched, set()) is reqs[2]
+    return reqs
+
+
+def test_preemption_victim_orders_part_where_the_oldest_is_least_computed():
+    """The bench's two victim choices are the engine's own option; they agree on
+    priority and part on the rest: least computed against latest arrival."""
+    alloc = BlockAllocator(16, 4)
+    ours = Scheduler(alloc, max_num_seqs=8, max_num_batched_tokens=64)
+    newest = Scheduler(alloc, max_num_seqs=8, max_num_batched_tokens=64, preemption_victim="lowest_priority_latest")
+    for sched in (ours, newest):
+        reqs = _running(sched, alloc, computed=[1, 6, 4], priorities=[0, 0, 0])
+        assert sched._pick_victim(set()) is (reqs[0] if sched is ours else reqs[2])
+        assert sched._pick_victim({id(reqs[0]), id(reqs[2])}) is reqs[1]  # only unscheduled ones
+    for sched in (ours, newest):
+        sched.running.clear()
+        reqs = _running(sched, alloc, computed=[1, 6, 4], priorities=[0, 1, 0])
+        assert sched._pick_victim(set()) is reqs[1]  # the lowest priority goes first either way
+    with pytest.raises(ValueError, match="preemption_victim must be one of"):
+        Scheduler(alloc, max_num_seqs=8, max_num_batched_tokens=64, preemption_victim="oldest")
 
 
 def test_percentile_interpolates_like_numpy():

@@ -37,6 +37,7 @@ from paged_attention.bench.monitor import (
     torch_threads,
 )
 from paged_attention.bench.report import format_table, publish
+from paged_attention.entrypoints.engine_args import add_engine_args
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 NEAR_BEST = 0.1
@@ -208,9 +209,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="tiny-2k", help="tiny-2k (default), stories260k, smollm2, or a path")
     p.add_argument("--block-sizes", default=",".join(map(str, BLOCK_SIZES)))
     p.add_argument("--num-requests", type=int, default=24)
-    p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--quick", action="store_true", help="block sizes 4, 16, 64 on 8 short requests (for tests)")
     p.add_argument("--output-dir", default="results")
+    add_engine_args(p, only=("max_model_len",), defaults={"max_model_len": 2048}, model=False)
     p.set_defaults(func=main)

@@ -35,6 +35,7 @@ from paged_attention.bench.monitor import (
     torch_threads,
 )
 from paged_attention.bench.report import format_table, publish
+from paged_attention.entrypoints.engine_args import add_engine_args
 
 
 def orca_fit(requests: list[MemoryRequest], budget: int, max_model_len: int) -> int:
@@ -143,12 +144,11 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="tiny-2k", help="tiny-2k (default), stories260k, smollm2, or a path")
     p.add_argument("--budgets", default="2048,4096,8192,16384", help="KV budgets in token slots, comma list")
     p.add_argument("--num-requests", type=int, default=160, help="requests queued per budget")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--max-steps", type=int, default=300, help="engine steps per budget (the queue stays full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--quick", action="store_true", help="two budgets, 48 requests, 40 steps (for tests)")
     p.add_argument("--output-dir", default="results")
+    add_engine_args(p, only=("block_size", "max_model_len", "max_num_seqs"),
+                    defaults={"max_model_len": 2048, "max_num_seqs": 1024}, model=False)
     p.set_defaults(func=main)

@@ -42,6 +42,7 @@ from paged_attention.bench.monitor import (
     torch_threads,
 )
 from paged_attention.bench.report import format_table, write_json
+from paged_attention.entrypoints.engine_args import add_engine_args
 from paged_attention.sampling_params import SamplingParams
 
 LITERATURE = {
@@ -63,8 +64,8 @@ TINY_2K_CONFIG = {
 def resolve_bench_model(name: str) -> str | None:
     """'tiny-2k' (random weights, built once under the temp dir), 'stories260k'
     (shipped), 'smollm2' (the default model), or a model path."""
-    from paged_attention.bench.workload import random_llama_folder
     from paged_attention.engine.builder import STORIES260K
+    from paged_attention.model.random_model import random_llama_folder
 
     key = name.lower()
     if key == "tiny-2k":
@@ -241,7 +242,7 @@ def trace_run(
                 slots_allocated=used_blocks * bs,
                 slots_orca=sum(min(r.num_prompt_tokens + declared[r.request_id], max_len) for r in running),
                 slots_static=len(running) * max_len,
-                final_tokens=sum(r.num_prompt_tokens + r.payload.params.max_tokens for r in running),
+                final_tokens=sum(r.num_prompt_tokens + r.max_tokens for r in running),
                 shared_blocks=sum(1 for b in {b for r in running for b in r.block_table.block_ids}
                                   if alloc.ref_count(b) > 1),
                 step_s=dt,
@@ -415,8 +416,6 @@ def add_parser(sub) -> None:
     p = sub.add_parser("memory", help="KV waste: paging vs Orca-style vs static reservation")
     p.add_argument("--model", default="tiny-2k", help="tiny-2k (default), stories260k, smollm2, or a path")
     p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV pool size (default: room for every request, so nothing is preempted)")
     p.add_argument("--seed", type=int, default=0)
@@ -425,4 +424,5 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="12 requests at a quarter of the lengths, max_model_len 512 (for tests)")
     p.add_argument("--output-dir", default="results")
+    add_engine_args(p, only=("block_size", "max_model_len"), defaults={"max_model_len": 2048}, model=False)
     p.set_defaults(func=main)

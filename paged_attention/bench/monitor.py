@@ -24,8 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-import torch
-
+# torch is imported where used: the CLI imports this module to build its parser.
 MIB = 2**20
 
 
@@ -46,6 +45,7 @@ class MemoryMonitor:
 
     def __post_init__(self) -> None:
         import psutil  # the bench extra; imported here so the CLI loads without it
+        import torch
 
         self._process = psutil.Process(os.getpid())
         self._cuda = torch.cuda.is_available()
@@ -56,6 +56,8 @@ class MemoryMonitor:
     def __enter__(self) -> MemoryMonitor:  # noqa: PYI034 - typing.Self needs Python 3.11
         self._t0 = time.perf_counter()
         if self._cuda:
+            import torch
+
             torch.cuda.reset_peak_memory_stats()
         self._sample()
         self._thread = threading.Thread(target=self._loop, name="memory-monitor", daemon=True)
@@ -75,6 +77,8 @@ class MemoryMonitor:
     def _sample(self) -> None:
         cuda_alloc = cuda_reserved = None
         if self._cuda:
+            import torch
+
             cuda_alloc = int(torch.cuda.memory_allocated())
             cuda_reserved = int(torch.cuda.memory_reserved())
         self.samples.append(MemorySample(
@@ -100,6 +104,8 @@ class MemoryMonitor:
             "cuda": None,
         }
         if self._cuda:
+            import torch
+
             out["cuda"] = {
                 "device": torch.cuda.get_device_name(),
                 "peak_allocated_mib": torch.cuda.max_memory_allocated() / MIB,
@@ -141,6 +147,8 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
     if num_threads is None:
         yield
         return
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
@@ -151,6 +159,8 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
 
 def environment() -> dict:
     """What the figures were measured on."""
+    import torch
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -16,8 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
-
 from paged_attention.bench.workload import BenchRequest, throughput_record
 
 
@@ -26,6 +24,8 @@ def _flush_denormals_hook(module, args) -> None:
     # The manager runs the model on its own thread and FTZ/DAZ is per-thread CPU
     # state: set it there, as our engine does around its steps, so that neither
     # side pays for float32 denormals (measured 14x on decode steps).
+    import torch
+
     torch.set_flush_denormal(True)
 
 
@@ -59,18 +59,20 @@ def _cb_run(hf, workload: list[BenchRequest], page_size: int, max_batch_tokens: 
     return produced
 
 
-@torch.inference_mode()
 def run_hf_continuous(hf, workload: list[BenchRequest], page_size: int = 256,
                       max_batch_tokens: int = 8192) -> dict:
     """transformers' continuous batching over the whole workload, queued at once.
     page_size 256 is transformers' default; max_batch_tokens 8192 matches our
     engine's default step budget."""
+    import torch
+
     hook = hf.register_forward_pre_hook(_flush_denormals_hook)
     try:
-        _cb_run(hf, workload[:2], page_size, max_batch_tokens)  # warm-up
-        start = time.perf_counter()
-        produced = _cb_run(hf, workload, page_size, max_batch_tokens)
-        elapsed = time.perf_counter() - start
+        with torch.inference_mode():
+            _cb_run(hf, workload[:2], page_size, max_batch_tokens)  # warm-up
+            start = time.perf_counter()
+            produced = _cb_run(hf, workload, page_size, max_batch_tokens)
+            elapsed = time.perf_counter() - start
     finally:
         hook.remove()
     tokens = sum(produced.values())

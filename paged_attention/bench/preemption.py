@@ -17,9 +17,11 @@
 (b) A memory-starved run: the KV pool holds 25% of the blocks the workload
     used at its peak in an unconstrained run. Throughput and p50/p99 request
     latency with preemption by swap, recompute and auto; and how much work
-    recompute redoes (`num_recomputed_tokens`) with the engine's victim choice
-    (lowest priority, then least computed) against "newest first" (vLLM's
-    default), patched into the scheduler instance here only.
+    recompute redoes (`num_recomputed_tokens`) with the engine's default victim
+    choice (`preemption_victim="lowest_priority_least_computed"`) against
+    "newest first" (`"lowest_priority_latest"`, vLLM's order; every request
+    here has the same priority). Tokens run through the model come from the
+    engine's per-step records (`record_step_stats`).
 Prefix caching is off in every engine here (where the engine has the option),
 so a recompute really recomputes.
 
@@ -34,12 +36,11 @@ import random
 import statistics
 import tempfile
 import time
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from paged_attention.bench.block_size import timed
 from paged_attention.bench.monitor import (
     MemoryMonitor,
     environment,
@@ -48,14 +49,13 @@ from paged_attention.bench.monitor import (
 )
 from paged_attention.bench.report import format_table, publish
 from paged_attention.bench.sharing import caching_kwargs, ceil_div, random_ids
-from paged_attention.bench.block_size import timed
 from paged_attention.bench.workload import STORIES15M_CONFIG
 from paged_attention.core.block_table import BlockTable
-from paged_attention.core.request import Request
-from paged_attention.core.scheduler import Scheduler
-from paged_attention.engine import model_runner
-from paged_attention.kv_cache import copy_between_pools
+from paged_attention.entrypoints.engine_args import add_engine_args
 from paged_attention.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # torch loads when the benchmark runs, not when the CLI builds its parser
+    import torch
 
 # The stories15M shape (random weights) with 8192 positions: long sequences
 # cost real prefill time, and the model stays small enough to sweep to 4096
@@ -68,7 +68,7 @@ def resolve_model(name: str) -> str | None:
     """'stories15m-8k' (default, built once under the temp dir) or anything
     `bench sharing` accepts."""
     from paged_attention.bench.sharing import resolve_model as resolve_sharing_model
-    from paged_attention.bench.workload import random_llama_folder
+    from paged_attention.model.random_model import random_llama_folder
 
     if name.lower() == "stories15m-8k":
         folder = Path(tempfile.gettempdir()) / "paged_attention_bench" / "stories15m-8k-random"
@@ -78,6 +78,8 @@ def resolve_model(name: str) -> str | None:
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -122,6 +124,8 @@ def time_swap(engine, length: int, repeats: int) -> tuple[float, float, float, i
     """Median (copy out, copy in, whole round trip) seconds for a real table of
     `length` tokens, and its block count. One untimed round first: it touches
     the host pages, as any long-running engine has."""
+    from paged_attention.kv_cache import copy_between_pools
+
     swapper = engine.scheduler.swapper
     device_pool, host_pool = engine.kv_cache, engine.runner.host_cache
     assert swapper is not None and host_pool is not None, "engine has no swap space"
@@ -210,18 +214,11 @@ def crossovers(rows: list[PreemptCost]) -> list[dict]:
 
 
 # --------------------------------------------------- (b) a starved pool
-def newest_first_victim(self: Scheduler, scheduled: set[int]) -> Request:
-    """The baseline victim choice: the most recently arrived unscheduled request."""
-    candidates = [r for r in self.running if id(r) not in scheduled]
-    assert candidates, "no running request left to preempt"
-    return max(candidates, key=lambda r: r.arrival_index)
-
-
 @dataclass(frozen=True)
 class StarvedRun:
     label: str
     preemption_mode: str
-    victim: str  # "ours" (lowest priority, then least computed) or "newest first"
+    victim: str  # the engine's preemption_victim option
     num_kv_blocks: int
     elapsed_s: float
     output_tokens: int
@@ -247,31 +244,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def starved_run(model_path: str | None, workload, label: str, mode: str, num_kv_blocks: int, block_size: int,
-                victim: str = "ours", seed: int = 0) -> StarvedRun:
+                victim: str = "lowest_priority_least_computed", seed: int = 0) -> StarvedRun:
+    from paged_attention.engine import model_runner
     from paged_attention.engine.llm import LLM
 
     max_len = max(len(r.prompt_token_ids) + r.output_len for r in workload)
     llm = LLM(model_path, block_size=block_size, num_kv_blocks=num_kv_blocks, max_model_len=max_len,
               max_num_seqs=len(workload), seed=seed, preemption_mode=mode, swap_space=SWAP_SPACE_GIB,
-              **caching_kwargs(False))
+              preemption_victim=victim, record_step_stats=True, **caching_kwargs(False))
     engine = llm.engine
     llm.generate([{"prompt_token_ids": workload[0].prompt_token_ids[:16]}],  # warm-up, outside the timer
                  SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
-    if victim == "newest first":
-        engine.scheduler._pick_victim = types.MethodType(newest_first_victim, engine.scheduler)
-    elif victim != "ours":
-        raise ValueError(f"victim must be 'ours' or 'newest first', got {victim!r}")
     s0 = engine.scheduler
-    base = (s0.num_preemptions, s0.num_swapped_out, s0.num_recomputed_tokens, engine.stats.num_steps)
-    model_tokens = 0
-    execute = engine.runner.execute
-
-    def counting_execute(batch):  # this engine's runner only
-        nonlocal model_tokens
-        model_tokens += batch.num_tokens
-        return execute(batch)
-
-    engine.runner.execute = counting_execute
+    base = (s0.num_preemptions, s0.num_swapped_out, s0.num_recomputed_tokens)
+    assert engine.step_stats is not None
+    first_step = len(engine.step_stats)
     ids = llm.add_requests([{"prompt_token_ids": r.prompt_token_ids} for r in workload],
                            [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
                             for r in workload])
@@ -289,6 +276,7 @@ def starved_run(model_path: str | None, workload, label: str, mode: str, num_kv_
     assert sorted(finish) == sorted(ids), "a request did not finish"
     assert tokens == sum(r.output_len for r in workload), "wrong number of output tokens"
     latencies = list(finish.values())
+    steps = engine.step_stats[first_step:]
     s = engine.scheduler
     return StarvedRun(
         label=label, preemption_mode=mode, victim=victim, num_kv_blocks=num_kv_blocks, elapsed_s=elapsed,
@@ -296,16 +284,16 @@ def starved_run(model_path: str | None, workload, label: str, mode: str, num_kv_
         latency_p50_s=percentile(latencies, 0.5), latency_p99_s=percentile(latencies, 0.99),
         num_preemptions=s.num_preemptions - base[0], num_swapped_out=s.num_swapped_out - base[1],
         num_recomputed_tokens=s.num_recomputed_tokens - base[2],
-        model_tokens=model_tokens, swap_copy_s=copy_time.get("swap", 0.0),
-        peak_used_blocks=engine.stats.peak_used_blocks, num_steps=engine.stats.num_steps - base[3],
+        model_tokens=sum(step.num_tokens for step in steps), swap_copy_s=copy_time.get("swap", 0.0),
+        peak_used_blocks=engine.stats.peak_used_blocks, num_steps=len(steps),
     )
 
 
-STARVED_CONFIGS = (  # label, preemption mode, victim choice
-    ("swap", "swap", "ours"),
-    ("recompute", "recompute", "ours"),
-    ("auto", "auto", "ours"),
-    ("recompute, newest first", "recompute", "newest first"),
+STARVED_CONFIGS = (  # label, preemption mode, victim choice (the engine's preemption_victim)
+    ("swap", "swap", "lowest_priority_least_computed"),
+    ("recompute", "recompute", "lowest_priority_least_computed"),
+    ("auto", "auto", "lowest_priority_least_computed"),
+    ("recompute, newest first", "recompute", "lowest_priority_latest"),
 )
 
 
@@ -525,10 +513,14 @@ def run_preemption(model: str = "stories15m-8k", quick: bool = False, lengths: l
     }
 
 
+def _ints(text: str | None) -> list[int] | None:
+    """'64,256' -> [64, 256]; None or '' -> None (the default)."""
+    return [int(x) for x in text.split(",")] if text else None
+
+
 def main(args) -> dict:
-    ints = lambda s: [int(x) for x in s.split(",")] if s else None
-    result = run_preemption(model=args.model, quick=args.quick, lengths=ints(args.lengths),
-                            block_sizes=ints(args.block_sizes), block_size=args.block_size,
+    result = run_preemption(model=args.model, quick=args.quick, lengths=_ints(args.lengths),
+                            block_sizes=_ints(args.block_sizes), block_size=args.block_size,
                             num_requests=args.num_requests, repeats=args.repeats, seed=args.seed,
                             threads=args.threads if args.threads > 0 else None)
     return publish(result, "preemption", args.output_dir, plot_preemption, print_preemption)
@@ -540,11 +532,11 @@ def add_parser(sub) -> None:
                    help="stories15m-8k (default: random weights, 8192 positions), smollm2, tiny-2k, or a path")
     p.add_argument("--lengths", default=None, help="comma list of sequence lengths (default 64..4096, doubling)")
     p.add_argument("--block-sizes", default=None, help="comma list (default 8,16,32,64,128)")
-    p.add_argument("--block-size", type=int, default=16, help="block size of the starved run")
     p.add_argument("--num-requests", type=int, default=24, help="requests in the starved run")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration of the starved run (median kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's default)")
     p.add_argument("--quick", action="store_true", help="2 lengths x 2 block sizes, 6 small requests (for tests)")
     p.add_argument("--output-dir", default="results")
+    add_engine_args(p, only=("block_size",), model=False)  # the starved run's
     p.set_defaults(func=main)

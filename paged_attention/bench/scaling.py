@@ -25,6 +25,7 @@ from paged_attention.bench.monitor import (
     torch_threads,
 )
 from paged_attention.bench.report import format_table, publish
+from paged_attention.entrypoints.engine_args import add_engine_args
 from paged_attention.sampling_params import SamplingParams
 
 CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -159,10 +160,10 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma list")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--quick", action="store_true",
                    help="stories260k, concurrency 1, 4, 16, 16-token prompts, 8 tokens out (for tests)")
     p.add_argument("--output-dir", default="results")
+    add_engine_args(p, only=("dtype",), model=False)
     p.set_defaults(func=main)

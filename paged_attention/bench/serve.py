@@ -274,17 +274,11 @@ def server_process(serve_args: list[str], startup_timeout: float = 600.0) -> Ite
 
 
 def _serve_args(args) -> list[str]:
-    """This command's engine options as `serve` options (whatever cli's
-    add_engine_args defines, so new engine options pass through)."""
-    from paged_attention.entrypoints.cli import engine_kwargs
+    """This command's engine options as `serve` options (every engine flag, so
+    new engine options pass through)."""
+    from paged_attention.entrypoints.engine_args import engine_argv
 
-    out = [] if args.model is None else ["--model", args.model]
-    for name, value in engine_kwargs(args).items():
-        flag = f"--{name.replace('_', '-')}"
-        if isinstance(value, bool):  # an on/off option: --name or --no-name
-            out.append(flag if value else f"--no-{flag[2:]}")
-        elif value is not None:
-            out += [flag, str(value)]
+    out = engine_argv(args)
     if args.api_key:
         out += ["--api-key", args.api_key]
     return out
@@ -294,7 +288,7 @@ def _serve_args(args) -> list[str]:
 def offline_baseline(args, workload: list[LoadRequest]) -> dict:
     """The same requests through LLM.generate, all at once, in this process."""
     from paged_attention.engine.llm import LLM
-    from paged_attention.entrypoints.cli import engine_kwargs
+    from paged_attention.entrypoints.engine_args import engine_kwargs
     from paged_attention.sampling_params import SamplingParams
 
     llm = LLM(args.model, **engine_kwargs(args))
@@ -445,7 +439,7 @@ def main(args) -> dict:
 
 
 def add_parser(sub) -> None:
-    from paged_attention.entrypoints.cli import add_engine_args
+    from paged_attention.entrypoints.engine_args import add_engine_args
 
     p = sub.add_parser("serve", help="load-test the HTTP server (Poisson arrivals, streaming)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -37,7 +37,6 @@ parts (b) and (c) report "prefix caching not available" instead of figures.
 
 from __future__ import annotations
 
-import inspect
 import random
 import statistics
 import tempfile
@@ -53,6 +52,7 @@ from paged_attention.bench.monitor import (
 )
 from paged_attention.bench.report import format_table, publish
 from paged_attention.core.request import RequestStatus
+from paged_attention.entrypoints.engine_args import add_engine_args
 from paged_attention.outputs import RequestOutput
 from paged_attention.sampling_params import SamplingParams
 
@@ -68,9 +68,9 @@ NOT_AVAILABLE = "prefix caching not available: this engine's LLM() has no enable
 # ------------------------------------------------------------------ helpers
 def prefix_caching_available() -> bool:
     """True once the engine takes `LLM(enable_prefix_caching=...)`."""
-    from paged_attention.engine.llm import LLM
+    from paged_attention.config import engine_option_names
 
-    return "enable_prefix_caching" in inspect.signature(LLM.__init__).parameters
+    return "enable_prefix_caching" in engine_option_names()
 
 
 def caching_kwargs(enabled: bool) -> dict:
@@ -84,7 +84,8 @@ def resolve_model(name: str) -> str | None:
     once under the temp dir), or anything `bench memory` accepts (tiny-2k,
     stories260k, smollm2, a path)."""
     from paged_attention.bench.memory import resolve_bench_model
-    from paged_attention.bench.workload import STORIES15M_CONFIG, random_llama_folder
+    from paged_attention.bench.workload import STORIES15M_CONFIG
+    from paged_attention.model.random_model import random_llama_folder
 
     if name.lower() == "stories15m":
         folder = Path(tempfile.gettempdir()) / "paged_attention_bench" / "stories15m-random"
@@ -184,7 +185,9 @@ def fork_sharing(llm, prompts: list[list[int]], output_len: int, mode: str, widt
     unshared = traced_run(
         llm, [p for p in prompts for _ in range(width)], [q for _ in prompts for q in unshared_params]
     )
-    tokens = lambda t: sum(len(c.token_ids) for o in t.outputs for c in o.outputs)
+    def tokens(trace) -> int:
+        return sum(len(c.token_ids) for o in trace.outputs for c in o.outputs)
+
     return ForkRow(
         mode=mode, width=width, num_requests=len(prompts),
         shared_peak_blocks=shared.peak_used_blocks, unshared_peak_blocks=unshared.peak_used_blocks,
@@ -579,9 +582,9 @@ def add_parser(sub) -> None:
                    help="model for the block counts: tiny-2k (default), stories260k, stories15m, smollm2, or a path")
     p.add_argument("--timing-model", default=None,
                    help="model for the time to first token (default stories15m; --quick: --model)")
-    p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's default)")
     p.add_argument("--quick", action="store_true", help="a few small requests (for tests)")
     p.add_argument("--output-dir", default="results")
+    add_engine_args(p, only=("block_size",), model=False)
     p.set_defaults(func=main)

@@ -14,23 +14,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from paged_attention.bench.block_size import timed_backend
+from paged_attention.bench.monitor import MemoryMonitor, format_monitor
+from paged_attention.bench.peers import run_hf_continuous, run_llama_cpp
 from paged_attention.bench.workload import (
     STORIES15M_CONFIG,
     BenchRequest,
-    random_llama_folder,
     throughput_record,
     uniform_workload,
 )
-from paged_attention.bench.block_size import timed, timed_backend
-from paged_attention.bench.monitor import MemoryMonitor, format_monitor
-from paged_attention.bench.peers import run_hf_continuous, run_llama_cpp
-from paged_attention.engine.model_runner import flush_denormals
 from paged_attention.sampling_params import SamplingParams
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:  # torch loads when a benchmark runs, not when the CLI builds its parser
+    import torch
+
+DTYPES = ("float32", "bfloat16")
 
 
 # ----------------------------------------------------------------- our engine
@@ -77,10 +77,13 @@ def hf_model_for(model: str | None, dtype: torch.dtype):
     return hf.to(dtype).eval()
 
 
-@torch.inference_mode()
 def run_hf_static(hf, workload: list[BenchRequest], batch_size: int) -> dict:
     """Static batching: requests in arrival order, `batch_size` at a time,
     left-padded; each batch runs until its longest requested output."""
+    import torch
+
+    from paged_attention.engine.model_runner import flush_denormals
+
     pad = 0
 
     def run_batch(batch: list[BenchRequest]) -> None:
@@ -95,7 +98,7 @@ def run_hf_static(hf, workload: list[BenchRequest], batch_size: int) -> dict:
                     min_new_tokens=longest, eos_token_id=None, pad_token_id=pad)
 
     # The same denormal flushing our engine uses, so neither side pays for them.
-    with flush_denormals(True):
+    with flush_denormals(True), torch.inference_mode():
         run_batch(workload[:2])  # warm-up
         start = time.perf_counter()
         for i in range(0, len(workload), batch_size):
@@ -107,40 +110,45 @@ def run_hf_static(hf, workload: list[BenchRequest], batch_size: int) -> dict:
 
 # ------------------------------------------------------- decode step profile
 def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps: int = 20) -> dict:
-    """Where a decode step's time goes with `num_seqs` running sequences."""
+    """Where a decode step's time goes with `num_seqs` running sequences: the
+    engine's own per-step records (scheduler, model runner, the update after
+    it: sampling, stop rules, freeing) and, inside the model, attention and KV
+    writes (timed around the attention backend)."""
     from paged_attention.engine.llm import LLM
 
-    llm = LLM(model, dtype=dtype, max_num_seqs=num_seqs)
+    llm = LLM(model, dtype=dtype, max_num_seqs=num_seqs, record_step_stats=True)
     engine = llm.engine
     workload = uniform_workload(num_seqs, (128, 256), (steps + 8, steps + 8), 500, seed=1)
     llm.add_requests([{"prompt_token_ids": r.prompt_token_ids} for r in workload],
                      SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests()):
         engine.step()  # finish every prefill first
+    assert engine.step_stats is not None
+    first = len(engine.step_stats)
     bucket: dict[str, float] = {}
-    with (
-        timed(engine.scheduler, "schedule", bucket, "scheduler"),
-        timed(engine.sampler, "sample", bucket, "sampling"),
-        timed(engine.runner, "execute", bucket, "model_runner"),
-        timed_backend(engine.runner.model, bucket),  # "attention" and "kv_write"
-    ):
+    with timed_backend(engine.runner.model, bucket):  # "attention" and "kv_write"
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
         total = time.perf_counter() - start
+    records = engine.step_stats[first:]
+    assert len(records) == steps and all(r.num_tokens == num_seqs for r in records), "not all decode steps"
     while engine.has_unfinished():
         engine.step()
     ms = {k: 1000 * v / steps for k, v in bucket.items()}
     step_ms = 1000 * total / steps
+    runner_ms = 1000 * sum(r.execute_s for r in records) / steps
+    update_ms = 1000 * sum(r.update_s for r in records) / steps
+    scheduler_ms = 1000 * sum(r.schedule_s for r in records) / steps
     return {
         "num_seqs": num_seqs,
         "step_ms": step_ms,
         "attention_ms": ms["attention"],
         "kv_write_ms": ms["kv_write"],
-        "model_other_ms": ms["model_runner"] - ms["attention"] - ms["kv_write"],
-        "sampling_ms": ms["sampling"],
-        "scheduler_ms": ms["scheduler"],
-        "engine_other_ms": step_ms - ms["model_runner"] - ms["sampling"] - ms["scheduler"],
+        "model_other_ms": runner_ms - ms["attention"] - ms["kv_write"],
+        "update_ms": update_ms,  # sampling, stop rules, detokenising, freeing blocks
+        "scheduler_ms": scheduler_ms,
+        "engine_other_ms": step_ms - runner_ms - update_ms - scheduler_ms,
     }
 
 
@@ -177,6 +185,8 @@ def main(args) -> dict:
 
 
 def measure(args) -> dict:
+    from paged_attention.model.random_model import random_llama_folder
+
     models: dict[str, str | None] = {}
     tmp = Path(tempfile.gettempdir()) / "paged_attention_bench"
     for name in args.models.split(","):
@@ -195,7 +205,11 @@ def measure(args) -> dict:
         reqs = [BenchRequest([t % vocab for t in r.prompt_token_ids], r.output_len) for r in workload]
         for dtype in args.dtypes.split(","):
             ours = run_engine(model, reqs, dtype)
-            hf_model = hf_model_for(model, DTYPES[dtype])
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown benchmark dtype {dtype!r}; use {' and/or '.join(DTYPES)}")
+            import torch
+
+            hf_model = hf_model_for(model, getattr(torch, dtype))
             hf = run_hf_static(hf_model, reqs, args.hf_batch_size)
             row = {"model": model_name, "dtype": dtype, "engine": ours, "hf_static": hf,
                    "speedup": ours["tokens_per_s"] / hf["tokens_per_s"]}

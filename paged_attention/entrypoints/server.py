@@ -672,7 +672,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from paged_attention.engine.llm import LLM
-    from paged_attention.entrypoints.cli import engine_kwargs
+    from paged_attention.entrypoints.engine_args import engine_kwargs
 
     if args.max_waiting is not None and args.max_waiting < 1:
         raise ValueError(f"--max-waiting must be >= 1, got {args.max_waiting}")
@@ -710,7 +710,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m paged_attention.entrypoints.server ...` (the same as `paged-attention serve`)."""
-    from paged_attention.entrypoints.cli import add_serve_parser
+    from paged_attention.entrypoints.serve_args import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="paged-attention-serve")
     sub = parser.add_subparsers(dest="command", required=True)
