@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import shutil
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from paged_attention.attention.metadata import AttentionMetadata  # noqa: E402
+from paged_attention.attention.random_batch import random_paged_batch  # noqa: E402
 from paged_attention.attention.torch_attention import paged_attention  # noqa: E402
 from paged_attention.kv_cache import write_kv as torch_write_kv  # noqa: E402
 
@@ -87,27 +86,6 @@ def sync() -> None:
 
 
 # ============================================================ correctness
-def _random_batch(num_computed, query_lens, block_size, num_kv_heads, head_dim, dtype, gen):
-    """Pools (the used blocks at shuffled ids, the rest NaN) and metadata."""
-    contexts = [c + q for c, q in zip(num_computed, query_lens)]
-    needed = [-(-c // block_size) for c in contexts]
-    num_blocks = sum(needed) + 8
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, at = [], 0
-    for n in needed:
-        tables.append(perm[at : at + n])
-        at += n
-    shape = (num_blocks, num_kv_heads, block_size, head_dim)
-    k_pool = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
-    v_pool = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
-    whole = AttentionMetadata.build(tables, [0] * len(contexts), contexts, block_size, num_blocks, "cuda")
-    k = torch.randn(sum(contexts), num_kv_heads, head_dim, device="cuda").to(dtype)
-    v = torch.randn(sum(contexts), num_kv_heads, head_dim, device="cuda").to(dtype)
-    torch_write_kv(k_pool, v_pool, k, v, whole.slot_mapping)
-    meta = AttentionMetadata.build(tables, num_computed, query_lens, block_size, num_blocks, "cuda")
-    return k_pool, v_pool, meta
-
-
 def _check(out, q, k_pool, v_pool, meta, scale, dtype) -> dict:
     ref = paged_attention(q.double(), k_pool.double(), v_pool.double(), meta, scale)
     err = (out.double() - ref).abs().max().item()
@@ -151,7 +129,8 @@ def section_correctness(quick: bool) -> dict:
 
             # decode, 48 sequences of random length up to 4K, backend path.
             ctx = torch.randint(1, 4097, (48,), generator=gen).tolist()
-            k_pool, v_pool, meta = _random_batch([c - 1 for c in ctx], [1] * 48, bs, hkv, dim, dtype, gen)
+            k_pool, v_pool, meta = random_paged_batch([c - 1 for c in ctx], [1] * 48, bs, hkv, dim, dtype, "cuda",
+                                                     seed=1, spare_blocks=8)
             q = torch.randn(48, hq, dim, device="cuda").to(dtype)
             row["decode"] = _check(backend.attention(q, k_pool, v_pool, meta, scale), q, k_pool, v_pool, meta,
                                    scale, dtype)
@@ -159,7 +138,8 @@ def section_correctness(quick: bool) -> dict:
 
             # split-K: two long sequences and a one-token one.
             ctx = [16384, 1, 5000]
-            k_pool, v_pool, meta = _random_batch([c - 1 for c in ctx], [1] * 3, bs, hkv, dim, dtype, gen)
+            k_pool, v_pool, meta = random_paged_batch([c - 1 for c in ctx], [1] * 3, bs, hkv, dim, dtype, "cuda",
+                                                     seed=2, spare_blocks=8)
             q = torch.randn(3, hq, dim, device="cuda").to(dtype)
             km = build_kernel_metadata(meta, torch.device("cuda"))
             row["split_k"] = {
@@ -174,7 +154,8 @@ def section_correctness(quick: bool) -> dict:
             # prefill: fresh prompts, prefix hits, chunks and decode rows in one step.
             num_computed = [0, 0, 1000, 37, 2048, 500, 0, 3000]
             query_lens = [1024, 7, 300, 1, 768, 1, 129, 64]
-            k_pool, v_pool, meta = _random_batch(num_computed, query_lens, bs, hkv, dim, dtype, gen)
+            k_pool, v_pool, meta = random_paged_batch(num_computed, query_lens, bs, hkv, dim, dtype, "cuda",
+                                                     seed=3, spare_blocks=8)
             q = torch.randn(meta.num_tokens, hq, dim, device="cuda").to(dtype)
             row["prefill"] = _check(backend.attention(q, k_pool, v_pool, meta, scale), q, k_pool, v_pool, meta,
                                     scale, dtype)
@@ -390,22 +371,12 @@ LLAMA_1B = dict(
 )
 
 
-def make_random_1b(folder: Path, config: dict = LLAMA_1B) -> Path:
-    """Random bf16 weights (initialised on the GPU: seconds, not minutes) and
-    the shipped tokenizer, saved once."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_1b(folder: Path) -> Path:
+    """LLAMA_1B with random bf16 weights (initialised on the GPU: seconds, not
+    minutes) and the shipped tokenizer, saved once."""
+    from paged_attention.model.random_model import random_llama_folder
 
-    from paged_attention.engine.builder import STORIES260K
-
-    if (folder / "model.safetensors").exists():
-        return folder
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = LlamaForCausalLM(LlamaConfig(**config))
-    model.to(torch.bfloat16).cpu().save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(STORIES260K / name, folder / name)
-    del model
+    random_llama_folder(folder, LLAMA_1B, dtype=torch.bfloat16, device=DEVICE)
     free_cuda()
     return folder
 
@@ -422,10 +393,11 @@ def _attention_backend_name(llm) -> str:
 
 
 def run_engine(folder: Path, workload, **kwargs) -> dict:
+    from paged_attention.config import engine_option_names
     from paged_attention.engine.llm import LLM
     from paged_attention.sampling_params import SamplingParams
 
-    accepted = inspect.signature(LLM.__init__).parameters
+    accepted = engine_option_names()
     dropped = [k for k in kwargs if k not in accepted]
     llm = LLM(str(folder), **{k: v for k, v in kwargs.items() if k in accepted})
     prompts = [{"prompt_token_ids": ids} for ids, _ in workload]
@@ -498,7 +470,7 @@ def section_e2e(quick: bool, workdir: Path) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    folder = make_random_1b(workdir / "llama-1b-random")
+    folder = random_1b(workdir / "llama-1b-random")
     rng = random.Random(0)
     num_requests, output_len = (64, 128) if quick else (256, 256)
     # One output length for all: transformers' continuous batching takes one config.
@@ -552,7 +524,7 @@ print(json.dumps({"import_s": t1 - t0, "construct_s": t2 - t1, "first_generate_s
 
 
 def section_startup(workdir: Path) -> dict:
-    folder = make_random_1b(workdir / "llama-1b-random")
+    folder = random_1b(workdir / "llama-1b-random")
     cache = workdir / "triton-cache"
     shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}

@@ -27,6 +27,7 @@ from paged_attention.attention.backend import (  # noqa: E402
     select_attention_backend,
 )
 from paged_attention.attention.metadata import AttentionMetadata  # noqa: E402
+from paged_attention.attention.random_batch import random_paged_batch  # noqa: E402
 from paged_attention.attention.torch_attention import paged_attention  # noqa: E402
 from paged_attention.engine.cuda_graphs import (  # noqa: E402
     DecodeCudaGraphs,
@@ -73,26 +74,8 @@ def make_batch(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """NaN pools with every sequence's whole context written at shuffled
-    blocks, and the step's metadata."""
-    g = torch.Generator().manual_seed(seed)
-    contexts = [c + q for c, q in zip(num_computed, query_lens)]
-    needed = [-(-c // block_size) for c in contexts]
-    num_blocks = sum(needed) + 3  # spare blocks stay NaN
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, at = [], 0
-    for n in needed:
-        tables.append(perm[at : at + n])
-        at += n
-    shape = (num_blocks, num_kv_heads, block_size, head_dim)
-    k_pool = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    v_pool = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    whole = AttentionMetadata.build(tables, [0] * len(contexts), contexts, block_size, num_blocks, DEVICE)
-    total = sum(contexts)
-    k = torch.randn(total, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
-    v = torch.randn(total, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
-    torch_write_kv(k_pool, v_pool, k, v, whole.slot_mapping)
-    meta = AttentionMetadata.build(tables, num_computed, query_lens, block_size, num_blocks, DEVICE)
-    return k_pool, v_pool, meta
+    blocks, and the step's metadata (shared with benchmarks/gpu_bench.py)."""
+    return random_paged_batch(num_computed, query_lens, block_size, num_kv_heads, head_dim, dtype, DEVICE, seed)
 
 
 def oracle(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata,
