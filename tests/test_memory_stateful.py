@@ -41,6 +41,7 @@ from paged_attention.core.block_table import Admission, BlockTable, CopyOnWrite
 from paged_attention.core.prefix_cache import PrefixChain
 from paged_attention.core.request import Request
 from paged_attention.kv_cache import KVCachePool
+from tests.profiles import examples
 
 TOKENS = st.lists(st.integers(0, 1), max_size=12)
 # Prompts: a cut of one of a few base prompts plus a short random tail, so
@@ -423,10 +424,5 @@ class MemoryMachine(RuleBasedStateMachine):
         assert all(self.alloc.ref_count(b) == 0 for b in range(self.num_blocks))
 
 
-MemoryMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+MemoryMachine.TestCase.settings = settings(max_examples=examples(150), stateful_step_count=40)
 TestMemoryMachine = MemoryMachine.TestCase

@@ -24,6 +24,7 @@ from paged_attention.attention.torch_attention import check_head_counts, paged_a
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.block_table import BlockTable
 from paged_attention.kv_cache import KVCachePool
+from tests.profiles import examples
 
 TOL = 1e-5
 
@@ -300,7 +301,7 @@ def test_wrong_block_table_would_be_detected():
     assert bool(out.isnan().any())
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40))
 @given(
     block_size=st.sampled_from([1, 2, 4, 8, 16, 32]),
     num_kv_heads=st.integers(1, 3),

@@ -42,6 +42,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+# The Triton interpreter runs kernels in Python: seconds per test without a GPU.
+pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
 @pytest.fixture(scope="module")
 def kernels():
     """The kernel module, or a skip saying why the interpreter cannot run it."""

@@ -157,18 +157,58 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# The CPU features that decide which kernels are fast: AVX2-only machines run
+# bf16 emulated (slowly); AVX-512 BF16 and AMX run it natively.
+CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                         "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags of interest this machine has (from /proc/cpuinfo; empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in CPU_FLAGS_OF_INTEREST if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
-    """What the figures were measured on."""
+    """What the figures were measured on (every benchmark's JSON carries it and
+    `describe` prints it beside the figures)."""
     import torch
 
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         # Other processes' load: on a shared machine it moves wall-clock figures.
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+
+
+def describe(env: dict) -> str:
+    """One line: the CPU, its flags of interest, threads and load."""
+    flags = " ".join(env.get("cpu_flags") or []) or "none of " + "/".join(CPU_FLAGS_OF_INTEREST[:3])
+    return (f"machine: {env.get('processor')}; flags: {flags}; {env.get('cpu_count')} cores, "
+            f"{env.get('torch_threads')} torch threads, load {env.get('load_average_1m')}; "
+            f"torch {env.get('torch')}" + (f"; cuda: {env['cuda']}" if env.get("cuda") else ""))

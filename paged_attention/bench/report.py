@@ -45,6 +45,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 
 def write_json(output_dir: str | Path, name: str, data: dict) -> Path:
+    """Write NAME.json, recording (and printing) the machine beside the figures."""
+    from paged_attention.bench.monitor import describe, environment
+
+    data.setdefault("environment", environment())
+    print(describe(data["environment"]))
     path = Path(output_dir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))

@@ -432,6 +432,10 @@ def main(args) -> dict:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{args.tag}" if args.tag else "serve"
+    from paged_attention.bench.monitor import describe, environment
+
+    results.setdefault("environment", environment())
+    print(describe(results["environment"]))
     (out_dir / f"{stem}.json").write_text(json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False))
     plot(runs, args.ttft_slo, out_dir / f"{stem}.png")
     print(f"wrote {out_dir / stem}.json and .png")

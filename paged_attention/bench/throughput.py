@@ -177,6 +177,10 @@ def main(args) -> dict:
 
     out_dir = Path(args.output_dir)
     results["plot"] = plot_throughput(results, out_dir / "throughput.png").name
+    from paged_attention.bench.monitor import describe, environment
+
+    results.setdefault("environment", environment())
+    print(describe(results["environment"]))
     out = out_dir / "throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
