@@ -48,9 +48,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from paged_attention.attention.random_batch import random_paged_batch  # noqa: E402
-from paged_attention.attention.torch_attention import paged_attention  # noqa: E402
-from paged_attention.kv_cache import write_kv as torch_write_kv  # noqa: E402
+from paged_attention.attention.random_batch import random_paged_batch
+from paged_attention.attention.torch_attention import paged_attention
+from paged_attention.kv_cache import write_kv as torch_write_kv
 
 GiB = 2**30
 # "cuda" for real runs; the end-to-end helpers also run on "cpu" for a smoke test.
@@ -113,7 +113,14 @@ def section_correctness(quick: bool) -> dict:
     for name, hq, hkv, dim, bs, dt in configs:
         dtype = DTYPES[dt]
         scale = dim**-0.5
-        row: dict = {"name": name, "heads": hq, "kv_heads": hkv, "head_dim": dim, "block_size": bs, "dtype": dt}
+        row: dict = {
+            "name": name,
+            "heads": hq,
+            "kv_heads": hkv,
+            "head_dim": dim,
+            "block_size": bs,
+            "dtype": dt,
+        }
         try:
             # write_kv: bitwise equal to the torch write, padding slots untouched.
             shape = (64, hkv, bs, dim)
@@ -129,23 +136,31 @@ def section_correctness(quick: bool) -> dict:
 
             # decode, 48 sequences of random length up to 4K, backend path.
             ctx = torch.randint(1, 4097, (48,), generator=gen).tolist()
-            k_pool, v_pool, meta = random_paged_batch([c - 1 for c in ctx], [1] * 48, bs, hkv, dim, dtype, "cuda",
-                                                     seed=1, spare_blocks=8)
+            k_pool, v_pool, meta = random_paged_batch(
+                [c - 1 for c in ctx], [1] * 48, bs, hkv, dim, dtype, "cuda", seed=1, spare_blocks=8
+            )
             q = torch.randn(48, hq, dim, device="cuda").to(dtype)
-            row["decode"] = _check(backend.attention(q, k_pool, v_pool, meta, scale), q, k_pool, v_pool, meta,
-                                   scale, dtype)
+            row["decode"] = _check(
+                backend.attention(q, k_pool, v_pool, meta, scale), q, k_pool, v_pool, meta, scale, dtype
+            )
             del k_pool, v_pool
 
             # split-K: two long sequences and a one-token one.
             ctx = [16384, 1, 5000]
-            k_pool, v_pool, meta = random_paged_batch([c - 1 for c in ctx], [1] * 3, bs, hkv, dim, dtype, "cuda",
-                                                     seed=2, spare_blocks=8)
+            k_pool, v_pool, meta = random_paged_batch(
+                [c - 1 for c in ctx], [1] * 3, bs, hkv, dim, dtype, "cuda", seed=2, spare_blocks=8
+            )
             q = torch.randn(3, hq, dim, device="cuda").to(dtype)
             km = build_kernel_metadata(meta, torch.device("cuda"))
             row["split_k"] = {
                 str(s): _check(
                     tk.decode_attention(q, k_pool, v_pool, km.block_tables, km.context_lens, scale, s),
-                    q, k_pool, v_pool, meta, scale, dtype,
+                    q,
+                    k_pool,
+                    v_pool,
+                    meta,
+                    scale,
+                    dtype,
                 )
                 for s in (1, 7, 32)
             }
@@ -154,15 +169,17 @@ def section_correctness(quick: bool) -> dict:
             # prefill: fresh prompts, prefix hits, chunks and decode rows in one step.
             num_computed = [0, 0, 1000, 37, 2048, 500, 0, 3000]
             query_lens = [1024, 7, 300, 1, 768, 1, 129, 64]
-            k_pool, v_pool, meta = random_paged_batch(num_computed, query_lens, bs, hkv, dim, dtype, "cuda",
-                                                     seed=3, spare_blocks=8)
+            k_pool, v_pool, meta = random_paged_batch(
+                num_computed, query_lens, bs, hkv, dim, dtype, "cuda", seed=3, spare_blocks=8
+            )
             q = torch.randn(meta.num_tokens, hq, dim, device="cuda").to(dtype)
-            row["prefill"] = _check(backend.attention(q, k_pool, v_pool, meta, scale), q, k_pool, v_pool, meta,
-                                    scale, dtype)
+            row["prefill"] = _check(
+                backend.attention(q, k_pool, v_pool, meta, scale), q, k_pool, v_pool, meta, scale, dtype
+            )
             del k_pool, v_pool
             parts = [row["decode"], row["prefill"], *row["split_k"].values()]
             row["ok"] = row["write_kv_equal"] and all(p["ok"] and not p["nan"] for p in parts)
-        except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["traceback"] = traceback.format_exc(limit=5)
             row["ok"] = False
@@ -189,7 +206,9 @@ def _sdpa_flash(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 
     def run():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q4, k, v, is_causal=causal, **({"enable_gqa": True} if gqa else {}))
+            return F.scaled_dot_product_attention(
+                q4, k, v, is_causal=causal, **({"enable_gqa": True} if gqa else {})
+            )
 
     run()  # raises here, not inside do_bench, if flash cannot take these inputs
     return run
@@ -216,7 +235,9 @@ def section_decode(quick: bool) -> dict:
             row: dict = {"batch": batch, "context": ctx}
             blocks = -(-ctx // bs)
             if batch * blocks > num_blocks:
-                row["skipped"] = f"needs {batch * ctx * token_bytes / GiB:.1f} GiB of K/V, budget {budget / GiB:.1f}"
+                row["skipped"] = (
+                    f"needs {batch * ctx * token_bytes / GiB:.1f} GiB of K/V, budget {budget / GiB:.1f}"
+                )
                 rows.append(row)
                 continue
             try:
@@ -241,14 +262,17 @@ def section_decode(quick: bool) -> dict:
                     sdpa_ms = do_bench(run)
                     row.update(sdpa_flash_ms=sdpa_ms, sdpa_flash_gbs=moved / (sdpa_ms * 1e-3) / 1e9)
                     del k, v
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     row["sdpa_flash_error"] = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"
             free_cuda()
             rows.append(row)
-            print(f"decode B={batch} ctx={ctx}: {row.get('gbs', 0):.0f} GB/s "
-                  f"(sdpa {row.get('sdpa_flash_gbs', 0):.0f}) splits={row.get('splits')}", flush=True)
+            print(
+                f"decode B={batch} ctx={ctx}: {row.get('gbs', 0):.0f} GB/s "
+                f"(sdpa {row.get('sdpa_flash_gbs', 0):.0f}) splits={row.get('splits')}",
+                flush=True,
+            )
     del k_pool, v_pool
     free_cuda()
     return {
@@ -296,17 +320,22 @@ def section_prefill(quick: bool) -> dict:
                 sdpa_ms = do_bench(run)
                 row.update(sdpa_flash_ms=sdpa_ms, sdpa_flash_tflops=flops / (sdpa_ms * 1e-3) / 1e12)
                 del k, v
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 row["sdpa_flash_error"] = f"{type(exc).__name__}: {exc}"
             del k_pool, v_pool
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
         free_cuda()
         rows.append(row)
-        print(f"prefill B={batch} L={length}: {row.get('tflops', 0):.0f} TFLOP/s "
-              f"(sdpa {row.get('sdpa_flash_tflops', 0):.0f})", flush=True)
-    return {"shape": {"heads": hq, "kv_heads": hkv, "head_dim": dim, "block_size": bs, "dtype": "bf16"},
-            "rows": rows}
+        print(
+            f"prefill B={batch} L={length}: {row.get('tflops', 0):.0f} TFLOP/s "
+            f"(sdpa {row.get('sdpa_flash_tflops', 0):.0f})",
+            flush=True,
+        )
+    return {
+        "shape": {"heads": hq, "kv_heads": hkv, "head_dim": dim, "block_size": bs, "dtype": "bf16"},
+        "rows": rows,
+    }
 
 
 # ================================================================= tuning
@@ -322,17 +351,45 @@ def section_tuning(quick: bool) -> dict:
         tables = torch.randperm(batch * blocks, device="cuda").view(batch, blocks).int()
         lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(batch, hq, dim, device="cuda", dtype=dtype)
-        splits = tk.decode_num_splits(batch, hkv, torch.cuda.get_device_properties(0).multi_processor_count, ctx)
+        splits = tk.decode_num_splits(
+            batch, hkv, torch.cuda.get_device_properties(0).multi_processor_count, ctx
+        )
         for block_n in (32, 64, 128):
             for warps in (2, 4, 8):
-                fn = partial(tk.decode_attention, q, k_pool, v_pool, tables, lens, scale, splits,
-                             block_n=block_n, num_warps=warps)
+                fn = partial(
+                    tk.decode_attention,
+                    q,
+                    k_pool,
+                    v_pool,
+                    tables,
+                    lens,
+                    scale,
+                    splits,
+                    block_n=block_n,
+                    num_warps=warps,
+                )
                 try:
-                    rows.append({"kernel": "decode", "batch": batch, "context": ctx, "block_n": block_n,
-                                 "num_warps": warps, "ms": do_bench(fn)})
-                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                    rows.append({"kernel": "decode", "batch": batch, "context": ctx, "block_n": block_n,
-                                 "num_warps": warps, "error": f"{type(exc).__name__}: {exc}"})
+                    rows.append(
+                        {
+                            "kernel": "decode",
+                            "batch": batch,
+                            "context": ctx,
+                            "block_n": block_n,
+                            "num_warps": warps,
+                            "ms": do_bench(fn),
+                        }
+                    )
+                except Exception as exc:
+                    rows.append(
+                        {
+                            "kernel": "decode",
+                            "batch": batch,
+                            "context": ctx,
+                            "block_n": block_n,
+                            "num_warps": warps,
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
         del k_pool, v_pool
         free_cuda()
     for batch, length in ((1, 8192), (8, 1024)):
@@ -345,29 +402,69 @@ def section_tuning(quick: bool) -> dict:
         q = torch.randn(batch * length, hq, dim, device="cuda", dtype=dtype)
         for block_m in (64, 128):
             for warps in (4, 8):
-                fn = partial(tk.prefill_attention, q, k_pool, v_pool, tables, lens, starts, scale,
-                             block_m=block_m, num_warps=warps)
+                fn = partial(
+                    tk.prefill_attention,
+                    q,
+                    k_pool,
+                    v_pool,
+                    tables,
+                    lens,
+                    starts,
+                    scale,
+                    block_m=block_m,
+                    num_warps=warps,
+                )
                 try:
-                    rows.append({"kernel": "prefill", "batch": batch, "length": length, "block_m": block_m,
-                                 "num_warps": warps, "ms": do_bench(fn)})
-                except Exception as exc:  # noqa: BLE001
-                    rows.append({"kernel": "prefill", "batch": batch, "length": length, "block_m": block_m,
-                                 "num_warps": warps, "error": f"{type(exc).__name__}: {exc}"})
+                    rows.append(
+                        {
+                            "kernel": "prefill",
+                            "batch": batch,
+                            "length": length,
+                            "block_m": block_m,
+                            "num_warps": warps,
+                            "ms": do_bench(fn),
+                        }
+                    )
+                except Exception as exc:
+                    rows.append(
+                        {
+                            "kernel": "prefill",
+                            "batch": batch,
+                            "length": length,
+                            "block_m": block_m,
+                            "num_warps": warps,
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
         del k_pool, v_pool
         free_cuda()
     for row in rows:
         print("tuning", row, flush=True)
-    return {"defaults": {"decode_block_n": tk.DECODE_BLOCK_N, "decode_num_warps": tk.DECODE_NUM_WARPS,
-                         "prefill_block_m": tk.PREFILL_BLOCK_M, "prefill_num_warps": tk.PREFILL_NUM_WARPS},
-            "rows": rows}
+    return {
+        "defaults": {
+            "decode_block_n": tk.DECODE_BLOCK_N,
+            "decode_num_warps": tk.DECODE_NUM_WARPS,
+            "prefill_block_m": tk.PREFILL_BLOCK_M,
+            "prefill_num_warps": tk.PREFILL_NUM_WARPS,
+        },
+        "rows": rows,
+    }
 
 
 # ==================================================================== e2e
 # Llama-3.2-1B's shape with a 32K vocabulary: about 1.04B parameters.
 LLAMA_1B = dict(
-    vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-    rope_theta=500000.0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=True,
 )
 
 
@@ -403,7 +500,9 @@ def run_engine(folder: Path, workload, **kwargs) -> dict:
     prompts = [{"prompt_token_ids": ids} for ids, _ in workload]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in workload]
     # Warm-up: Triton compilation and graph capture for the small sizes.
-    llm.generate(prompts[:8], [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 8, use_tqdm=False)
+    llm.generate(
+        prompts[:8], [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 8, use_tqdm=False
+    )
     sync()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -411,8 +510,11 @@ def run_engine(folder: Path, workload, **kwargs) -> dict:
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     result = {
-        "elapsed_s": elapsed, "output_tokens": tokens, "tokens_per_s": tokens / elapsed,
-        "attention_backend": _attention_backend_name(llm), "kwargs_not_supported_by_LLM": dropped,
+        "elapsed_s": elapsed,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "attention_backend": _attention_backend_name(llm),
+        "kwargs_not_supported_by_LLM": dropped,
     }
     del llm, outputs
     free_cuda()
@@ -422,16 +524,24 @@ def run_engine(folder: Path, workload, **kwargs) -> dict:
 @torch.inference_mode()
 def run_hf_generate(hf, workload, batch_size: int) -> dict:
     """Static batches, left-padded, each run to its requested length."""
+
     def run(batch):
         width = max(len(ids) for ids, _ in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long, device=DEVICE)
         mask = torch.zeros_like(ids)
         for i, (p, _) in enumerate(batch):
-            ids[i, width - len(p):] = torch.tensor(p, device=DEVICE)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p, device=DEVICE)
+            mask[i, width - len(p) :] = 1
         n = max(n for _, n in batch)
-        out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                          eos_token_id=None, pad_token_id=0)
+        out = hf.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         return (out.shape[1] - width) * len(batch)
 
     run(workload[:2])
@@ -440,8 +550,13 @@ def run_hf_generate(hf, workload, batch_size: int) -> dict:
     tokens = sum(run(workload[i : i + batch_size]) for i in range(0, len(workload), batch_size))
     sync()
     elapsed = time.perf_counter() - start
-    return {"elapsed_s": elapsed, "output_tokens": tokens, "tokens_per_s": tokens / elapsed,
-            "batch_size": batch_size, "attn_implementation": hf.config._attn_implementation}
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "batch_size": batch_size,
+        "attn_implementation": hf.config._attn_implementation,
+    }
 
 
 def run_hf_continuous(hf, workload, max_new_tokens: int) -> dict:
@@ -449,8 +564,13 @@ def run_hf_continuous(hf, workload, max_new_tokens: int) -> dict:
     its generation thread updates, outside that mode, tensors it makes here."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     inputs = [ids for ids, _ in workload]
     hf.generate_batch(inputs=inputs[:8], generation_config=config, progress_bar=False)  # warm-up
     sync()
@@ -460,8 +580,13 @@ def run_hf_continuous(hf, workload, max_new_tokens: int) -> dict:
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.generated_tokens) for o in outputs.values())
     errors = [o.error for o in outputs.values() if getattr(o, "error", None)]
-    return {"elapsed_s": elapsed, "output_tokens": tokens, "tokens_per_s": tokens / elapsed,
-            "num_errors": len(errors), "first_error": errors[0] if errors else None}
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "num_errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
 
 
 def section_e2e(quick: bool, workdir: Path) -> dict:
@@ -478,16 +603,29 @@ def section_e2e(quick: bool, workdir: Path) -> dict:
         ([rng.randrange(3, LLAMA_1B["vocab_size"]) for _ in range(rng.randint(128, 1024))], output_len)
         for _ in range(num_requests)
     ]
-    report: dict = {"model": LLAMA_1B, "num_requests": num_requests, "prompt_len": [128, 1024],
-                    "output_len": output_len, "transformers": transformers.__version__}
+    report: dict = {
+        "model": LLAMA_1B,
+        "num_requests": num_requests,
+        "prompt_len": [128, 1024],
+        "output_len": output_len,
+        "transformers": transformers.__version__,
+    }
     engine_kwargs = dict(dtype="bfloat16", device="cuda", max_model_len=2048, kv_cache_memory="16GiB")
-    for name, extra in (("engine_cuda_graphs", {"enforce_eager": False}), ("engine_eager", {"enforce_eager": True})):
+    for name, extra in (
+        ("engine_cuda_graphs", {"enforce_eager": False}),
+        ("engine_eager", {"enforce_eager": True}),
+    ):
         try:
             report[name] = run_engine(folder, workload, **engine_kwargs, **extra)
-        except Exception as exc:  # noqa: BLE001
-            report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=5)}
+        except Exception as exc:
+            report[name] = {
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=5),
+            }
         print(f"e2e {name}: {report[name].get('tokens_per_s', 0):.0f} tok/s", flush=True)
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).cuda()
     hf.eval()
     for name, fn, arg in (
         ("hf_generate_bs64", run_hf_generate, 64),
@@ -495,8 +633,11 @@ def section_e2e(quick: bool, workdir: Path) -> dict:
     ):
         try:
             report[name] = fn(hf, workload, arg)
-        except Exception as exc:  # noqa: BLE001
-            report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=5)}
+        except Exception as exc:
+            report[name] = {
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=5),
+            }
         free_cuda()
         print(f"e2e {name}: {report[name].get('tokens_per_s', 0):.0f} tok/s", flush=True)
     del hf
@@ -532,8 +673,14 @@ def section_startup(workdir: Path) -> dict:
     report = {}
     for name in ("cold_triton_cache", "warm_triton_cache"):
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", STARTUP_SCRIPT, str(folder)], capture_output=True, text=True,
-                              env=env, cwd=Path(__file__).resolve().parent.parent, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", STARTUP_SCRIPT, str(folder)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
+            timeout=300,
+        )
         wall = time.perf_counter() - start
         if proc.returncode == 0:
             report[name] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_wall_s": wall}
@@ -550,7 +697,7 @@ def environment() -> dict:
         import triton
 
         info["triton"] = triton.__version__
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         info["triton"] = f"not importable: {exc}"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -585,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             report[name] = sections[name]()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         report[name + "_wall_s"] = time.perf_counter() - start
         args.out.write_text(json.dumps(report, indent=1, default=str))

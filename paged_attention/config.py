@@ -23,12 +23,33 @@ from paged_attention.core.scheduler import PREEMPTION_MODES, PREEMPTION_VICTIMS
 if TYPE_CHECKING:
     import torch
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
-          "tb": 1000**4, "tib": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
 # dtype names the engine accepts -> the torch attribute they name.
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
-               "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
 # The environment variable the HTTP server reads its API key from.
@@ -56,13 +77,22 @@ def parse_bytes(value: int | str) -> int:
     return size
 
 
-def option(default: Any, help: str, *, type: Any = None, choices: tuple[str, ...] | None = None,
-           metavar: str | None = None, cli: bool = True) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    type: Any = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+) -> Any:
     """An engine option: a dataclass field whose metadata carries what the
     command line needs. `type` parses a flag's text (default: the default's
     type, else str); `cli=False` keeps an option off the command line."""
-    return field(default=default, metadata={"help": help, "type": type, "choices": choices,
-                                            "metavar": metavar, "cli": cli})
+    return field(
+        default=default,
+        metadata={"help": help, "type": type, "choices": choices, "metavar": metavar, "cli": cli},
+    )
 
 
 @dataclass(frozen=True)
@@ -71,38 +101,57 @@ class EngineConfig:
 
     block_size: int = option(16, "tokens per KV block (a power of two)")
     num_kv_blocks: int | None = option(
-        None, "KV pool size in blocks (default: from --kv-cache-memory, else from free memory)", type=int)
+        None, "KV pool size in blocks (default: from --kv-cache-memory, else from free memory)", type=int
+    )
     kv_cache_memory: int | str | None = option(
-        None, "KV pool budget, e.g. 2GiB (default: a share of free memory)", metavar="SIZE")
+        None, "KV pool budget, e.g. 2GiB (default: a share of free memory)", metavar="SIZE"
+    )
     max_num_seqs: int = option(256, "most sequences running at once")
     max_num_batched_tokens: int | None = option(
-        None, "token budget per step (default: max(8192, max_model_len))", type=int)
+        None, "token budget per step (default: max(8192, max_model_len))", type=int
+    )
     max_model_len: int | None = option(
-        None, "longest prompt + output in tokens (default: the model's max positions)", type=int)
+        None, "longest prompt + output in tokens (default: the model's max positions)", type=int
+    )
     dtype: str | torch.dtype = option(
-        "auto", "weight and KV dtype: auto (bfloat16 where fast, else float32 on the CPU; "
+        "auto",
+        "weight and KV dtype: auto (bfloat16 where fast, else float32 on the CPU; "
         "bfloat16 or float16 on CUDA), float32, bfloat16 or float16",
-        choices=("auto", *DTYPE_NAMES), metavar="DTYPE")
+        choices=("auto", *DTYPE_NAMES),
+        metavar="DTYPE",
+    )
     device: str | torch.device = option("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
     seed: int = option(0, "engine seed (sampling without a per-request seed)")
     swap_space: float = option(4.0, "GiB of host memory for swapped-out blocks; 0 disables swapping")
     preemption_mode: str = option(
-        "auto", "how to free blocks under memory pressure: swap to host memory, recompute "
-        "later, or auto (per victim, whichever the measured costs say is cheaper)", choices=PREEMPTION_MODES)
+        "auto",
+        "how to free blocks under memory pressure: swap to host memory, recompute "
+        "later, or auto (per victim, whichever the measured costs say is cheaper)",
+        choices=PREEMPTION_MODES,
+    )
     preemption_victim: str = option(
-        "lowest_priority_least_computed", "which running request to preempt first, lowest priority "
+        "lowest_priority_least_computed",
+        "which running request to preempt first, lowest priority "
         "first either way: the least computed (loses the least work) or the latest arrival "
-        "(vLLM's order)", choices=PREEMPTION_VICTIMS)
+        "(vLLM's order)",
+        choices=PREEMPTION_VICTIMS,
+    )
     enforce_eager: bool = option(False, "CUDA: never capture or replay decode CUDA graphs")
     enable_prefix_caching: bool = option(True, "reuse cached full KV blocks of earlier prompts")
     cpu_kv_memory_fraction: float = option(
-        0.25, "CPU, without a pool size: the largest share of available RAM the KV pool takes "
-        "(and never more than max_num_seqs full-length sequences need)")
+        0.25,
+        "CPU, without a pool size: the largest share of available RAM the KV pool takes "
+        "(and never more than max_num_seqs full-length sequences need)",
+    )
     gpu_memory_utilization: float = option(
-        0.9, "CUDA, without a pool size: the share of free device memory the engine may use")
+        0.9, "CUDA, without a pool size: the share of free device memory the engine may use"
+    )
     record_step_stats: bool = option(
-        False, "keep one StepStats record per engine step in LLMEngine.step_stats (token counts "
-        "and timings; grows with every step, so for benchmarks and tests)", cli=False)
+        False,
+        "keep one StepStats record per engine step in LLMEngine.step_stats (token counts "
+        "and timings; grows with every step, so for benchmarks and tests)",
+        cli=False,
+    )
 
     def __post_init__(self) -> None:
         from paged_attention.core.block_allocator import validate_block_size
@@ -115,17 +164,17 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
-            )
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {self.dtype!r}; use 'auto' or one of {sorted(DTYPE_NAMES)}")
         if not self.swap_space >= 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
-        for name, allowed in (("preemption_mode", PREEMPTION_MODES),
-                              ("preemption_victim", PREEMPTION_VICTIMS)):
+        for name, allowed in (
+            ("preemption_mode", PREEMPTION_MODES),
+            ("preemption_victim", PREEMPTION_VICTIMS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("enforce_eager", "enable_prefix_caching", "record_step_stats"):
@@ -163,6 +212,10 @@ def describe_options() -> str:
     lines = []
     for f in engine_options():
         default = "required" if f.default is MISSING else repr(f.default)
-        lines += textwrap.wrap(f"{f.name} = {default}: {f.metadata['help']}", width=88,
-                               initial_indent="    ", subsequent_indent="        ")
+        lines += textwrap.wrap(
+            f"{f.name} = {default}: {f.metadata['help']}",
+            width=88,
+            initial_indent="    ",
+            subsequent_indent="        ",
+        )
     return "\n".join(lines)

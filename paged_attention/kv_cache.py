@@ -49,8 +49,15 @@ class KVCachePool:
         # `empty`, not `zeros`: only written slots are ever read, and on the CPU
         # untouched pages then cost no RAM and no start-up time.
         self.data = torch.empty(
-            num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
-            dtype=dtype, device=self.device, pin_memory=pin_memory,
+            num_layers,
+            2,
+            num_blocks,
+            num_kv_heads,
+            block_size,
+            head_dim,
+            dtype=dtype,
+            device=self.device,
+            pin_memory=pin_memory,
         )
 
     # ------------------------------------------------------------------ sizes
@@ -88,7 +95,9 @@ class KVCachePool:
         copy_between_pools(self, self, copies)
 
 
-def slot_rows(slots: torch.Tensor, num_kv_heads: int, block_size: int, heads_first: bool = False) -> torch.Tensor:
+def slot_rows(
+    slots: torch.Tensor, num_kv_heads: int, block_size: int, heads_first: bool = False
+) -> torch.Tensor:
     """Where each (slot, head) lives in a pool viewed as rows [N * Hkv * block_size, D]:
     [len(slots), Hkv], or [Hkv, len(slots)] with `heads_first`."""
     blocks, offsets = slots // block_size, slots % block_size

@@ -41,13 +41,9 @@ class PagedKVCache:
         if allocator is None:
             allocator = BlockAllocator(num_blocks, block_size, hidden_dim=hidden_dim)
         if allocator.block_size != block_size:
-            raise ValueError(
-                f"block_size {block_size} differs from the allocator's {allocator.block_size}"
-            )
+            raise ValueError(f"block_size {block_size} differs from the allocator's {allocator.block_size}")
         if allocator.hidden_dim is not None and allocator.hidden_dim != hidden_dim:
-            raise ValueError(
-                f"hidden_dim {hidden_dim} differs from the allocator's {allocator.hidden_dim}"
-            )
+            raise ValueError(f"hidden_dim {hidden_dim} differs from the allocator's {allocator.hidden_dim}")
         self.allocator = allocator
         self.block_size = block_size
         self.hidden_dim = hidden_dim
@@ -139,13 +135,9 @@ class PagedAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv_cache: PagedKVCache) -> torch.Tensor:
         """x: [1, T, hidden_dim] new tokens -> [1, T, hidden_dim]."""
         if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != self.hidden_dim:
-            raise ValueError(
-                f"expected input [1, T, {self.hidden_dim}] (one sequence), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected input [1, T, {self.hidden_dim}] (one sequence), got {tuple(x.shape)}")
         if kv_cache.block_size != self.block_size:
-            raise ValueError(
-                f"cache block_size {kv_cache.block_size} != layer block_size {self.block_size}"
-            )
+            raise ValueError(f"cache block_size {kv_cache.block_size} != layer block_size {self.block_size}")
         kv_dim = self.num_kv_heads * self.head_dim
         if kv_cache.hidden_dim != kv_dim:
             raise ValueError(f"cache hidden_dim {kv_cache.hidden_dim} != layer K/V width {kv_dim}")

@@ -92,9 +92,15 @@ class Plan:
     fits: bool  # do the weights fit at all
 
 
-def plan(model: ModelSpec, device_bytes: int, workload: Workload = Workload(), dtype: str = "float16",
-         kv_dtype: str | None = None, gpu_memory_utilization: float = 0.9,
-         kv_memory_bytes: int | None = None) -> Plan:
+def plan(
+    model: ModelSpec,
+    device_bytes: int,
+    workload: Workload = Workload(),
+    dtype: str = "float16",
+    kv_dtype: str | None = None,
+    gpu_memory_utilization: float = 0.9,
+    kv_memory_bytes: int | None = None,
+) -> Plan:
     for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype or dtype)):
         if value not in DTYPE_BYTES:
             raise ValueError(f"unknown {name} {value!r}; use one of {sorted(DTYPE_BYTES)}")
@@ -126,18 +132,30 @@ def plan(model: ModelSpec, device_bytes: int, workload: Workload = Workload(), d
     with_sharing = round(s + u * own)
     slots = (shared_full_blocks + u * own_blocks) * bs
     return Plan(
-        model=model.name, num_params=model.num_params, weight_dtype=dtype, kv_dtype=kv_dtype,
-        weight_bytes=weight_bytes, kv_bytes_per_token=per_token, kv_bytes_per_token_without_gqa=per_token_mha,
-        device_bytes=device_bytes, gpu_memory_utilization=gpu_memory_utilization,
-        kv_budget_bytes=budget, kv_tokens=kv_tokens, kv_blocks=kv_blocks, max_model_len=max_len,
+        model=model.name,
+        num_params=model.num_params,
+        weight_dtype=dtype,
+        kv_dtype=kv_dtype,
+        weight_bytes=weight_bytes,
+        kv_bytes_per_token=per_token,
+        kv_bytes_per_token_without_gqa=per_token_mha,
+        device_bytes=device_bytes,
+        gpu_memory_utilization=gpu_memory_utilization,
+        kv_budget_bytes=budget,
+        kv_tokens=kv_tokens,
+        kv_blocks=kv_blocks,
+        max_model_len=max_len,
         static_concurrency=kv_tokens // max_len,
         orca_concurrency=int(kv_tokens // orca_len) if orca_len > 0 else 0,
         paged_concurrency=int(kv_blocks * bs // per_request),
         paged_tokens_per_request=per_request,
-        shared_prompt=s, users=u,
-        shared_tokens_without_sharing=without, shared_tokens_with_sharing=with_sharing,
+        shared_prompt=s,
+        users=u,
+        shared_tokens_without_sharing=without,
+        shared_tokens_with_sharing=with_sharing,
         shared_slots_with_paging=slots,
-        shared_bytes_without_sharing=without * per_token, shared_bytes_with_sharing=slots * per_token,
+        shared_bytes_without_sharing=without * per_token,
+        shared_bytes_with_sharing=slots * per_token,
         paged_concurrency_with_shared_prompt=max(0, (kv_blocks - shared_full_blocks) // max(own_blocks, 1)),
         fits=weight_bytes < device_bytes * gpu_memory_utilization or kv_memory_bytes is not None,
     )
@@ -154,22 +172,37 @@ def format_plan(p: Plan) -> str:
     rows = [
         ["model", f"{p.model} ({p.num_params / 1e9:.2f}B parameters)"],
         ["weights", f"{_gib(p.weight_bytes)} ({p.weight_dtype})"],
-        ["KV per token", (f"{p.kv_bytes_per_token / 2**10:.0f} KiB ({p.kv_dtype}; "
-                          f"{p.kv_bytes_per_token_without_gqa / 2**10:.0f} KiB without GQA)")],
+        [
+            "KV per token",
+            (
+                f"{p.kv_bytes_per_token / 2**10:.0f} KiB ({p.kv_dtype}; "
+                f"{p.kv_bytes_per_token_without_gqa / 2**10:.0f} KiB without GQA)"
+            ),
+        ],
         ["device memory", f"{_gib(p.device_bytes)} x {p.gpu_memory_utilization:.2f} usable"],
         ["KV budget", _gib(p.kv_budget_bytes)],
         ["KV tokens that fit", f"{p.kv_tokens:,} ({p.kv_blocks:,} blocks)"],
         ["max_model_len", f"{p.max_model_len:,}"],
         ["concurrent: static", f"{p.static_concurrency:,} (each reserves {p.max_model_len:,} tokens)"],
         ["concurrent: Orca", f"{p.orca_concurrency:,} (each reserves prompt + max_tokens)"],
-        ["concurrent: paged", f"{p.paged_concurrency:,} (each holds ~{p.paged_tokens_per_request:.0f} slots)"],
+        [
+            "concurrent: paged",
+            f"{p.paged_concurrency:,} (each holds ~{p.paged_tokens_per_request:.0f} slots)",
+        ],
     ]
     if p.shared_prompt:
         rows += [
-            [f"{p.users} users, {p.shared_prompt}-token shared prompt",
-             f"{p.shared_tokens_without_sharing:,} tokens ({_gib(p.shared_bytes_without_sharing)}) unshared"],
-            ["  with sharing", (f"{p.shared_tokens_with_sharing:,} tokens; {p.shared_slots_with_paging:,} "
-                                f"slots in blocks ({_gib(p.shared_bytes_with_sharing)})")],
+            [
+                f"{p.users} users, {p.shared_prompt}-token shared prompt",
+                f"{p.shared_tokens_without_sharing:,} tokens ({_gib(p.shared_bytes_without_sharing)}) unshared",
+            ],
+            [
+                "  with sharing",
+                (
+                    f"{p.shared_tokens_with_sharing:,} tokens; {p.shared_slots_with_paging:,} "
+                    f"slots in blocks ({_gib(p.shared_bytes_with_sharing)})"
+                ),
+            ],
             ["  concurrent: paged + shared", f"{p.paged_concurrency_with_shared_prompt:,}"],
         ]
     text = format_table(["quantity", "value"], rows, left=2)
@@ -195,13 +228,22 @@ def main(args: argparse.Namespace) -> int:
     from paged_attention.config import parse_bytes
 
     workload = Workload(
-        prompt_mean=args.prompt_mean, prompt_max=args.prompt_max, output_mean=args.output_mean,
-        output_max=args.output_max, max_model_len=args.max_model_len, block_size=args.block_size,
-        shared_prompt=args.shared_prompt, users=args.users,
+        prompt_mean=args.prompt_mean,
+        prompt_max=args.prompt_max,
+        output_mean=args.output_mean,
+        output_max=args.output_max,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        shared_prompt=args.shared_prompt,
+        users=args.users,
     )
     result = plan(
-        lookup_model(args.model), parse_device(args.gpu, args.memory), workload, dtype=args.dtype,
-        kv_dtype=args.kv_dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+        lookup_model(args.model),
+        parse_device(args.gpu, args.memory),
+        workload,
+        dtype=args.dtype,
+        kv_dtype=args.kv_dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         kv_memory_bytes=parse_bytes(args.kv_memory) if args.kv_memory else None,
     )
     if args.json:
@@ -212,11 +254,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="how many requests fit: static reservation vs paging (a calculator)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="SmolLM2-135M",
-                   help="built-in name (Llama-2-7B/13B/70B, Llama-3-8B/70B, Mistral-7B, Qwen2.5-7B, "
-                        "SmolLM2-135M/1.7B) or a config.json path")
+    p = sub.add_parser(
+        "plan",
+        help="how many requests fit: static reservation vs paging (a calculator)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="SmolLM2-135M",
+        help="built-in name (Llama-2-7B/13B/70B, Llama-3-8B/70B, Mistral-7B, Qwen2.5-7B, "
+        "SmolLM2-135M/1.7B) or a config.json path",
+    )
     p.add_argument("--gpu", default=None, help="V100-32GB, A100-40GB, A100-80GB, H100-80GB, RTX-4090")
     p.add_argument("--memory", default=None, help="device memory instead of --gpu, e.g. 24GiB")
     p.add_argument("--kv-memory", default=None, help="KV budget directly (skips weights and utilization)")

@@ -93,8 +93,15 @@ GPUS: dict[str, int] = {
 }
 
 DTYPE_BYTES: dict[str, float] = {
-    "float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
-    "int8": 1, "fp8": 1, "int4": 0.5,
+    "float32": 4,
+    "fp32": 4,
+    "bfloat16": 2,
+    "bf16": 2,
+    "float16": 2,
+    "fp16": 2,
+    "int8": 1,
+    "fp8": 1,
+    "int4": 0.5,
 }
 
 

@@ -121,9 +121,7 @@ class Sampler:
         """Sample one token per row of `logits` [R, V] (all non-greedy rows)."""
         rows, vocab = logits.shape
         device = logits.device
-        temperature = torch.tensor(
-            [p.temperature for p in params], dtype=torch.float32, device=device
-        )
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         scaled = logits / temperature.unsqueeze(1)
 
         mask = self._filter_mask(scaled, params)
@@ -137,9 +135,7 @@ class Sampler:
         # tokens have p_j = 0 and can never win.
         return (probs / noise).argmax(dim=-1)
 
-    def _filter_mask(
-        self, scaled: torch.Tensor, params: Sequence[SamplingParams]
-    ) -> torch.Tensor | None:
+    def _filter_mask(self, scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor | None:
         """True where a token is removed by top-k, top-p or min-p; None if no row filters.
 
         Each filter's mask is only built when some row uses it, and is ANDed
@@ -165,15 +161,11 @@ class Sampler:
             position = torch.arange(vocab, device=device).unsqueeze(0)
             sorted_mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
             if any(use_k):
-                k = torch.tensor(
-                    [k if u else vocab for k, u in zip(top_k, use_k)], device=device
-                )
+                k = torch.tensor([k if u else vocab for k, u in zip(top_k, use_k)], device=device)
                 sorted_mask |= position >= k.unsqueeze(1)
             if any(use_p):
                 # Top-p acts on the distribution left after top-k (vLLM order).
-                sorted_probs = torch.softmax(
-                    sorted_logits.masked_fill(sorted_mask, -math.inf), dim=-1
-                )
+                sorted_probs = torch.softmax(sorted_logits.masked_fill(sorted_mask, -math.inf), dim=-1)
                 # Mass strictly before each token; the token is dropped once
                 # that already reaches top_p. The top token has 0 before it,
                 # so it always survives.

@@ -79,9 +79,7 @@ class SamplingParams:
         if self.best_of is None:
             self.best_of = self.n
         if not _is_int(self.best_of) or self.best_of < self.n:
-            raise ValueError(
-                f"best_of must be an int >= n (n={self.n}), got {self.best_of!r}"
-            )
+            raise ValueError(f"best_of must be an int >= n (n={self.n}), got {self.best_of!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if self.seed is not None and not _is_int(self.seed):
@@ -90,23 +88,15 @@ class SamplingParams:
     def _check_distribution(self) -> None:
         if self.temperature is None:
             self.temperature = 0.0 if self.use_beam_search else DEFAULT_TEMPERATURE
-        if (
-            not _is_real(self.temperature)
-            or not math.isfinite(self.temperature)
-            or self.temperature < 0
-        ):
-            raise ValueError(
-                f"temperature must be a finite number >= 0, got {self.temperature!r}"
-            )
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         self.temperature = float(self.temperature)
         # `not (0 < x <= 1)` also rejects NaN.
         if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         self.top_p = float(self.top_p)
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(
-                f"top_k must be an int, -1 or 0 (no limit) or >= 1, got {self.top_k!r}"
-            )
+            raise ValueError(f"top_k must be an int, -1 or 0 (no limit) or >= 1, got {self.top_k!r}")
         if self.top_k == 0:
             self.top_k = -1
         if not _is_real(self.min_p) or not (0.0 <= self.min_p <= 1.0):
@@ -137,22 +127,16 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs must be None or an int >= 0, got {self.logprobs!r}")
         if not _is_real(self.length_penalty) or not math.isfinite(self.length_penalty):
-            raise ValueError(
-                f"length_penalty must be a finite number, got {self.length_penalty!r}"
-            )
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(
-                f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
-            )
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
 
     def _check_beam_search(self) -> None:
         # Beam search keeps the best_of highest-scoring continuations; it is a
         # deterministic search, so every source of randomness must be off.
         assert self.best_of is not None
         if self.best_of < 2:
-            raise ValueError(
-                f"best_of (beam width) must be >= 2 with use_beam_search, got {self.best_of}"
-            )
+            raise ValueError(f"best_of (beam width) must be >= 2 with use_beam_search, got {self.best_of}")
         assert self.temperature is not None
         if self.temperature > SAMPLING_EPS:
             raise ValueError(
@@ -161,8 +145,7 @@ class SamplingParams:
             )
         if self.top_p < 1.0:
             raise ValueError(
-                "top_p must be 1 with use_beam_search (beam search is "
-                f"deterministic), got {self.top_p}"
+                f"top_p must be 1 with use_beam_search (beam search is deterministic), got {self.top_p}"
             )
         if self.top_k != -1:
             raise ValueError(
@@ -171,8 +154,7 @@ class SamplingParams:
             )
         if self.min_p > 0.0:
             raise ValueError(
-                "min_p must be 0 with use_beam_search (beam search is "
-                f"deterministic), got {self.min_p}"
+                f"min_p must be 0 with use_beam_search (beam search is deterministic), got {self.min_p}"
             )
 
     # -- derived -----------------------------------------------------------

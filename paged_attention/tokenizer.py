@@ -49,8 +49,9 @@ def load_auto_tokenizer(folder: Path) -> Any:
 class Tokenizer:
     """encode/decode/eos_token_id for the engine; `hf` is the AutoTokenizer."""
 
-    def __init__(self, folder: Path, backend: tokenizers.Tokenizer | None,
-                 eos_token_id: int | None, hf: Any = None) -> None:
+    def __init__(
+        self, folder: Path, backend: tokenizers.Tokenizer | None, eos_token_id: int | None, hf: Any = None
+    ) -> None:
         assert backend is not None or hf is not None, "a tokenizer needs a backend or an AutoTokenizer"
         self.folder = folder
         self.eos_token_id = eos_token_id

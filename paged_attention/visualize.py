@@ -69,9 +69,7 @@ def snapshot_tables(
         if block_id not in free and block_id not in owners:
             owners[block_id] = [OTHER]
             filled[block_id] = bs
-    used = {
-        b: BlockState(tuple(owners[b]), filled[b], allocator.ref_count(b)) for b in sorted(owners)
-    }
+    used = {b: BlockState(tuple(owners[b]), filled[b], allocator.ref_count(b)) for b in sorted(owners)}
     return PoolSnapshot(allocator.num_blocks, bs, used, title)
 
 
@@ -104,8 +102,10 @@ def render_text(snapshot: PoolSnapshot, width: int = 16, max_blocks: int | None 
         mark = "*" if state.ref_count > 1 else letter[state.owners[0]]
         cells.append(f"{mark}{math.ceil(8 * state.num_filled / snapshot.block_size)}")
     lines = [" ".join(cells[i : i + width]) for i in range(0, len(cells), width)]
-    header = (f"{snapshot.title + ': ' if snapshot.title else ''}{snapshot.num_used}/{snapshot.num_blocks} "
-              f"blocks used, {snapshot.num_shared} shared, block size {snapshot.block_size}")
+    header = (
+        f"{snapshot.title + ': ' if snapshot.title else ''}{snapshot.num_used}/{snapshot.num_blocks} "
+        f"blocks used, {snapshot.num_shared} shared, block size {snapshot.block_size}"
+    )
     if n < snapshot.num_blocks:
         lines.append(f"... {snapshot.num_blocks - n} more blocks")
     if snapshot.sequences:
@@ -127,10 +127,23 @@ def draw_block_pool(snapshots: Sequence[PoolSnapshot], path: str | Path, max_blo
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    palette = [to_rgba(c) for c in (
-        "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
-        "tab:pink", "tab:olive", "tab:cyan", "navy", "darkgoldenrod", "teal",
-    )]
+    palette = [
+        to_rgba(c)
+        for c in (
+            "tab:blue",
+            "tab:orange",
+            "tab:green",
+            "tab:red",
+            "tab:purple",
+            "tab:brown",
+            "tab:pink",
+            "tab:olive",
+            "tab:cyan",
+            "navy",
+            "darkgoldenrod",
+            "teal",
+        )
+    ]
     fig = Figure(figsize=(10, 3.2 * len(snapshots)), constrained_layout=True)
     FigureCanvasAgg(fig)
     for k, snap in enumerate(snapshots):
@@ -152,8 +165,9 @@ def draw_block_pool(snapshots: Sequence[PoolSnapshot], path: str | Path, max_blo
             ax.add_patch(Rectangle((c, y), 0.92, 0.92, facecolor=(*base[:3], 0.25), edgecolor="none"))
             ax.add_patch(Rectangle((c, y), 0.92 * fill, 0.92, facecolor=base, edgecolor="none"))
             if state.ref_count > 1:
-                ax.add_patch(Rectangle((c, y), 0.92, 0.92, fill=False, hatch="///",
-                                       edgecolor="black", linewidth=1.2))
+                ax.add_patch(
+                    Rectangle((c, y), 0.92, 0.92, fill=False, hatch="///", edgecolor="black", linewidth=1.2)
+                )
         ax.set_xlim(0, cols)
         ax.set_ylim(0, rows)
         ax.set_aspect("equal")

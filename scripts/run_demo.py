@@ -59,16 +59,21 @@ def attention_max_error(seed: int = 0) -> float:
             if n <= 0:
                 continue
             slots, _ = table.append_slots(n)
-            pool.write(0, keys[i][written[i]:written[i] + n], values[i][written[i]:written[i] + n],
-                       torch.tensor(slots))
+            pool.write(
+                0,
+                keys[i][written[i] : written[i] + n],
+                values[i][written[i] : written[i] + n],
+                torch.tensor(slots),
+            )
             written[i] += n
     scale = 1 / math.sqrt(dim)
     worst = 0.0
     for query_len_of in (lambda n: n, lambda n: 1):  # prefill (whole sequence), then decode (last token)
         q_lens = [query_len_of(n) for n in lengths]
         queries = [torch.randn(q, heads, dim, generator=gen) for q in q_lens]
-        meta = AttentionMetadata.build([t.block_ids for t in tables], [n - q for n, q in zip(lengths, q_lens)],
-                                       q_lens, bs, 64)
+        meta = AttentionMetadata.build(
+            [t.block_ids for t in tables], [n - q for n, q in zip(lengths, q_lens)], q_lens, bs, 64
+        )
         out = paged_attention(torch.cat(queries), pool.key(0), pool.value(0), meta, scale)
         start = 0
         for q, k, v, n in zip(queries, keys, values, lengths):
@@ -79,7 +84,7 @@ def attention_max_error(seed: int = 0) -> float:
             scores = (q.transpose(0, 1) @ kk.transpose(1, 2)) * scale
             causal = torch.ones(ql, n, dtype=torch.bool).tril(n - ql)
             ref = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ vv
-            worst = max(worst, (out[start:start + ql] - ref.transpose(0, 1)).abs().max().item())
+            worst = max(worst, (out[start : start + ql] - ref.transpose(0, 1)).abs().max().item())
             start += ql
     return worst
 
@@ -91,16 +96,23 @@ def engine_matches_transformers(max_tokens: int = 24) -> tuple[bool, list[int], 
 
     prompts = ["Once upon a time", "The little dog"]
     llm = LLM(str(STORIES260K), dtype="float32")
-    ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                        use_tqdm=False)
+    ours = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False
+    )
     hf = AutoModelForCausalLM.from_pretrained(str(STORIES260K), dtype=torch.float32).eval()
     tok = llm.get_tokenizer()
     same = True
     for prompt, out in zip(prompts, ours):
         ids = torch.tensor([tok.encode(prompt)])
         with torch.inference_mode():
-            ref = hf.generate(ids, do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                              eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+            ref = hf.generate(
+                ids,
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, ids.shape[1] :].tolist()
         same &= list(out.outputs[0].token_ids) == ref
         print(f"  {prompt!r} -> {out.outputs[0].text!r}")
     return same, list(ours[0].outputs[0].token_ids), ref
@@ -114,8 +126,9 @@ def memory_comparison() -> dict:
         run_memory_benchmark,
     )
 
-    result = run_memory_benchmark(num_requests=24, max_model_len=1024, mix=LengthMix().scaled(0.5),
-                                  progress=False)
+    result = run_memory_benchmark(
+        num_requests=24, max_model_len=1024, mix=LengthMix().scaled(0.5), progress=False
+    )
     result.pop("_snapshots")
     print_memory(result)
     return result
@@ -134,20 +147,24 @@ def copy_on_write(output_dir: Path | None) -> bool:
     child = parent.fork()
     before = snapshot_tables(allocator, [("parent", parent), ("child", child)], "after fork")
     print(render_text(before))
-    print(f"  child.block_ids = {child.block_ids}, ref counts = "
-          f"{[allocator.ref_count(b) for b in child.block_ids]}")
+    print(
+        f"  child.block_ids = {child.block_ids}, ref counts = "
+        f"{[allocator.ref_count(b) for b in child.block_ids]}"
+    )
     slots, cow = child.append_slots(1)
     print(f"  child appends one token -> {cow} (the shared, half-full last block is copied)")
     pool.copy_blocks([cow])
     after = snapshot_tables(allocator, [("parent", parent), ("child", child)], "after the child's write")
     print(render_text(after))
     bs = allocator.block_size
-    src = pool.key(0).view(-1, 1, 2)[cow.src * bs: cow.src * bs + 2]
-    dst = pool.key(0).view(-1, 1, 2)[cow.dst * bs: cow.dst * bs + 2]
+    src = pool.key(0).view(-1, 1, 2)[cow.src * bs : cow.src * bs + 2]
+    dst = pool.key(0).view(-1, 1, 2)[cow.dst * bs : cow.dst * bs + 2]
     copied = torch.equal(src, dst)
-    print(f"  the copy holds the parent's two tokens: {copied}; parent keeps block {parent.block_ids[-1]}, "
-          f"child now has {child.block_ids}; block {child.block_ids[0]} still shared "
-          f"(ref count {allocator.ref_count(child.block_ids[0])})")
+    print(
+        f"  the copy holds the parent's two tokens: {copied}; parent keeps block {parent.block_ids[-1]}, "
+        f"child now has {child.block_ids}; block {child.block_ids[0]} still shared "
+        f"(ref count {allocator.ref_count(child.block_ids[0])})"
+    )
     if output_dir is not None:
         path = draw_block_pool([before, after], output_dir / "demo_copy_on_write.png")
         print(f"  picture: {path}")
@@ -162,7 +179,9 @@ def swap_vs_recompute() -> None:
         print("  the engine has no swap preemption yet: this part comes with the scheduling issue")
         return
     rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(20, 60))]} for _ in range(16)]
+    prompts = [
+        {"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(20, 60))]} for _ in range(16)
+    ]
     params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
     texts = {}
     for mode in ("recompute", "swap"):
@@ -179,7 +198,9 @@ def swap_vs_recompute() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output-dir", default="results", help="where the copy-on-write picture goes")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)

@@ -51,15 +51,24 @@ def phase(name: str, fn, phases: list[dict], tokens: int = 0):
         result = fn()
         seconds = time.perf_counter() - start
     summary = monitor.summary()
-    phases.append({"phase": name, "seconds": seconds, "output_tokens": tokens,
-                   "tokens_per_s": tokens / seconds if tokens else 0.0,
-                   "rss_start_mib": summary["rss_start_mib"], "rss_peak_mib": summary["rss_peak_mib"]})
+    phases.append(
+        {
+            "phase": name,
+            "seconds": seconds,
+            "output_tokens": tokens,
+            "tokens_per_s": tokens / seconds if tokens else 0.0,
+            "rss_start_mib": summary["rss_start_mib"],
+            "rss_peak_mib": summary["rss_peak_mib"],
+        }
+    )
     print(f"{name:38s} {seconds:7.2f} s   peak RSS {summary['rss_peak_mib']:6.0f} MiB", flush=True)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="stories260k", help="stories260k (default), smollm2, or a path")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -88,9 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             outs = []
             for p in ids:
                 x = torch.tensor([p])
-                y = hf.generate(x, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                eos_token_id=None, pad_token_id=pad)
-                outs.append(y[0, len(p):].tolist())
+                y = hf.generate(
+                    x,
+                    do_sample=False,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    eos_token_id=None,
+                    pad_token_id=pad,
+                )
+                outs.append(y[0, len(p) :].tolist())
             return outs
 
         def padded_batch() -> list[list[int]]:
@@ -98,10 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.full((len(ids), width), pad, dtype=torch.long)
             mask = torch.zeros_like(x)
             for i, p in enumerate(ids):  # left padding, as decoder-only generation needs
-                x[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            y = hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                            eos_token_id=None, pad_token_id=pad)
+                x[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            y = hf.generate(
+                x,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                eos_token_id=None,
+                pad_token_id=pad,
+            )
             return [row[width:].tolist() for row in y]
 
         hf.generate(torch.tensor([ids[0]]), do_sample=False, max_new_tokens=2, pad_token_id=pad)  # warm-up
@@ -112,22 +134,48 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         prompts = [{"prompt_token_ids": p} for p in ids]
         llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
-        ours = phase("engine: continuous batching", lambda: llm.generate(prompts, params, use_tqdm=False),
-                     phases, total)
+        ours = phase(
+            "engine: continuous batching",
+            lambda: llm.generate(prompts, params, use_tqdm=False),
+            phases,
+            total,
+        )
     ours_ids = [list(o.outputs[0].token_ids) for o in ours]
     agree_batch = sum(a == b for a, b in zip(sequential, batched))
     agree_engine = sum(a == b for a, b in zip(sequential, ours_ids))
     print()
-    print(format_table(["phase", "seconds", "tokens/s", "peak RSS (MiB)"],
-                       [[p["phase"], f"{p['seconds']:.2f}", f"{p['tokens_per_s']:.1f}" if p["output_tokens"] else "-",
-                         f"{p['rss_peak_mib']:.0f}"] for p in phases]))
-    print(f"agree with transformers one at a time: padded batch {agree_batch}/{len(ids)}, "
-          f"engine {agree_engine}/{len(ids)}")
-    print(f"engine KV: {llm.memory_stats()['peak_used_blocks']} blocks at peak of {llm.memory_stats()['num_blocks']}")
+    print(
+        format_table(
+            ["phase", "seconds", "tokens/s", "peak RSS (MiB)"],
+            [
+                [
+                    p["phase"],
+                    f"{p['seconds']:.2f}",
+                    f"{p['tokens_per_s']:.1f}" if p["output_tokens"] else "-",
+                    f"{p['rss_peak_mib']:.0f}",
+                ]
+                for p in phases
+            ],
+        )
+    )
+    print(
+        f"agree with transformers one at a time: padded batch {agree_batch}/{len(ids)}, "
+        f"engine {agree_engine}/{len(ids)}"
+    )
+    print(
+        f"engine KV: {llm.memory_stats()['peak_used_blocks']} blocks at peak of {llm.memory_stats()['num_blocks']}"
+    )
     result = {
-        "benchmark": "experiment", "model": args.model, "dtype": args.dtype, "num_prompts": len(ids),
-        "max_tokens": n, "torch_threads": args.threads, "phases": phases,
-        "agree_padded_batch": agree_batch, "agree_engine": agree_engine, "environment": environment(),
+        "benchmark": "experiment",
+        "model": args.model,
+        "dtype": args.dtype,
+        "num_prompts": len(ids),
+        "max_tokens": n,
+        "torch_threads": args.threads,
+        "phases": phases,
+        "agree_padded_batch": agree_batch,
+        "agree_engine": agree_engine,
+        "environment": environment(),
     }
     print(f"wrote {write_json(args.output_dir, 'experiment', result)}")
     return 0

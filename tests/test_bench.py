@@ -82,10 +82,30 @@ def test_sharegpt_like_lengths_follow_the_documented_mix():
 def test_waste_summary_by_hand():
     # Two steps, block size 4, one request: prompt 3, final length 6, declared 8 (reserve 11), max_len 16.
     recs = [
-        StepRecord(0, 1, 0, tokens_stored=3, slots_allocated=4, slots_orca=11, slots_static=16,
-                   final_tokens=6, shared_blocks=0, step_s=0.0),
-        StepRecord(1, 1, 0, tokens_stored=5, slots_allocated=8, slots_orca=11, slots_static=16,
-                   final_tokens=6, shared_blocks=0, step_s=0.0),
+        StepRecord(
+            0,
+            1,
+            0,
+            tokens_stored=3,
+            slots_allocated=4,
+            slots_orca=11,
+            slots_static=16,
+            final_tokens=6,
+            shared_blocks=0,
+            step_s=0.0,
+        ),
+        StepRecord(
+            1,
+            1,
+            0,
+            tokens_stored=5,
+            slots_allocated=8,
+            slots_orca=11,
+            slots_static=16,
+            final_tokens=6,
+            shared_blocks=0,
+            step_s=0.0,
+        ),
     ]
     s = waste_summary(recs)
     assert s["paged"]["waste"] == pytest.approx(1 - 8 / 12)
@@ -95,7 +115,9 @@ def test_waste_summary_by_hand():
     assert s["orca"]["reservation"] == pytest.approx((12 - 8) / 22)
     assert s["static"]["waste"] == pytest.approx(1 - 8 / 32)
     for scheme in ("paged", "orca", "static"):
-        assert s[scheme]["waste"] == pytest.approx(s[scheme]["internal_fragmentation"] + s[scheme]["reservation"])
+        assert s[scheme]["waste"] == pytest.approx(
+            s[scheme]["internal_fragmentation"] + s[scheme]["reservation"]
+        )
 
 
 # ------------------------------------------------------------------ memory
@@ -114,7 +136,11 @@ def test_bench_memory_quick(tmp_path):
     bs = data["config"]["block_size"]
     for rec in data["timeline"]:
         # Paging holds at most one partly filled block per running request.
-        assert rec["tokens_stored"] <= rec["slots_allocated"] < rec["tokens_stored"] + bs * max(rec["num_running"], 1)
+        assert (
+            rec["tokens_stored"]
+            <= rec["slots_allocated"]
+            < rec["tokens_stored"] + bs * max(rec["num_running"], 1)
+        )
         assert rec["tokens_stored"] <= rec["final_tokens"] <= rec["slots_orca"] <= rec["slots_static"]
     assert data["peak"]["paged_slots"] >= max(r["slots_allocated"] for r in data["timeline"])
     assert_monitor(data)
@@ -124,8 +150,9 @@ def test_bench_memory_quick(tmp_path):
 
 
 def test_memory_run_counts_every_generated_token():
-    result = memory.run_memory_benchmark(model="stories260k", num_requests=6, max_model_len=256,
-                                         mix=LengthMix().scaled(0.2), progress=False)
+    result = memory.run_memory_benchmark(
+        model="stories260k", num_requests=6, max_model_len=256, mix=LengthMix().scaled(0.2), progress=False
+    )
     assert result["run"]["output_tokens"] == round(result["workload"]["output_mean"] * 6)
     assert result["timeline"][-1]["num_running"] == 0  # the run went to the end
 
@@ -326,8 +353,10 @@ def test_transformers_continuous_batching_peer():
 
     hf = AutoModelForCausalLM.from_pretrained(str(STORIES260K), dtype=torch.float32).eval()
     rng = random.Random(0)
-    work = [BenchRequest([rng.randrange(3, 512) for _ in range(rng.randint(4, 30))], rng.randint(2, 12))
-            for _ in range(5)]
+    work = [
+        BenchRequest([rng.randrange(3, 512) for _ in range(rng.randint(4, 30))], rng.randint(2, 12))
+        for _ in range(5)
+    ]
     with torch_threads(1):
         result = run_hf_continuous(hf, work)
     assert result["output_tokens"] == sum(r.output_len for r in work)

@@ -39,8 +39,16 @@ def sharing_result(tmp_path_factory) -> dict:
 
 
 def test_sharing_json_has_every_part(sharing_result):
-    assert {"config", "fork_sharing", "prefix_sharing", "overhead", "literature", "monitor",
-            "environment", "plot"} <= set(sharing_result)
+    assert {
+        "config",
+        "fork_sharing",
+        "prefix_sharing",
+        "overhead",
+        "literature",
+        "monitor",
+        "environment",
+        "plot",
+    } <= set(sharing_result)
     assert sharing_result["config"]["quick"] is True
     assert sharing_result["monitor"]["num_samples"] >= 2
     assert set(sharing_result["part_seconds"]) == {"fork_sharing", "prefix_sharing", "overhead"}
@@ -48,7 +56,12 @@ def test_sharing_json_has_every_part(sharing_result):
 
 def test_sharing_saves_blocks_for_samples_and_beams(sharing_result):
     rows = sharing_result["fork_sharing"]["rows"]
-    assert {(r["mode"], r["width"]) for r in rows} == {("parallel", 2), ("parallel", 4), ("beam", 2), ("beam", 4)}
+    assert {(r["mode"], r["width"]) for r in rows} == {
+        ("parallel", 2),
+        ("parallel", 4),
+        ("beam", 2),
+        ("beam", 4),
+    }
     for r in rows:
         assert 0 < r["shared_peak_blocks"] < r["unshared_peak_blocks"], r
         assert 0 < r["saving"] < 1
@@ -147,15 +160,21 @@ def test_preemption_starved_run(preemption_result):
     assert runs["swap"]["num_swapped_out"] > 0 and runs["swap"]["swap_copy_s"] > 0
     assert runs["recompute"]["model_tokens"] > prompt_and_output
     assert runs["recompute"]["swap_copy_s"] == 0
-    assert {label: len(rs) for label, rs in part["all_runs"].items()} == {label: part["repeats"] for label in runs}
+    assert {label: len(rs) for label, rs in part["all_runs"].items()} == {
+        label: part["repeats"] for label in runs
+    }
     assert part["recomputed_tokens_ours"] == runs["recompute"]["num_recomputed_tokens"]
     assert part["recomputed_tokens_newest_first"] == runs["recompute, newest first"]["num_recomputed_tokens"]
 
 
 # ------------------------------------------------------------------ pieces
-def _running(sched: Scheduler, alloc: BlockAllocator, computed: list[int], priorities: list[int]) -> list[Request]:
-    reqs = [Request.create(str(i), [5] * 8, alloc, 4, priority=p, arrival_index=i)
-            for i, p in enumerate(priorities)]
+def _running(
+    sched: Scheduler, alloc: BlockAllocator, computed: list[int], priorities: list[int]
+) -> list[Request]:
+    reqs = [
+        Request.create(str(i), [5] * 8, alloc, 4, priority=p, arrival_index=i)
+        for i, p in enumerate(priorities)
+    ]
     for r, n in zip(reqs, computed):
         r.status = RequestStatus.RUNNING
         r.num_computed_tokens = n
@@ -168,7 +187,9 @@ def test_preemption_victim_orders_part_where_the_oldest_is_least_computed():
     priority and part on the rest: least computed against latest arrival."""
     alloc = BlockAllocator(16, 4)
     ours = Scheduler(alloc, max_num_seqs=8, max_num_batched_tokens=64)
-    newest = Scheduler(alloc, max_num_seqs=8, max_num_batched_tokens=64, preemption_victim="lowest_priority_latest")
+    newest = Scheduler(
+        alloc, max_num_seqs=8, max_num_batched_tokens=64, preemption_victim="lowest_priority_latest"
+    )
     for sched in (ours, newest):
         reqs = _running(sched, alloc, computed=[1, 6, 4], priorities=[0, 0, 0])
         assert sched._pick_victim(set()) is (reqs[0] if sched is ours else reqs[2])
@@ -190,8 +211,25 @@ def test_percentile_interpolates_like_numpy():
 
 def _cost(length: int, faster: str) -> PreemptCost:
     swap, recompute = (1.0, 2.0) if faster == "swap" else (2.0, 1.0)
-    return PreemptCost(length, 16, length // 16, 1, "float32", swap / 2, swap / 2, swap, swap, recompute,
-                       faster, "swap", 0.0, 0.0, faster == "swap", "swap", faster == "swap")
+    return PreemptCost(
+        length,
+        16,
+        length // 16,
+        1,
+        "float32",
+        swap / 2,
+        swap / 2,
+        swap,
+        swap,
+        recompute,
+        faster,
+        "swap",
+        0.0,
+        0.0,
+        faster == "swap",
+        "swap",
+        faster == "swap",
+    )
 
 
 def test_crossovers_report_where_the_winner_changes():

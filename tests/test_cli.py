@@ -11,13 +11,24 @@ from paged_attention.engine.builder import STORIES260K
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "paged_attention.entrypoints.cli", *args],
-        input=stdin, capture_output=True, text=True, timeout=120,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 def test_generate_prints_text_and_a_summary():
-    result = run_cli("generate", "Once upon a time", "--model", str(STORIES260K),
-                     "--max-tokens", "20", "--num-kv-blocks", "64")
+    result = run_cli(
+        "generate",
+        "Once upon a time",
+        "--model",
+        str(STORIES260K),
+        "--max-tokens",
+        "20",
+        "--num-kv-blocks",
+        "64",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Once upon a time, there was a little girl named Lily")
     assert "20 tokens" in result.stderr and "tokens/s" in result.stderr
@@ -25,10 +36,27 @@ def test_generate_prints_text_and_a_summary():
 
 
 def test_generate_stream_gives_the_same_text():
-    plain = run_cli("generate", "Once upon a time", "--model", str(STORIES260K), "--max-tokens", "20",
-                    "--num-kv-blocks", "64")
-    streamed = run_cli("generate", "Once upon a time", "--model", str(STORIES260K), "--max-tokens",
-                       "20", "--num-kv-blocks", "64", "--stream")
+    plain = run_cli(
+        "generate",
+        "Once upon a time",
+        "--model",
+        str(STORIES260K),
+        "--max-tokens",
+        "20",
+        "--num-kv-blocks",
+        "64",
+    )
+    streamed = run_cli(
+        "generate",
+        "Once upon a time",
+        "--model",
+        str(STORIES260K),
+        "--max-tokens",
+        "20",
+        "--num-kv-blocks",
+        "64",
+        "--stream",
+    )
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == plain.stdout
 
@@ -36,8 +64,18 @@ def test_generate_stream_gives_the_same_text():
 def test_chat_reads_stdin_when_not_a_terminal(tmp_path):
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    result = run_cli("chat", "--model", str(STORIES260K), "--max-tokens", "8", "--num-kv-blocks", "64",
-                     "--chat-template", str(template), stdin="Once upon a time\n")
+    result = run_cli(
+        "chat",
+        "--model",
+        str(STORIES260K),
+        "--max-tokens",
+        "8",
+        "--num-kv-blocks",
+        "64",
+        "--chat-template",
+        str(template),
+        stdin="Once upon a time\n",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "8 tokens" in result.stderr
 
@@ -96,12 +134,32 @@ def test_every_engine_option_is_a_flag_of_every_engine_command():
         assert engine_kwargs(args) == defaults, argv
         assert args.model is None
     EngineConfig(**defaults)  # the flags' defaults are a valid configuration
-    args = parser.parse_args(["generate", "hi", "--block-size", "32", "--kv-cache-memory", "1GiB",
-                              "--no-enable-prefix-caching", "--preemption-victim", "lowest_priority_latest",
-                              "--swap-space", "0.5", "--dtype", "bf16"])
-    assert engine_kwargs(args) == {**defaults, "block_size": 32, "kv_cache_memory": "1GiB",
-                                   "enable_prefix_caching": False, "swap_space": 0.5, "dtype": "bf16",
-                                   "preemption_victim": "lowest_priority_latest"}
+    args = parser.parse_args(
+        [
+            "generate",
+            "hi",
+            "--block-size",
+            "32",
+            "--kv-cache-memory",
+            "1GiB",
+            "--no-enable-prefix-caching",
+            "--preemption-victim",
+            "lowest_priority_latest",
+            "--swap-space",
+            "0.5",
+            "--dtype",
+            "bf16",
+        ]
+    )
+    assert engine_kwargs(args) == {
+        **defaults,
+        "block_size": 32,
+        "kv_cache_memory": "1GiB",
+        "enable_prefix_caching": False,
+        "swap_space": 0.5,
+        "dtype": "bf16",
+        "preemption_victim": "lowest_priority_latest",
+    }
 
 
 def test_a_benchmark_takes_a_subset_of_engine_flags_with_its_own_defaults():
@@ -130,8 +188,18 @@ def test_engine_argv_round_trips_through_the_serve_parser():
     from paged_attention.entrypoints.engine_args import engine_argv
 
     parser = build_parser()
-    args = parser.parse_args(["generate", "hi", "--model", "m", "--max-model-len", "512",
-                              "--no-enable-prefix-caching", "--enforce-eager"])
+    args = parser.parse_args(
+        [
+            "generate",
+            "hi",
+            "--model",
+            "m",
+            "--max-model-len",
+            "512",
+            "--no-enable-prefix-caching",
+            "--enforce-eager",
+        ]
+    )
     argv = engine_argv(args)
     assert argv[:2] == ["--model", "m"] and "--no-enable-prefix-caching" in argv and "--enforce-eager" in argv
     served = parser.parse_args(["serve", *argv])

@@ -40,7 +40,14 @@ def test_default_model_greedy_tokens_equal_transformers_on_the_same_gguf():
     tok = llm.get_tokenizer()
     for prompt, out in zip(PROMPTS, ours):
         ids = torch.tensor([tok.encode(prompt)])
-        want = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                           max_new_tokens=24, min_new_tokens=24, eos_token_id=None, pad_token_id=2)
-        assert out.outputs[0].token_ids == want[0, ids.shape[1]:].tolist(), prompt
+        want = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=24,
+            min_new_tokens=24,
+            eos_token_id=None,
+            pad_token_id=2,
+        )
+        assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist(), prompt
     assert ours[0].outputs[0].text.startswith(", the city of Nova Haven was a thriving metropolis")

@@ -18,11 +18,19 @@ from paged_attention.engine.builder import STORIES260K
 from tests.engine_utils import drain
 from tests.profiles import examples
 
+
 def tiny_llm() -> LLM:
     """A fresh engine per example (stories260K loads in milliseconds), so no
     example can leave state behind for the next."""
-    return LLM(str(STORIES260K), dtype="float32", num_kv_blocks=24, block_size=4,
-               max_model_len=96, max_num_seqs=6, max_num_batched_tokens=48)
+    return LLM(
+        str(STORIES260K),
+        dtype="float32",
+        num_kv_blocks=24,
+        block_size=4,
+        max_model_len=96,
+        max_num_seqs=6,
+        max_num_batched_tokens=48,
+    )
 
 
 MAX_DRAIN_STEPS = 20_000
@@ -89,4 +97,3 @@ class EngineMachine(RuleBasedStateMachine):
 
 EngineMachine.TestCase.settings = settings(max_examples=examples(25), stateful_step_count=30)
 test_engine_state_machine = pytest.mark.slow(EngineMachine.TestCase)
-

@@ -38,9 +38,7 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _gguf_py(raw: np.ndarray, qtype: QT) -> torch.Tensor:
-    return torch.from_numpy(
-        np.ascontiguousarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32)
-    )
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32))
 
 
 # ------------------------------------------------------------------ kernels
@@ -51,9 +49,9 @@ QUANTIZABLE = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.F16, QT.BF16, QT.
 
 
 def _test_matrix(rng: np.random.Generator, rows: int = 6, cols: int = 512) -> np.ndarray:
-    x = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(
-        0.01, 10, size=(rows, 1)
-    ).astype(np.float32)
+    x = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(0.01, 10, size=(rows, 1)).astype(
+        np.float32
+    )
     x[0] = 0.0
     x[1] = 0.75
     x[2, :7] = [1e-8, -1e-8, 3e4, -3e4, 0.0, -0.0, 1.0]
@@ -111,9 +109,7 @@ def test_kernel_types_do_not_use_the_gguf_py_fallback(monkeypatch: pytest.Monkey
         raw = gguf.quants.quantize(_test_matrix(rng, 3, 64), qtype).reshape(-1)
         pg.dequantize(torch.from_numpy(raw.copy()), int(qtype), (3, 64))
     for qtype in (QT.Q4_K, QT.Q6_K):
-        pg.dequantize(
-            torch.from_numpy(_random_k_blocks(rng, qtype, 2).reshape(-1)), int(qtype), (2, 256)
-        )
+        pg.dequantize(torch.from_numpy(_random_k_blocks(rng, qtype, 2).reshape(-1)), int(qtype), (2, 256))
     for qtype, n in ((QT.F32, 4), (QT.F16, 2), (QT.BF16, 2)):
         pg.dequantize(torch.zeros(8 * n, dtype=torch.uint8), int(qtype), (2, 4))
 
@@ -134,11 +130,7 @@ def test_dequantize_rejects_bad_input() -> None:
 
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     # convert_hf_to_gguf.py LlamaModel.permute, verbatim apart from names.
-    return (
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 @pytest.mark.parametrize(("n_head", "n_kv", "head_dim"), [(9, 3, 64), (4, 4, 8), (6, 1, 16)])
@@ -286,9 +278,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tiny_file_matches_transformers_exactly(tiny_gguf: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(
-        tiny_gguf.parent, gguf_file=tiny_gguf.name
-    ).state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name).state_dict()
     config, ours = load_direct(tiny_gguf)
     assert set(ours) == set(ref)  # untied: lm_head.weight is a tensor of the file
     for name, t in ours.items():
@@ -411,12 +401,8 @@ def test_truncated_file(tiny_gguf: Path, tmp_path: Path) -> None:
 
 def test_corrupt_length_field_is_a_value_error(tmp_path: Path) -> None:
     # A key claiming 2**62 bytes must not be read (or allocated).
-    header = (
-        b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
-    )
-    (tmp_path / "c.gguf").write_bytes(
-        header + (2**62).to_bytes(8, "little") + b"general.architecture"
-    )
+    header = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+    (tmp_path / "c.gguf").write_bytes(header + (2**62).to_bytes(8, "little") + b"general.architecture")
     with pytest.raises(ValueError, match="truncated GGUF header"):
         pg.read_gguf_header(tmp_path / "c.gguf")
     (tmp_path / "v.gguf").write_bytes(b"GGUF" + (1).to_bytes(4, "little") + bytes(16))
@@ -519,9 +505,7 @@ def test_use_cache_false_writes_nothing(
     dict(pg.load_gguf(tiny_gguf, use_cache=False)[1])
     assert list(tmp_path.iterdir()) == []
     dict(pg.load_gguf(tiny_gguf)[1])  # the default does cache, under XDG_CACHE_HOME
-    assert [p.name for p in (tmp_path / "paged_attention").iterdir()] == [
-        pg.cache_file_for(tiny_gguf).name
-    ]
+    assert [p.name for p in (tmp_path / "paged_attention").iterdir()] == [pg.cache_file_for(tiny_gguf).name]
 
 
 # ------------------------------------------------------------------ default model

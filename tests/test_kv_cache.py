@@ -42,7 +42,9 @@ def test_shapes_and_views():
         (30, 3, 64, 16, torch.bfloat16, 2),  # SmolLM2-135M-like
     ],
 )
-def test_bytes_per_token_and_block_match_hand_computation(layers, kv_heads, head_dim, block_size, dtype, element):
+def test_bytes_per_token_and_block_match_hand_computation(
+    layers, kv_heads, head_dim, block_size, dtype, element
+):
     per_token = 2 * layers * kv_heads * head_dim * element
     pool = KVCachePool(layers, 3, block_size, kv_heads, head_dim, dtype=dtype)
     assert pool.bytes_per_token == per_token
@@ -221,8 +223,14 @@ def test_engine_host_pool_matches_the_device_pool_and_is_logged(caplog):
     from paged_attention.engine.builder import STORIES260K
 
     with caplog.at_level(logging.INFO, logger="paged_attention"):
-        engine = LLM(str(STORIES260K), dtype="float32", num_kv_blocks=64, block_size=4,
-                     max_model_len=128, swap_space=4.0).engine
+        engine = LLM(
+            str(STORIES260K),
+            dtype="float32",
+            num_kv_blocks=64,
+            block_size=4,
+            max_model_len=128,
+            swap_space=4.0,
+        ).engine
     swapper = engine.scheduler.swapper
     assert swapper is not None
     assert engine.allocator.num_blocks == swapper.host.num_blocks == 64

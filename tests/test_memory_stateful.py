@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -382,9 +382,7 @@ class MemoryMachine(RuleBasedStateMachine):
             assert not self.entries and self.alloc.num_evictable_blocks == 0
             return
         assert cache.cached_block_ids() == sorted(self.entries)
-        assert sorted(self.alloc.evictable_block_ids()) == sorted(
-            b for b in self.entries if counts[b] == 0
-        )
+        assert sorted(self.alloc.evictable_block_ids()) == sorted(b for b in self.entries if counts[b] == 0)
         assert (cache.num_queried_tokens, cache.num_hit_tokens) == (self.queried, self.hit)
 
     @invariant()

@@ -202,7 +202,10 @@ ROPE_CASES = {
 def test_rope_matches_transformers(name: str) -> None:
     params = ROPE_CASES[name]
     hf_config = transformers.LlamaConfig(
-        hidden_size=48, num_attention_heads=2, head_dim=24, max_position_embeddings=32768,
+        hidden_size=48,
+        num_attention_heads=2,
+        head_dim=24,
+        max_position_embeddings=32768,
         rope_parameters=dict(params),
     )
     hf_rope = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config)
@@ -230,8 +233,10 @@ def test_config_old_and_new_rope_layouts_agree() -> None:
     assert ModelConfig.from_hf_config(plain).rope_scaling is None
     assert ModelConfig.from_hf_config(plain).rope_theta == 5e5
     # llama3 without a pretraining length falls back to max_position_embeddings.
-    llama3 = {**base, "rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1,
-                                       "high_freq_factor": 4}}
+    llama3 = {
+        **base,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4},
+    }
     scaling = ModelConfig.from_hf_config(llama3).rope_scaling
     assert scaling is not None and scaling.original_max_position_embeddings == 64
 
@@ -265,7 +270,11 @@ def test_config_errors() -> None:
         ModelConfig.from_hf_config({"architectures": ["LlamaForCausalLM"], **base, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="yarn.*default, linear, llama3"):
         ModelConfig.from_hf_config(
-            {"architectures": ["LlamaForCausalLM"], **base, "rope_scaling": {"rope_type": "yarn", "factor": 2}}
+            {
+                "architectures": ["LlamaForCausalLM"],
+                **base,
+                "rope_scaling": {"rope_type": "yarn", "factor": 2},
+            }
         )
     with pytest.raises(ValueError, match="head_dim must be even.*7"):
         ModelConfig.from_hf_config({"architectures": ["LlamaForCausalLM"], **base, "head_dim": 7})
@@ -277,8 +286,13 @@ def test_config_errors() -> None:
 
 def _small_hf_config() -> dict[str, Any]:
     return {
-        "vocab_size": 50, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 1,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+        "vocab_size": 50,
+        "hidden_size": 32,
+        "intermediate_size": 40,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
     }
 
 
@@ -400,14 +414,18 @@ def test_norm_and_rope_round_like_hf(dtype: torch.dtype) -> None:
         assert torch.equal(rms_norm(x, hf_norm.weight, 1e-5), hf_norm(x))
 
     hf_config = transformers.LlamaConfig(
-        hidden_size=48, num_attention_heads=2, head_dim=24,
+        hidden_size=48,
+        num_attention_heads=2,
+        head_dim=24,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4},
     )
     hf_rope = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config)
     positions = torch.tensor([0, 3, 17, 200, 1999])
     q = torch.randn(1, len(positions), 3, 24, generator=gen).to(dtype)
     hf_cos, hf_sin = hf_rope(q, positions[None])
-    hf_q, _ = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, q, hf_cos, hf_sin, unsqueeze_dim=2)
+    hf_q, _ = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(
+        q, q, hf_cos, hf_sin, unsqueeze_dim=2
+    )
     # Our tables in the activation dtype (vectorised cos/sin may differ from
     # HF's by a float32 ulp, hence the tolerance of one bfloat16 step).
     cos, sin = RotaryEmbedding(24, 2048, 1e4, None).cos_sin(positions, dtype)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paged_attention.attention.metadata import AttentionMetadata
@@ -307,9 +307,7 @@ def test_wrong_block_table_would_be_detected():
     num_kv_heads=st.integers(1, 3),
     group=st.sampled_from([1, 2, 4]),
     head_dim=st.sampled_from([1, 3, 8, 16, 32]),
-    seqs=st.lists(
-        st.tuples(st.integers(0, 70), st.integers(1, 24)), min_size=1, max_size=5
-    ),
+    seqs=st.lists(st.tuples(st.integers(0, 70), st.integers(1, 24)), min_size=1, max_size=5),
     table_mode=st.sampled_from(["allocator", "random"]),
     garbage=st.sampled_from(["nan", "normal"]),
     seed=st.integers(0, 2**31 - 1),
@@ -318,7 +316,9 @@ def test_paged_equals_plain_attention_random_shapes(
     block_size, num_kv_heads, group, head_dim, seqs, table_mode, garbage, seed
 ):
     assert_matches(
-        run_case(seqs, block_size, num_kv_heads, group, head_dim, seed=seed, table_mode=table_mode, garbage=garbage)
+        run_case(
+            seqs, block_size, num_kv_heads, group, head_dim, seed=seed, table_mode=table_mode, garbage=garbage
+        )
     )
 
 

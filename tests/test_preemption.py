@@ -26,8 +26,14 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 def tight_llm(mode: str, **kw) -> LLM:
     """A pool of 40 blocks of 4 tokens: the six prompts cannot all stay."""
-    kwargs = dict(dtype="float32", num_kv_blocks=40, block_size=4, max_model_len=128,
-                  preemption_mode=mode, swap_space=0.01)
+    kwargs = dict(
+        dtype="float32",
+        num_kv_blocks=40,
+        block_size=4,
+        max_model_len=128,
+        preemption_mode=mode,
+        swap_space=0.01,
+    )
     kwargs.update(kw)
     return LLM(str(STORIES260K), **kwargs)
 
@@ -111,11 +117,22 @@ def test_swap_space_zero_disables_swapping():
 def test_chunked_prefill_gives_the_same_tokens(block_size):
     prompt = "Lily and Tom went to the park. They saw a big dog and a small cat. The dog"
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    whole = LLM(str(STORIES260K), dtype="float32", block_size=block_size,
-                num_kv_blocks=1024 // block_size, max_model_len=256)
+    whole = LLM(
+        str(STORIES260K),
+        dtype="float32",
+        block_size=block_size,
+        num_kv_blocks=1024 // block_size,
+        max_model_len=256,
+    )
     want = whole.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
-    chunked = LLM(str(STORIES260K), dtype="float32", block_size=block_size,
-                  num_kv_blocks=1024 // block_size, max_model_len=256, max_num_batched_tokens=7)
+    chunked = LLM(
+        str(STORIES260K),
+        dtype="float32",
+        block_size=block_size,
+        num_kv_blocks=1024 // block_size,
+        max_model_len=256,
+        max_num_batched_tokens=7,
+    )
     engine = chunked.engine
     (rid,) = chunked.add_requests(prompt, params)
     steps_with_prefill = 0
@@ -130,8 +147,14 @@ def test_chunked_prefill_gives_the_same_tokens(block_size):
 
 
 def test_decodes_go_first_so_a_long_prompt_never_stalls_them():
-    llm = LLM(str(STORIES260K), dtype="float32", num_kv_blocks=128, block_size=16,
-              max_model_len=512, max_num_batched_tokens=16)
+    llm = LLM(
+        str(STORIES260K),
+        dtype="float32",
+        num_kv_blocks=128,
+        block_size=16,
+        max_model_len=512,
+        max_num_batched_tokens=16,
+    )
     engine = llm.engine
     llm.add_requests("Once upon a time", SamplingParams(temperature=0, max_tokens=30))
     engine.step()
@@ -146,8 +169,9 @@ def test_decodes_go_first_so_a_long_prompt_never_stalls_them():
 
 
 def test_priorities_and_no_starvation():
-    llm = LLM(str(STORIES260K), dtype="float32", num_kv_blocks=64, block_size=4,
-              max_model_len=128, max_num_seqs=2)
+    llm = LLM(
+        str(STORIES260K), dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=128, max_num_seqs=2
+    )
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     low, high = llm.add_requests(["A dog", "A cat"], params, priority=[5, 0])
@@ -156,8 +180,9 @@ def test_priorities_and_no_starvation():
         finished += [o.request_id for o in engine.step()]
     assert finished.index(high) < finished.index(low)
     # A stream of short requests does not starve one long one of equal priority.
-    (long_id,) = llm.add_requests("Once upon a time", SamplingParams(temperature=0, max_tokens=60,
-                                                                      ignore_eos=True))
+    (long_id,) = llm.add_requests(
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    )
     finished = []
     for i in range(40):
         llm.add_requests(f"Tom {i}", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))

@@ -65,21 +65,28 @@ def make_scheduler(
     if host_blocks is not None:
         host = BlockAllocator(host_blocks, pool.block_size, enable_prefix_caching=False)
         swapper = SwapManager(pool, host)
-    return Scheduler(pool, max_num_seqs, max_num_batched_tokens, swapper=swapper,
-                     preemption_mode=mode, cost_model=cost_model, **extra)
+    return Scheduler(
+        pool,
+        max_num_seqs,
+        max_num_batched_tokens,
+        swapper=swapper,
+        preemption_mode=mode,
+        cost_model=cost_model,
+        **extra,
+    )
 
 
 def has_victim_option() -> bool:
     return "preemption_victim" in inspect.signature(Scheduler).parameters
 
 
-def make_request(pool: BlockAllocator, rid: str, prompt: int | list[int], max_tokens: int = 100,
-                 *, priority: int = 0) -> Request:
+def make_request(
+    pool: BlockAllocator, rid: str, prompt: int | list[int], max_tokens: int = 100, *, priority: int = 0
+) -> Request:
     """`prompt`: the token ids, or a length (tokens made up from the id).
     Arrival order is creation order."""
     tokens = prompt if isinstance(prompt, list) else [1000 * ord(rid[0]) + i for i in range(prompt)]
-    return Request.create(rid, tokens, pool, max_tokens, priority=priority,
-                          arrival_index=next(_arrivals))
+    return Request.create(rid, tokens, pool, max_tokens, priority=priority, arrival_index=next(_arrivals))
 
 
 def make_fork(sched: Scheduler, parent: Request, rid: str) -> Request:
@@ -89,10 +96,15 @@ def make_fork(sched: Scheduler, parent: Request, rid: str) -> Request:
     if hasattr(parent, "prefix_chain"):  # the chain lives on the request (BlockPool refactor)
         extra["prefix_chain"] = parent.prefix_chain.copy()
     child = Request(
-        rid, parent.prompt_token_ids, parent.block_table.fork(), parent.max_tokens,
-        priority=parent.priority, arrival_index=parent.arrival_index,
+        rid,
+        parent.prompt_token_ids,
+        parent.block_table.fork(),
+        parent.max_tokens,
+        priority=parent.priority,
+        arrival_index=parent.arrival_index,
         output_token_ids=list(parent.output_token_ids),
-        num_computed_tokens=parent.num_computed_tokens, **extra,
+        num_computed_tokens=parent.num_computed_tokens,
+        **extra,
     )
     sched.add_fork(child, parent)
     return child
@@ -166,8 +178,10 @@ def step(sched: Scheduler, idle: tuple[str, ...] = ()) -> Step:
         batch,
         scheduled=[(r.request_id, n) for r, n in zip(batch.requests, batch.num_new_tokens)],
         blocks={r.request_id: blocks_of(r) for r in batch.requests},
-        slots={r.request_id: r.block_table.slots(r.num_computed_tokens, r.num_computed_tokens + n)
-               for r, n in zip(batch.requests, batch.num_new_tokens)},
+        slots={
+            r.request_id: r.block_table.slots(r.num_computed_tokens, r.num_computed_tokens + n)
+            for r, n in zip(batch.requests, batch.num_new_tokens)
+        },
         copies=[(c.src, c.dst) for c in batch.copies],
         preempted=[r.request_id for r in batch.preempted],
         swap_out=[(c.src, c.dst) for c in batch.swap_out],
@@ -188,8 +202,9 @@ def step(sched: Scheduler, idle: tuple[str, ...] = ()) -> Step:
     return s
 
 
-def expect(s: Step, scheduled, blocks, *, slots=None, copies=(), preempted=(), swap_out=(),
-           swap_in=(), finished=()) -> None:
+def expect(
+    s: Step, scheduled, blocks, *, slots=None, copies=(), preempted=(), swap_out=(), swap_in=(), finished=()
+) -> None:
     """The whole batch, exactly (slots only when given)."""
     assert s.scheduled == list(scheduled)
     assert s.blocks == blocks
@@ -215,14 +230,22 @@ def test_admission_is_fcfs_and_capped_by_max_num_seqs():
         sched.add(r)
     check(sched)
 
-    expect(step(sched), [("A", 5), ("B", 3)], {"A": [0, 1], "B": [2]},
-           slots={"A": [0, 1, 2, 3, 4], "B": [8, 9, 10]})
+    expect(
+        step(sched),
+        [("A", 5), ("B", 3)],
+        {"A": [0, 1], "B": [2]},
+        slots={"A": [0, 1, 2, 3, 4], "B": [8, 9, 10]},
+    )
     assert ids(sched.running) == ["A", "B"] and ids(sched.waiting) == ["C"]
     # Two decodes fill max_num_seqs: C keeps waiting though blocks and budget abound.
-    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0, 1], "B": [2]},
-           slots={"A": [5], "B": [11]})
-    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0, 1], "B": [2, 3]},
-           slots={"A": [6], "B": [12]}, finished=["A", "B"])
+    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0, 1], "B": [2]}, slots={"A": [5], "B": [11]})
+    expect(
+        step(sched),
+        [("A", 1), ("B", 1)],
+        {"A": [0, 1], "B": [2, 3]},
+        slots={"A": [6], "B": [12]},
+        finished=["A", "B"],
+    )
     assert pool.free_block_ids() == [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3]
     expect(step(sched), [("C", 4)], {"C": [4]}, slots={"C": [16, 17, 18, 19]}, finished=["C"])
     assert not sched.has_unfinished() and pool.num_free_blocks == 16
@@ -236,11 +259,19 @@ def test_admission_under_the_token_budget_chunks_the_last_admitted_prompt():
         sched.add(make_request(pool, rid, n))
 
     # A takes 6, B gets the 4 left (a chunk), C waits for the next step.
-    expect(step(sched), [("A", 6), ("B", 4)], {"A": [0, 1], "B": [2]},
-           slots={"A": [0, 1, 2, 3, 4, 5], "B": [8, 9, 10, 11]})
+    expect(
+        step(sched),
+        [("A", 6), ("B", 4)],
+        {"A": [0, 1], "B": [2]},
+        slots={"A": [0, 1, 2, 3, 4, 5], "B": [8, 9, 10, 11]},
+    )
     assert ids(sched.waiting) == ["C"]
-    expect(step(sched), [("A", 1), ("B", 2), ("C", 2)], {"A": [0, 1], "B": [2, 3], "C": [4]},
-           slots={"A": [6], "B": [12, 13], "C": [16, 17]})
+    expect(
+        step(sched),
+        [("A", 1), ("B", 2), ("C", 2)],
+        {"A": [0, 1], "B": [2, 3], "C": [4]},
+        slots={"A": [6], "B": [12, 13], "C": [16, 17]},
+    )
     # Only requests that computed their last token sampled one.
     assert [r.num_output_tokens for r in sched.running] == [2, 1, 1]
 
@@ -252,8 +283,10 @@ def test_an_empty_scheduler_returns_an_empty_batch():
     assert sched.schedule().is_empty
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_num_seqs=0), dict(max_num_batched_tokens=0),
-                                    dict(mode="sometimes"), dict(victim="oldest")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(max_num_seqs=0), dict(max_num_batched_tokens=0), dict(mode="sometimes"), dict(victim="oldest")],
+)
 def test_bad_settings_are_rejected(kwargs):
     if "victim" in kwargs and not has_victim_option():
         pytest.skip("the scheduler has no preemption_victim option yet")
@@ -275,11 +308,9 @@ def test_long_prompt_is_prefilled_in_chunks_and_holds_back_admission():
     expect(step(sched), [("A", 4)], {"A": [0, 1]}, slots={"A": [4, 5, 6, 7]})
     assert a.num_output_tokens == 0 and ids(sched.waiting) == ["B"]
     # The last chunk (2 tokens) leaves 2 of the budget: B's whole prompt.
-    expect(step(sched), [("A", 2), ("B", 2)], {"A": [0, 1, 2], "B": [3]},
-           slots={"A": [8, 9], "B": [12, 13]})
+    expect(step(sched), [("A", 2), ("B", 2)], {"A": [0, 1, 2], "B": [3]}, slots={"A": [8, 9], "B": [12, 13]})
     assert a.output_token_ids == [7] and b.output_token_ids == [7]
-    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0, 1, 2], "B": [3]},
-           slots={"A": [10], "B": [14]})
+    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0, 1, 2], "B": [3]}, slots={"A": [10], "B": [14]})
 
 
 def test_a_running_chunk_comes_before_a_later_running_request():
@@ -298,8 +329,7 @@ def test_a_running_chunk_comes_before_a_later_running_request():
     # Now A outranks B and its chunk takes the whole budget.
     expect(step(sched), [("A", 4)], {"A": [1, 2]}, slots={"A": [7, 8, 9, 10]})
     assert b.num_computed_tokens == 3 and b.num_tokens == 4
-    expect(step(sched), [("A", 2), ("B", 1)], {"A": [1, 2, 3], "B": [0]},
-           slots={"A": [11, 12], "B": [3]})
+    expect(step(sched), [("A", 2), ("B", 1)], {"A": [1, 2, 3], "B": [0]}, slots={"A": [11, 12], "B": [3]})
 
 
 # ------------------------------------------------------- recompute preemption
@@ -311,8 +341,7 @@ def test_recompute_preemption_frees_the_victim_and_requeues_it_with_its_tokens()
     sched.add(b)
 
     expect(step(sched), [("A", 7), ("B", 7)], {"A": [0, 1], "B": [2, 3]})
-    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0, 1], "B": [2, 3]},
-           slots={"A": [7], "B": [15]})
+    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0, 1], "B": [2, 3]}, slots={"A": [7], "B": [15]})
     # A needs a third block; both have 8 computed: the later arrival (B) goes.
     c = make_request(pool, "C", 1, 1)
     sched.add(c)
@@ -328,8 +357,13 @@ def test_recompute_preemption_frees_the_victim_and_requeues_it_with_its_tokens()
     expect(step(sched), [("A", 1)], {"A": [0, 1, 2]}, slots={"A": [9]}, finished=["A"])
     assert pool.free_block_ids() == [3, 0, 1, 2]
     # B recomputes its prompt and both outputs at once.
-    expect(step(sched), [("B", 9), ("C", 1)], {"B": [3, 0, 1], "C": [2]},
-           slots={"B": [12, 13, 14, 15, 0, 1, 2, 3, 4], "C": [8]}, finished=["C"])
+    expect(
+        step(sched),
+        [("B", 9), ("C", 1)],
+        {"B": [3, 0, 1], "C": [2]},
+        slots={"B": [12, 13, 14, 15, 0, 1, 2, 3, 4], "C": [8]},
+        finished=["C"],
+    )
     assert b.output_token_ids == [7, 8, 9]
 
 
@@ -342,8 +376,13 @@ def test_recompute_victim_is_the_unscheduled_request_with_least_work():
     expect(step(sched), [("A", 1), ("B", 8), ("C", 3)], {"A": [0], "B": [1, 2], "C": [3]})
     # B needs a block. A has done the least work (1 token) but is already
     # scheduled this step; of B (8) and C (3), C loses.
-    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0], "B": [1, 2, 3]},
-           slots={"A": [1], "B": [12]}, preempted=["C"])
+    expect(
+        step(sched),
+        [("A", 1), ("B", 1)],
+        {"A": [0], "B": [1, 2, 3]},
+        slots={"A": [1], "B": [12]},
+        preempted=["C"],
+    )
     assert c.status is RequestStatus.WAITING and c.num_tokens == 4
     # C's 4 tokens need a block and none is free.
     expect(step(sched), [("A", 1), ("B", 1)], {"A": [0], "B": [1, 2, 3]}, slots={"A": [2], "B": [13]})
@@ -406,8 +445,7 @@ def test_preempting_an_idle_request_ahead_does_not_skip_the_next_running_request
     for r in (i, r1, r2):
         sched.add(r)
     # I is a beam that computed its token and now waits for its round: idle.
-    expect(step(sched, idle=("I",)), [("I", 2), ("R1", 4), ("R2", 3)],
-           {"I": [0], "R1": [1], "R2": [2]})
+    expect(step(sched, idle=("I",)), [("I", 2), ("R1", 4), ("R2", 3)], {"I": [0], "R1": [1], "R2": [2]})
     # R1 needs a block; the idle I (least work, not scheduled) is the victim.
     # R2 has a token to compute, room in its block and budget: it must run too.
     s = step(sched, idle=("I",))
@@ -428,8 +466,14 @@ def test_swap_preemption_copies_to_the_host_and_back():
 
     # A needs a block: B (later arrival, same work) is swapped out, its device
     # blocks 2, 3 copied to host blocks 0, 1 before A writes into block 2.
-    expect(step(sched), [("A", 1)], {"A": [0, 1, 2]}, slots={"A": [8]}, preempted=["B"],
-           swap_out=[(2, 0), (3, 1)])
+    expect(
+        step(sched),
+        [("A", 1)],
+        {"A": [0, 1, 2]},
+        slots={"A": [8]},
+        preempted=["B"],
+        swap_out=[(2, 0), (3, 1)],
+    )
     assert b.status is RequestStatus.SWAPPED and ids(sched.swapped) == ["B"]
     assert b.num_computed_tokens == 8 and b.num_tokens == 9  # nothing to recompute
     assert blocks_of(b) == [0, 1] and pool_of(b) is host
@@ -444,8 +488,14 @@ def test_swap_preemption_copies_to_the_host_and_back():
     assert pool.free_block_ids() == [3, 0, 1, 2]
 
     # B comes back with one block of slack -- which C, no longer held back, takes.
-    expect(step(sched), [("B", 1), ("C", 1)], {"B": [3, 0, 1], "C": [2]},
-           slots={"B": [4], "C": [8]}, swap_in=[(0, 3), (1, 0)], finished=["C"])
+    expect(
+        step(sched),
+        [("B", 1), ("C", 1)],
+        {"B": [3, 0, 1], "C": [2]},
+        slots={"B": [4], "C": [8]},
+        swap_in=[(0, 3), (1, 0)],
+        finished=["C"],
+    )
     assert b.status is RequestStatus.RUNNING and pool_of(b) is pool
     assert host.num_free_blocks == 8 and not sched.swapped
     assert b.output_token_ids == [7, 8, 9]
@@ -460,26 +510,47 @@ def test_swapped_requests_come_back_in_rank_order_not_swap_out_order():
     for r in (h, x, y):
         sched.add(r)
     expect(step(sched), [("H", 8), ("X", 7), ("Y", 3)], {"H": [0, 1], "X": [2, 3], "Y": [4]})
-    expect(step(sched), [("H", 1), ("X", 1), ("Y", 1)], {"H": [0, 1, 5], "X": [2, 3], "Y": [4]},
-           slots={"H": [20], "X": [15], "Y": [19]})
+    expect(
+        step(sched),
+        [("H", 1), ("X", 1), ("Y", 1)],
+        {"H": [0, 1, 5], "X": [2, 3], "Y": [4]},
+        slots={"H": [20], "X": [15], "Y": [19]},
+    )
     # X needs a block: Y (4 computed) has done less than X (8): Y goes first.
-    expect(step(sched), [("H", 1), ("X", 1)], {"H": [0, 1, 5], "X": [2, 3, 4]},
-           slots={"H": [21], "X": [16]}, preempted=["Y"], swap_out=[(4, 0)])
+    expect(
+        step(sched),
+        [("H", 1), ("X", 1)],
+        {"H": [0, 1, 5], "X": [2, 3, 4]},
+        slots={"H": [21], "X": [16]},
+        preempted=["Y"],
+        swap_out=[(4, 0)],
+    )
     # Y needs 1 + 1 + 1 (slack) blocks; none is free.
     expect(step(sched), [("H", 1), ("X", 1)], {"H": [0, 1, 5], "X": [2, 3, 4]})
     expect(step(sched), [("H", 1), ("X", 1)], {"H": [0, 1, 5], "X": [2, 3, 4]})
     # H (12 computed) needs a block; X (11) loses. Its partly filled last
     # block is copied too.
-    expect(step(sched), [("H", 1)], {"H": [0, 1, 5, 2]}, slots={"H": [8]}, preempted=["X"],
-           swap_out=[(2, 1), (3, 2), (4, 3)])
+    expect(
+        step(sched),
+        [("H", 1)],
+        {"H": [0, 1, 5, 2]},
+        slots={"H": [8]},
+        preempted=["X"],
+        swap_out=[(2, 1), (3, 2), (4, 3)],
+    )
     assert ids(sched.swapped) == ["X", "Y"]  # rank order, not swap-out order
     assert host.num_free_blocks == 4
     # X (first in rank) needs 3 + 0 + 1 blocks, 2 are free: it waits, and Y,
     # which would fit, does not overtake it.
     expect(step(sched), [("H", 1)], {"H": [0, 1, 5, 2]}, slots={"H": [9]}, finished=["H"])
     assert pool.free_block_ids() == [3, 4, 0, 1, 5, 2]
-    expect(step(sched), [("X", 1), ("Y", 1)], {"X": [3, 4, 0], "Y": [1, 5]},
-           slots={"X": [3], "Y": [20]}, swap_in=[(1, 3), (2, 4), (3, 0), (0, 1)])
+    expect(
+        step(sched),
+        [("X", 1), ("Y", 1)],
+        {"X": [3, 4, 0], "Y": [1, 5]},
+        slots={"X": [3], "Y": [20]},
+        swap_in=[(1, 3), (2, 4), (3, 0), (0, 1)],
+    )
     assert host.num_free_blocks == 8 and not sched.swapped
     assert (sched.num_preemptions, sched.num_swapped_out) == (2, 2)
 
@@ -492,8 +563,15 @@ def test_a_swapped_request_comes_back_only_with_a_block_of_slack():
         sched.add(r)
     expect(step(sched), [("A", 1), ("B", 4), ("C", 3)], {"A": [0], "B": [1], "C": [2]})
     # B needs a block: C (3 computed) loses to B (4); its half-filled block goes out.
-    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0], "B": [1, 2]}, slots={"A": [1], "B": [8]},
-           preempted=["C"], swap_out=[(2, 0)], finished=["A"])
+    expect(
+        step(sched),
+        [("A", 1), ("B", 1)],
+        {"A": [0], "B": [1, 2]},
+        slots={"A": [1], "B": [8]},
+        preempted=["C"],
+        swap_out=[(2, 0)],
+        finished=["A"],
+    )
     assert pool.free_block_ids() == [0]
     # C's next token fits in its own block, so 1 block would do -- but it
     # comes back only with 1 more free, so it stays out.
@@ -533,15 +611,15 @@ class _StubCost:
 def test_auto_mode_asks_the_cost_model_per_victim(swap):
     pool = make_pool(4)
     cost = _StubCost(swap)
-    sched = make_scheduler(pool, max_num_batched_tokens=100, host_blocks=8, mode="auto",
-                           cost_model=cost)
+    sched = make_scheduler(pool, max_num_batched_tokens=100, host_blocks=8, mode="auto", cost_model=cost)
     a, b = make_request(pool, "A", 7), make_request(pool, "B", 7)
     sched.add(a)
     sched.add(b)
     step(sched)
     step(sched)
-    expect(step(sched), [("A", 1)], {"A": [0, 1, 2]}, preempted=["B"],
-           swap_out=[(2, 0), (3, 1)] if swap else [])
+    expect(
+        step(sched), [("A", 1)], {"A": [0, 1, 2]}, preempted=["B"], swap_out=[(2, 0), (3, 1)] if swap else []
+    )
     assert cost.calls == [(2, 8)]  # B's blocks to copy, B's computed tokens
     assert b.status is (RequestStatus.SWAPPED if swap else RequestStatus.WAITING)
 
@@ -580,8 +658,7 @@ def test_running_low_priority_work_is_the_preemption_victim():
     sched.add(high)
     expect(step(sched), [("L", 1), ("H", 3)], {"L": [0, 1], "H": [2]})
     assert ids(sched.running) == ["H", "L"]  # H now goes first
-    expect(step(sched), [("H", 1), ("L", 1)], {"H": [2], "L": [0, 1, 3]},
-           slots={"H": [11], "L": [12]})
+    expect(step(sched), [("H", 1), ("L", 1)], {"H": [2], "L": [0, 1, 3]}, slots={"H": [11], "L": [12]})
     # H (4 computed) needs a block; L has done more (9) but ranks lower: L goes.
     expect(step(sched), [("H", 1)], {"H": [2, 0]}, slots={"H": [0]}, preempted=["L"])
     assert low.status is RequestStatus.WAITING and low.num_tokens == 10
@@ -603,7 +680,10 @@ def test_abort_waiting_running_and_swapped_returns_every_block():
     c = make_request(pool, "C", 2)
     sched.add(c)
     assert (a.status, b.status, c.status) == (
-        RequestStatus.RUNNING, RequestStatus.SWAPPED, RequestStatus.WAITING)
+        RequestStatus.RUNNING,
+        RequestStatus.SWAPPED,
+        RequestStatus.WAITING,
+    )
     assert (pool.num_free_blocks, host.num_free_blocks) == (1, 6)
 
     sched.finish(b)  # swapped: its host blocks return
@@ -681,8 +761,13 @@ def test_forked_sample_triggers_copy_on_write_of_the_shared_last_block():
     child = make_fork(sched, p, "P#1")
     # P writes token 6 into its shared, half-filled block 1: it copies it to
     # block 2 first; the fork then owns block 1 alone and writes in place.
-    expect(step(sched), [("P", 1), ("P#1", 1)], {"P": [0, 2], "P#1": [0, 1]},
-           slots={"P": [10], "P#1": [6]}, copies=[(1, 2)])
+    expect(
+        step(sched),
+        [("P", 1), ("P#1", 1)],
+        {"P": [0, 2], "P#1": [0, 1]},
+        slots={"P": [10], "P#1": [6]},
+        copies=[(1, 2)],
+    )
     assert [pool.ref_count(b) for b in range(4)] == [2, 1, 1, 0]
     assert child.num_computed_tokens == 7
 
@@ -700,8 +785,7 @@ def test_prefix_cache_hit_on_admission_counts_as_computed_and_shares_blocks():
     b = make_request(pool, "B", prefix + [300], 3)
     sched.add(b)
     # B reuses A's two full blocks: only its last token is computed.
-    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0, 1, 2], "B": [0, 1, 3]},
-           slots={"A": [10], "B": [12]})
+    expect(step(sched), [("A", 1), ("B", 1)], {"A": [0, 1, 2], "B": [0, 1, 3]}, slots={"A": [10], "B": [12]})
     assert (b.num_cached_tokens, b.num_computed_tokens) == (8, 9)
     assert [pool.ref_count(i) for i in range(4)] == [2, 2, 1, 1]
     assert pool.num_free_blocks == 4
@@ -710,9 +794,13 @@ def test_prefix_cache_hit_on_admission_counts_as_computed_and_shares_blocks():
     # the first block is a hit and the second is computed into a new block.
     c = make_request(pool, "C", list(prefix), 1)
     sched.add(c)
-    expect(step(sched), [("A", 1), ("B", 1), ("C", 4)],
-           {"A": [0, 1, 2], "B": [0, 1, 3], "C": [0, 4]},
-           slots={"A": [11], "B": [13], "C": [16, 17, 18, 19]}, finished=["A", "C"])
+    expect(
+        step(sched),
+        [("A", 1), ("B", 1), ("C", 4)],
+        {"A": [0, 1, 2], "B": [0, 1, 3], "C": [0, 4]},
+        slots={"A": [11], "B": [13], "C": [16, 17, 18, 19]},
+        finished=["A", "C"],
+    )
     assert c.num_cached_tokens == 4
     # Finished: A's and C's references are gone; shared cached blocks stay in use by B.
     assert [pool.ref_count(i) for i in range(5)] == [1, 1, 0, 1, 0]

@@ -39,7 +39,9 @@ def test_cached_backend_encodes_and_decodes_as_auto_tokenizer(folder: Path, tmp_
             assert first.encode(text, add_special_tokens=special) == ids
             assert cached.encode(text, add_special_tokens=special) == ids
             for skip in (True, False):
-                assert cached.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+                assert cached.decode(ids, skip_special_tokens=skip) == hf.decode(
+                    ids, skip_special_tokens=skip
+                )
     # Ids a model samples, not only ids the encoder makes: every single token.
     for token in range(0, len(hf), max(1, len(hf) // 500)):
         assert cached.decode([token]) == hf.decode([token])

@@ -21,22 +21,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from paged_attention.attention.backend import (  # noqa: E402
+from paged_attention.attention.backend import (
     KernelMetadata,
     build_kernel_metadata,
     select_attention_backend,
 )
-from paged_attention.attention.metadata import AttentionMetadata  # noqa: E402
-from paged_attention.attention.random_batch import random_paged_batch  # noqa: E402
-from paged_attention.attention.torch_attention import paged_attention  # noqa: E402
-from paged_attention.engine.cuda_graphs import (  # noqa: E402
+from paged_attention.attention.metadata import AttentionMetadata
+from paged_attention.attention.random_batch import random_paged_batch
+from paged_attention.attention.torch_attention import paged_attention
+from paged_attention.engine.cuda_graphs import (
     DecodeCudaGraphs,
     capture_sizes,
     maybe_decode_graphs,
     padded_size,
 )
-from paged_attention.kv_cache import KVCachePool  # noqa: E402
-from paged_attention.kv_cache import write_kv as torch_write_kv  # noqa: E402
+from paged_attention.kv_cache import KVCachePool
+from paged_attention.kv_cache import write_kv as torch_write_kv
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -44,6 +44,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # The Triton interpreter runs kernels in Python: seconds per test without a GPU.
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
 
 @pytest.fixture(scope="module")
 def kernels():
@@ -57,11 +58,14 @@ def kernels():
 
         pool = torch.zeros(2, 1, 4, 16, device=DEVICE)
         triton_kernels.write_kv(
-            pool, pool.clone(), torch.ones(1, 1, 16, device=DEVICE), torch.ones(1, 1, 16, device=DEVICE),
+            pool,
+            pool.clone(),
+            torch.ones(1, 1, 16, device=DEVICE),
+            torch.ones(1, 1, 16, device=DEVICE),
             torch.tensor([5], device=DEVICE),
         )
         assert pool[1, :, 1].eq(1).all()
-    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot run", not a wrong kernel
+    except Exception as exc:
         pytest.skip(f"triton cannot run its kernels here ({type(exc).__name__}: {exc})")
     return triton_kernels
 
@@ -78,15 +82,20 @@ def make_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """NaN pools with every sequence's whole context written at shuffled
     blocks, and the step's metadata (shared with benchmarks/gpu_bench.py)."""
-    return random_paged_batch(num_computed, query_lens, block_size, num_kv_heads, head_dim, dtype, DEVICE, seed)
+    return random_paged_batch(
+        num_computed, query_lens, block_size, num_kv_heads, head_dim, dtype, DEVICE, seed
+    )
 
 
-def oracle(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata,
-           scale: float) -> torch.Tensor:
+def oracle(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     return paged_attention(q.double(), k_pool.double(), v_pool.double(), meta, scale)
 
 
-def queries(meta: AttentionMetadata, num_heads: int, head_dim: int, dtype=torch.float32, seed=1) -> torch.Tensor:
+def queries(
+    meta: AttentionMetadata, num_heads: int, head_dim: int, dtype=torch.float32, seed=1
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(meta.num_tokens, num_heads, head_dim, generator=g).to(DEVICE, dtype)
 
@@ -300,7 +309,11 @@ def test_kernels_compile_for_ampere_and_hopper(kernels):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences a triton 3.9 notice; fusion is the default
     proc = subprocess.run(
-        [sys.executable, "-c", OFFLINE_COMPILE], capture_output=True, text=True, env=env, timeout=600,
+        [sys.executable, "-c", OFFLINE_COMPILE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

@@ -33,11 +33,15 @@ class DecodeBucket:
     rows: torch.Tensor  # [b] long: the sequences' query rows in the packed batch
     block_ids: torch.Tensor  # [b * num_blocks] long: block tables, padded with a full block
     padding: torch.Tensor  # [b, 1, num_blocks * block_size] bool: True beyond the context
-    tail_slots: torch.Tensor  # [n] long: unwritten slots of last blocks, flat over [b, num_blocks * block_size]
+    tail_slots: (
+        torch.Tensor
+    )  # [n] long: unwritten slots of last blocks, flat over [b, num_blocks * block_size]
     num_blocks: int
     all_rows: bool  # rows == 0..T-1: the step is this bucket alone
     _by_heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _value_slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _value_slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def num_seqs(self) -> int:
@@ -95,7 +99,9 @@ class PrefillGather:
         gathered, each head's context is contiguous. Built once per step."""
         rows = self._by_heads.get(num_kv_heads)
         if rows is None:
-            rows = self._by_heads[num_kv_heads] = slot_rows(self.slots, num_kv_heads, self.block_size, heads_first=True)
+            rows = self._by_heads[num_kv_heads] = slot_rows(
+                self.slots, num_kv_heads, self.block_size, heads_first=True
+            )
         return rows
 
 
@@ -157,7 +163,9 @@ class AttentionMetadata:
         (token, head). Built once per step, on the first layer."""
         rows = self._write_rows.get(num_kv_heads)
         if rows is None:
-            rows = self._write_rows[num_kv_heads] = slot_rows(self.slot_mapping, num_kv_heads, self.block_size)
+            rows = self._write_rows[num_kv_heads] = slot_rows(
+                self.slot_mapping, num_kv_heads, self.block_size
+            )
         return rows
 
     @cached_property
@@ -195,14 +203,16 @@ class AttentionMetadata:
             ctx = torch.tensor([self.context_lens[i] for i in seqs])
             pad = torch.arange(width * bs)[None, :] >= ctx[:, None]
             rows = [self.query_start[i] for i in seqs]
-            buckets.append(DecodeBucket(
-                rows=torch.tensor(rows, dtype=torch.long, device=device),
-                block_ids=torch.tensor(ids, dtype=torch.long, device=device),
-                padding=pad[:, None, :].to(device),
-                tail_slots=torch.tensor(tails, dtype=torch.long, device=device),
-                num_blocks=width,
-                all_rows=rows == list(range(self.num_tokens)),
-            ))
+            buckets.append(
+                DecodeBucket(
+                    rows=torch.tensor(rows, dtype=torch.long, device=device),
+                    block_ids=torch.tensor(ids, dtype=torch.long, device=device),
+                    padding=pad[:, None, :].to(device),
+                    tail_slots=torch.tensor(tails, dtype=torch.long, device=device),
+                    num_blocks=width,
+                    all_rows=rows == list(range(self.num_tokens)),
+                )
+            )
         return buckets
 
     @cached_property
@@ -244,9 +254,9 @@ class AttentionMetadata:
                         f"block table points at block {block_id}, outside the pool (0..{num_blocks - 1})"
                     )
         max_blocks = max((len(t) for t in tables), default=0)
-        padded = torch.tensor(
-            [t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long
-        ).view(len(tables), max_blocks)
+        padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long).view(
+            len(tables), max_blocks
+        )
         # [B, max_blocks * block_size]: every slot of every table, in token order.
         slots = (padded[:, :, None] * block_size + torch.arange(block_size)).reshape(
             len(tables), max_blocks * block_size

@@ -88,8 +88,9 @@ def _decode_bucket(
     probs = torch.softmax(scores, dim=-1).to(v_pool.dtype)
     if v_pool.is_contiguous():
         slots, bag_starts = bucket.value_slots(num_kv_heads, group)
-        out = F.embedding_bag(slots, v_pool.view(-1, head_dim), bag_starts, mode="sum",
-                              per_sample_weights=probs.view(-1))
+        out = F.embedding_bag(
+            slots, v_pool.view(-1, head_dim), bag_starts, mode="sum", per_sample_weights=probs.view(-1)
+        )
         return out.view(b, num_heads, head_dim).to(q.dtype)
     values = _gather_rows(v_pool, block_rows, meta, "v").view(b * num_kv_heads, length, head_dim)
     # Padding blocks hold written K/V, but the unwritten tail of a last block
@@ -149,7 +150,9 @@ def _prefill(
             v_i = v_i.repeat_interleave(group, dim=0)
         extra = {"enable_gqa": True} if group > 1 and _HAS_ENABLE_GQA else {}
         o_i = F.scaled_dot_product_attention(
-            q_i, k_i, v_i,
+            q_i,
+            k_i,
+            v_i,
             attn_mask=None if causal else meta.causal_mask(i),
             is_causal=causal,
             scale=scale,

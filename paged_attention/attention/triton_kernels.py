@@ -75,11 +75,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------- write K/V
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_pb, stride_ps, stride_ph,
-    num_heads, head_dim,
-    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    k_pool_ptr,
+    v_pool_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_pb,
+    stride_ps,
+    stride_ph,
+    num_heads,
+    head_dim,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -106,7 +118,9 @@ def _check_pools(k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
     )
     # The kernels take one set of strides for both pools (KVCachePool's K and V
     # are sibling views of one allocation, so they always agree).
-    assert k_pool.stride() == v_pool.stride() and k_pool.stride(-1) == 1, "pools need equal, unit-last strides"
+    assert k_pool.stride() == v_pool.stride() and k_pool.stride(-1) == 1, (
+        "pools need equal, unit-last strides"
+    )
 
 
 def _pool_strides(pool: torch.Tensor) -> tuple[int, int, int]:
@@ -129,29 +143,53 @@ def write_kv(
         return
     k, v = _unit_last(k), _unit_last(v)
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_pool, v_pool, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k,
+        v,
+        k_pool,
+        v_pool,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
         *_pool_strides(k_pool),
-        num_heads, head_dim,
-        BLOCK_SIZE=k_pool.shape[2], BLOCK_H=_pow2(num_heads), BLOCK_D=_pow2(head_dim),
+        num_heads,
+        head_dim,
+        BLOCK_SIZE=k_pool.shape[2],
+        BLOCK_H=_pow2(num_heads),
+        BLOCK_D=_pow2(head_dim),
     )
 
 
 # ------------------------------------------------------------------ decode
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, lse_ptr,
-    stride_qb, stride_qh,
-    stride_pb, stride_ps, stride_ph,
+    q_ptr,
+    k_pool_ptr,
+    v_pool_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_pb,
+    stride_ps,
+    stride_ph,
     stride_bt,
-    stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
     qk_scale,
     BLOCK_SIZE: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -171,11 +209,12 @@ def _decode_kernel(
     heads = kv_head * GROUP + g
     q = tl.load(
         q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :], other=0.0,
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
     )  # [GROUP_PAD, D_PAD]
 
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
     table = block_tables_ptr + b * stride_bt
     for tile in range(start, end, BLOCK_N):
@@ -191,30 +230,38 @@ def _decode_kernel(
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         v = tl.load(v_pool_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
     # Empty range (a padding row with context 0, or a trailing split): output 0,
     # lse -inf, so the merge gives it zero weight and nothing turns into NaN.
-    nonempty = l > 0
-    out = acc / tl.where(nonempty, l, 1.0)[:, None]
+    nonempty = denom > 0
+    out = acc / tl.where(nonempty, denom, 1.0)[:, None]
     o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     if NUM_SPLITS > 1:
-        lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))  # base 2
+        lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, denom, 1.0)), float("-inf"))  # base 2
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    partial_ptr, lse_ptr, out_ptr,
-    stride_pb, stride_ph, stride_ps,
-    stride_lb, stride_lh,
-    stride_ob, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    partial_ptr,
+    lse_ptr,
+    out_ptr,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -228,7 +275,8 @@ def _merge_splits_kernel(
     w = tl.exp2(lse - top)  # [SPLITS_PAD]; 0 for empty splits
     part = tl.load(
         partial_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :], other=0.0,
+        mask=s_mask[:, None] & d_mask[None, :],
+        other=0.0,
     )  # [SPLITS_PAD, D_PAD]
     total = tl.sum(w, 0)
     out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
@@ -279,13 +327,19 @@ def decode_attention(
     if batch == 0:
         return out
     common = dict(
-        BLOCK_SIZE=k_pool.shape[2], GROUP=group, GROUP_PAD=_pow2(group, MIN_DOT_DIM),
-        HEAD_DIM=head_dim, D_PAD=_pow2(head_dim, MIN_DOT_DIM),
-        BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps,
+        BLOCK_SIZE=k_pool.shape[2],
+        GROUP=group,
+        GROUP_PAD=_pow2(group, MIN_DOT_DIM),
+        HEAD_DIM=head_dim,
+        D_PAD=_pow2(head_dim, MIN_DOT_DIM),
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps,
     )
     strides = (
-        q.stride(0), q.stride(1),
+        q.stride(0),
+        q.stride(1),
         *_pool_strides(k_pool),
         block_tables.stride(0),
     )
@@ -293,29 +347,57 @@ def decode_attention(
     qk_scale = scale * LOG2E
     if num_splits == 1:
         _decode_kernel[grid](
-            q, k_pool, v_pool, block_tables, context_lens, out, out,  # lse unused
+            q,
+            k_pool,
+            v_pool,
+            block_tables,
+            context_lens,
+            out,
+            out,  # lse unused
             *strides,
-            out.stride(0), out.stride(1), 0,
-            0, 0,
-            qk_scale, **common,
+            out.stride(0),
+            out.stride(1),
+            0,
+            0,
+            0,
+            qk_scale,
+            **common,
         )
         return out
     partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_kernel[grid](
-        q, k_pool, v_pool, block_tables, context_lens, partial, lse,
+        q,
+        k_pool,
+        v_pool,
+        block_tables,
+        context_lens,
+        partial,
+        lse,
         *strides,
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        lse.stride(0), lse.stride(1),
-        qk_scale, **common,
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        qk_scale,
+        **common,
     )
     _merge_splits_kernel[(batch, num_heads)](
-        partial, lse, out,
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, SPLITS_PAD=_pow2(num_splits),
-        HEAD_DIM=head_dim, D_PAD=_pow2(head_dim),
+        partial,
+        lse,
+        out,
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        NUM_SPLITS=num_splits,
+        SPLITS_PAD=_pow2(num_splits),
+        HEAD_DIM=head_dim,
+        D_PAD=_pow2(head_dim),
     )
     return out
 
@@ -343,17 +425,30 @@ def _find_sequence(query_start_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, context_lens_ptr, query_start_ptr,
-    out_ptr, num_seqs,
-    stride_qt, stride_qh,
-    stride_pb, stride_ps, stride_ph,
+    q_ptr,
+    k_pool_ptr,
+    v_pool_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    query_start_ptr,
+    out_ptr,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_pb,
+    stride_ps,
+    stride_ph,
     stride_bt,
-    stride_ot, stride_oh,
+    stride_ot,
+    stride_oh,
     qk_scale,
     BLOCK_SIZE: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # A flat grid over query tiles, not (sequence, tile) with the tile axis
@@ -380,7 +475,8 @@ def _prefill_kernel(
     tok = (q_start + qi).to(tl.int64)
     q = tl.load(
         q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=row_mask[:, None] & d_mask[None, :], other=0.0,
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0.0,
     )  # [BLOCK_M, D_PAD]
     # Absolute position of each row's query. Padding rows (qi >= q_len) land at
     # or past ctx and so see every key: finite, never stored. Real rows always
@@ -388,7 +484,7 @@ def _prefill_kernel(
     q_pos = ctx - q_len + qi
 
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     table = block_tables_ptr + b * stride_bt
     # Keys past the last query of this tile are masked for every row: skip them.
@@ -406,12 +502,12 @@ def _prefill_kernel(
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         v = tl.load(v_pool_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     o_ptrs = out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
@@ -450,15 +546,29 @@ def prefill_attention(
         return out
     grid = (num_tokens // block_q + batch, num_kv_heads)
     _prefill_kernel[grid](
-        q, k_pool, v_pool, block_tables, context_lens, query_start, out, batch,
-        q.stride(0), q.stride(1),
+        q,
+        k_pool,
+        v_pool,
+        block_tables,
+        context_lens,
+        query_start,
+        out,
+        batch,
+        q.stride(0),
+        q.stride(1),
         *_pool_strides(k_pool),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        out.stride(0),
+        out.stride(1),
         scale * LOG2E,
-        BLOCK_SIZE=k_pool.shape[2], GROUP=group, GROUP_PAD=group_pad,
-        HEAD_DIM=head_dim, D_PAD=_pow2(head_dim, MIN_DOT_DIM),
-        BLOCK_Q=block_q, BLOCK_N=PREFILL_BLOCK_N,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps,
+        BLOCK_SIZE=k_pool.shape[2],
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        D_PAD=_pow2(head_dim, MIN_DOT_DIM),
+        BLOCK_Q=block_q,
+        BLOCK_N=PREFILL_BLOCK_N,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps,
     )
     return out

@@ -30,6 +30,7 @@ from paged_attention.bench.report import build_report, format_table, write_json
 
 SKIP = {"all", "report"}
 
+
 # Arguments `bench all` adds to a subcommand's defaults (not with --quick), as
 # (option, value or None for a flag); an option the subcommand does not have is
 # left out. They keep the suite within 15 minutes on this 2-core machine:
@@ -67,8 +68,9 @@ def benchmark_argv(name: str, parser: argparse.ArgumentParser, output_dir: str, 
     return argv
 
 
-def run_all(bench_sub, output_dir: str, quick: bool = False, only: list[str] | None = None,
-            threads: int | None = 1) -> dict:
+def run_all(
+    bench_sub, output_dir: str, quick: bool = False, only: list[str] | None = None, threads: int | None = 1
+) -> dict:
     """Run the subcommands registered on `bench_sub` (an argparse subparsers
     action) with `threads` torch intra-op threads (subcommands with a --threads
     option of their own set it themselves); returns the summary for all.json."""
@@ -84,17 +86,27 @@ def run_all(bench_sub, output_dir: str, quick: bool = False, only: list[str] | N
         with torch_threads(threads), MemoryMonitor() as monitor:
             try:
                 sub_args.func(sub_args)
-            except Exception as err:  # noqa: BLE001 - record it and go on with the others
+            except Exception as err:
                 error = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
         elapsed = time.perf_counter() - start
         gc.collect()  # drop the finished benchmark's models before the next one
         summary = monitor.summary()
-        print(f"bench {name}: {'FAILED ' + error if error else 'ok'} in {elapsed:.1f} s; {format_monitor(summary)}",
-              flush=True)
-        runs.append({"benchmark": name, "argv": argv, "elapsed_s": elapsed, "error": error, "monitor": summary})
-    return {"benchmark": "all", "quick": quick, "torch_threads": threads, "runs": runs,
-            "total_s": sum(r["elapsed_s"] for r in runs), "environment": environment()}
+        print(
+            f"bench {name}: {'FAILED ' + error if error else 'ok'} in {elapsed:.1f} s; {format_monitor(summary)}",
+            flush=True,
+        )
+        runs.append(
+            {"benchmark": name, "argv": argv, "elapsed_s": elapsed, "error": error, "monitor": summary}
+        )
+    return {
+        "benchmark": "all",
+        "quick": quick,
+        "torch_threads": threads,
+        "runs": runs,
+        "total_s": sum(r["elapsed_s"] for r in runs),
+        "environment": environment(),
+    }
 
 
 def main(args) -> int:
@@ -102,11 +114,20 @@ def main(args) -> int:
     threads = args.threads if args.threads > 0 else None
     result = run_all(args.bench_subparsers, args.output_dir, quick=args.quick, only=only, threads=threads)
     print()
-    print(format_table(
-        ["benchmark", "status", "seconds", "peak RSS (MiB)"],
-        [[r["benchmark"], "FAILED" if r["error"] else "ok", f"{r['elapsed_s']:.1f}",
-          f"{r['monitor']['rss_peak_mib']:.0f}"] for r in result["runs"]],
-    ))
+    print(
+        format_table(
+            ["benchmark", "status", "seconds", "peak RSS (MiB)"],
+            [
+                [
+                    r["benchmark"],
+                    "FAILED" if r["error"] else "ok",
+                    f"{r['elapsed_s']:.1f}",
+                    f"{r['monitor']['rss_peak_mib']:.0f}",
+                ]
+                for r in result["runs"]
+            ],
+        )
+    )
     print(f"total {result['total_s']:.1f} s")
     print(f"wrote {write_json(args.output_dir, 'all', result)}")
     print(f"wrote {build_report(Path(args.output_dir))}")
@@ -117,8 +138,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("all", help="every benchmark, then results/REPORT.md")
     p.add_argument("--quick", action="store_true", help="every benchmark in its --quick mode")
     p.add_argument("--only", default=None, help="comma list of benchmarks to run (default: all registered)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for every benchmark (default 1, see bench/monitor.py; 0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for every benchmark (default 1, see bench/monitor.py; 0: torch's default)",
+    )
     p.add_argument("--output-dir", default="results")
     # The subparsers action itself, so `all` sees every benchmark registered,
     # including those registered after it.

@@ -69,8 +69,9 @@ def timed(target: object, name: str, bucket: dict[str, float], key: str) -> Iter
 
 
 @contextmanager
-def timed_backend(model, bucket: dict[str, float], attention_key: str = "attention",
-                  write_key: str = "kv_write") -> Iterator[None]:
+def timed_backend(
+    model, bucket: dict[str, float], attention_key: str = "attention", write_key: str = "kv_write"
+) -> Iterator[None]:
     """Time `model`'s attention-backend calls: attention into
     bucket[attention_key], KV writes into bucket[write_key]. The backend is one
     frozen instance shared by every layer, so the layers get a copy with both
@@ -87,8 +88,9 @@ def timed_backend(model, bucket: dict[str, float], attention_key: str = "attenti
 
         return wrapper
 
-    wrapped = dataclasses.replace(backend, attention=wrap(backend.attention, attention_key),
-                                  write_kv=wrap(backend.write_kv, write_key))
+    wrapped = dataclasses.replace(
+        backend, attention=wrap(backend.attention, attention_key), write_kv=wrap(backend.write_kv, write_key)
+    )
     holders = [m for m in model.modules() if getattr(m, "backend", None) is backend]
     for module in holders:
         module.backend = wrapped
@@ -101,13 +103,26 @@ def timed_backend(model, bucket: dict[str, float], attention_key: str = "attenti
         model.attn_backend = backend
 
 
-def measure_block_size(model_path: str | None, requests, block_size: int, pool_tokens: int,
-                       max_model_len: int, seed: int, progress: bool) -> dict:
+def measure_block_size(
+    model_path: str | None,
+    requests,
+    block_size: int,
+    pool_tokens: int,
+    max_model_len: int,
+    seed: int,
+    progress: bool,
+) -> dict:
     from paged_attention.attention.metadata import AttentionMetadata
     from paged_attention.engine.llm import LLM
 
-    llm = LLM(model_path, block_size=block_size, num_kv_blocks=pool_tokens // block_size,
-              max_model_len=max_model_len, max_num_seqs=1024, seed=seed)
+    llm = LLM(
+        model_path,
+        block_size=block_size,
+        num_kv_blocks=pool_tokens // block_size,
+        max_model_len=max_model_len,
+        max_num_seqs=1024,
+        seed=seed,
+    )
     bucket: dict[str, float] = {}
     with (
         timed_backend(llm.engine.runner.model, bucket),
@@ -153,7 +168,9 @@ def run_block_size(
     with torch_threads(threads), MemoryMonitor() as monitor:
         measure_block_size(model_path, requests[:2], 16, pool_tokens, max_model_len, seed, False)  # warm-up
         for bs in block_sizes:
-            rows.append(measure_block_size(model_path, requests, bs, pool_tokens, max_model_len, seed, progress))
+            rows.append(
+                measure_block_size(model_path, requests, bs, pool_tokens, max_model_len, seed, progress)
+            )
         env = environment()
     # Ranked by tokens per CPU second: with one thread that is the work the run
     # did, while wall time also counts waiting for the cores other processes
@@ -161,13 +178,19 @@ def run_block_size(
     # Differences of a few percent are still noise: name every block size
     # within NEAR_BEST of the best as well.
     best = max(rows, key=lambda r: r["tokens_per_cpu_s"])
-    near = [r["block_size"] for r in rows
-            if r["tokens_per_cpu_s"] >= (1 - NEAR_BEST) * best["tokens_per_cpu_s"]]
+    near = [
+        r["block_size"] for r in rows if r["tokens_per_cpu_s"] >= (1 - NEAR_BEST) * best["tokens_per_cpu_s"]
+    ]
     return {
         "benchmark": "block_size",
         "config": {
-            "model": model, "num_requests": num_requests, "max_model_len": max_model_len,
-            "pool_tokens": pool_tokens, "seed": seed, "length_mix": asdict(mix), "torch_threads": threads,
+            "model": model,
+            "num_requests": num_requests,
+            "max_model_len": max_model_len,
+            "pool_tokens": pool_tokens,
+            "seed": seed,
+            "length_mix": asdict(mix),
+            "torch_threads": threads,
         },
         "rows": rows,
         "best_block_size": best["block_size"],
@@ -179,14 +202,35 @@ def run_block_size(
 
 
 def print_block_size(result: dict) -> None:
-    print(format_table(
-        ["block size", "waste", "tokens/s", "tokens/CPU-s", "ms/step", "attention ms/step", "metadata ms/step"],
-        [[r["block_size"], f"{r['waste']:.1%}", f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_cpu_s']:.0f}",
-          f"{r['step_ms']:.2f}",
-          f"{r['attention_ms_per_step']:.2f}", f"{r['metadata_ms_per_step']:.2f}"] for r in result["rows"]],
-    ))
-    print(f"best block size on this machine (tokens per CPU second): {result['best_block_size']}; within "
-          f"{result['near_best_fraction']:.0%} of it: {result['near_best_block_sizes']}")
+    print(
+        format_table(
+            [
+                "block size",
+                "waste",
+                "tokens/s",
+                "tokens/CPU-s",
+                "ms/step",
+                "attention ms/step",
+                "metadata ms/step",
+            ],
+            [
+                [
+                    r["block_size"],
+                    f"{r['waste']:.1%}",
+                    f"{r['tokens_per_s']:.0f}",
+                    f"{r['tokens_per_cpu_s']:.0f}",
+                    f"{r['step_ms']:.2f}",
+                    f"{r['attention_ms_per_step']:.2f}",
+                    f"{r['metadata_ms_per_step']:.2f}",
+                ]
+                for r in result["rows"]
+            ],
+        )
+    )
+    print(
+        f"best block size on this machine (tokens per CPU second): {result['best_block_size']}; within "
+        f"{result['near_best_fraction']:.0%} of it: {result['near_best_block_sizes']}"
+    )
     print(format_monitor(result["monitor"]))
 
 
@@ -194,10 +238,14 @@ def main(args) -> dict:
     sizes = tuple(int(b) for b in args.block_sizes.split(","))
     quick = args.quick
     result = run_block_size(
-        model=args.model, block_sizes=(4, 16, 64) if quick else sizes,
+        model=args.model,
+        block_sizes=(4, 16, 64) if quick else sizes,
         num_requests=8 if quick else args.num_requests,
-        max_model_len=512 if quick else args.max_model_len, seed=args.seed, threads=args.threads,
-        progress=not quick, mix=LengthMix().scaled(QUICK_SCALE) if quick else LengthMix(),
+        max_model_len=512 if quick else args.max_model_len,
+        seed=args.seed,
+        threads=args.threads,
+        progress=not quick,
+        mix=LengthMix().scaled(QUICK_SCALE) if quick else LengthMix(),
     )
     from paged_attention.bench.plots import plot_block_size
 
@@ -211,7 +259,9 @@ def add_parser(sub) -> None:
     p.add_argument("--num-requests", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--quick", action="store_true", help="block sizes 4, 16, 64 on 8 short requests (for tests)")
+    p.add_argument(
+        "--quick", action="store_true", help="block sizes 4, 16, 64 on 8 short requests (for tests)"
+    )
     p.add_argument("--output-dir", default="results")
     add_engine_args(p, only=("max_model_len",), defaults={"max_model_len": 2048}, model=False)
     p.set_defaults(func=main)

@@ -50,14 +50,31 @@ def orca_fit(requests: list[MemoryRequest], budget: int, max_model_len: int) -> 
     return count
 
 
-def measure_budget(model_path: str | None, requests: list[MemoryRequest], budget: int, block_size: int,
-                   max_model_len: int, max_num_seqs: int, max_steps: int, seed: int, progress: bool) -> dict:
+def measure_budget(
+    model_path: str | None,
+    requests: list[MemoryRequest],
+    budget: int,
+    block_size: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    max_steps: int,
+    seed: int,
+    progress: bool,
+) -> dict:
     from paged_attention.engine.llm import LLM
 
-    llm = LLM(model_path, block_size=block_size, num_kv_blocks=budget // block_size,
-              max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed)
+    llm = LLM(
+        model_path,
+        block_size=block_size,
+        num_kv_blocks=budget // block_size,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        seed=seed,
+    )
     trace = trace_run(llm, requests, progress=progress, max_steps=max_steps, desc=f"capacity {budget}")
-    waiting = [r.num_running for r in trace.records if r.num_waiting > 0] or [r.num_running for r in trace.records]
+    waiting = [r.num_running for r in trace.records if r.num_waiting > 0] or [
+        r.num_running for r in trace.records
+    ]
     return {
         "budget_tokens": budget,
         "num_kv_blocks": budget // block_size,
@@ -91,15 +108,32 @@ def run_capacity(
     rows = []
     with torch_threads(threads), MemoryMonitor() as monitor:
         for budget in budgets:
-            rows.append(measure_budget(model_path, requests, budget, block_size, max_model_len,
-                                       max_num_seqs, max_steps, seed, progress))
+            rows.append(
+                measure_budget(
+                    model_path,
+                    requests,
+                    budget,
+                    block_size,
+                    max_model_len,
+                    max_num_seqs,
+                    max_steps,
+                    seed,
+                    progress,
+                )
+            )
         env = environment()
     return {
         "benchmark": "capacity",
         "config": {
-            "model": model, "block_size": block_size, "max_model_len": max_model_len,
-            "max_num_seqs": max_num_seqs, "num_requests": num_requests, "max_steps": max_steps,
-            "seed": seed, "length_mix": asdict(mix), "torch_threads": threads,
+            "model": model,
+            "block_size": block_size,
+            "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs,
+            "num_requests": num_requests,
+            "max_steps": max_steps,
+            "seed": seed,
+            "length_mix": asdict(mix),
+            "torch_threads": threads,
         },
         "method": {
             "paged": "measured: max (and mean while requests wait) running requests in the engine",
@@ -113,25 +147,42 @@ def run_capacity(
 
 
 def print_capacity(result: dict) -> None:
-    print(format_table(
-        ["budget (tokens)", "paged max", "paged mean", "Orca*", "static*", "paged/static", "preemptions"],
-        [[f"{r['budget_tokens']:,}", r["paged_max_running"], f"{r['paged_mean_running']:.1f}",
-          r["orca_concurrency"], r["static_concurrency"],
-          f"{r['paged_max_running'] / max(r['static_concurrency'], 1):.1f}x", r["num_preemptions"]]
-         for r in result["budgets"]],
-    ))
-    print("paged: measured in the engine; * arithmetic (static = budget // max_model_len, "
-          "Orca = prompt + max_tokens reservations in arrival order)")
+    print(
+        format_table(
+            ["budget (tokens)", "paged max", "paged mean", "Orca*", "static*", "paged/static", "preemptions"],
+            [
+                [
+                    f"{r['budget_tokens']:,}",
+                    r["paged_max_running"],
+                    f"{r['paged_mean_running']:.1f}",
+                    r["orca_concurrency"],
+                    r["static_concurrency"],
+                    f"{r['paged_max_running'] / max(r['static_concurrency'], 1):.1f}x",
+                    r["num_preemptions"],
+                ]
+                for r in result["budgets"]
+            ],
+        )
+    )
+    print(
+        "paged: measured in the engine; * arithmetic (static = budget // max_model_len, "
+        "Orca = prompt + max_tokens reservations in arrival order)"
+    )
     print(format_monitor(result["monitor"]))
 
 
 def main(args) -> dict:
     budgets = tuple(int(b) for b in args.budgets.split(","))
     result = run_capacity(
-        model=args.model, budgets=budgets[:2] if args.quick else budgets,
-        num_requests=48 if args.quick else args.num_requests, block_size=args.block_size,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_steps=40 if args.quick else args.max_steps, seed=args.seed, threads=args.threads,
+        model=args.model,
+        budgets=budgets[:2] if args.quick else budgets,
+        num_requests=48 if args.quick else args.num_requests,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_steps=40 if args.quick else args.max_steps,
+        seed=args.seed,
+        threads=args.threads,
         progress=not args.quick,
     )
     from paged_attention.bench.plots import plot_capacity
@@ -144,11 +195,17 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="tiny-2k", help="tiny-2k (default), stories260k, smollm2, or a path")
     p.add_argument("--budgets", default="2048,4096,8192,16384", help="KV budgets in token slots, comma list")
     p.add_argument("--num-requests", type=int, default=160, help="requests queued per budget")
-    p.add_argument("--max-steps", type=int, default=300, help="engine steps per budget (the queue stays full)")
+    p.add_argument(
+        "--max-steps", type=int, default=300, help="engine steps per budget (the queue stays full)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--quick", action="store_true", help="two budgets, 48 requests, 40 steps (for tests)")
     p.add_argument("--output-dir", default="results")
-    add_engine_args(p, only=("block_size", "max_model_len", "max_num_seqs"),
-                    defaults={"max_model_len": 2048, "max_num_seqs": 1024}, model=False)
+    add_engine_args(
+        p,
+        only=("block_size", "max_model_len", "max_num_seqs"),
+        defaults={"max_model_len": 2048, "max_num_seqs": 1024},
+        model=False,
+    )
     p.set_defaults(func=main)

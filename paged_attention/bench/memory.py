@@ -55,9 +55,17 @@ LITERATURE = {
 # memory figures depend only on request lengths (fixed here by max_tokens with
 # ignore_eos), not on what the model says, and a tiny model keeps the run short.
 TINY_2K_CONFIG = {
-    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 5,
-    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8, "max_position_embeddings": 2048,
-    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_hidden_layers": 5,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 8,
+    "max_position_embeddings": 2048,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": True,
 }
 
 
@@ -116,8 +124,12 @@ class LengthMix:
     def scaled(self, factor: float) -> LengthMix:
         """The same shape with every length times `factor` (for --quick runs)."""
         return LengthMix(
-            self.prompt_mean * factor, self.prompt_sigma, self.output_mean * factor, self.output_sigma,
-            self.min_len, max(self.min_len, int(self.max_prompt * factor)),
+            self.prompt_mean * factor,
+            self.prompt_sigma,
+            self.output_mean * factor,
+            self.output_sigma,
+            self.min_len,
+            max(self.min_len, int(self.max_prompt * factor)),
             max(self.min_len, int(self.max_output * factor)),
         )
 
@@ -159,9 +171,11 @@ def describe_workload(requests: list[MemoryRequest]) -> dict:
     outputs = [r.output_len for r in requests]
     return {
         "num_requests": len(requests),
-        "prompt_mean": statistics.fmean(prompts), "prompt_median": statistics.median(prompts),
+        "prompt_mean": statistics.fmean(prompts),
+        "prompt_median": statistics.median(prompts),
         "prompt_max": max(prompts),
-        "output_mean": statistics.fmean(outputs), "output_median": statistics.median(outputs),
+        "output_mean": statistics.fmean(outputs),
+        "output_median": statistics.median(outputs),
         "output_max": max(outputs),
         "declared_max_tokens_mean": statistics.fmean(r.max_tokens for r in requests),
     }
@@ -218,8 +232,14 @@ def trace_run(
     declared = {rid: r.max_tokens for rid, r in zip(ids, requests)}
     trace = Trace()
     peak_snapshot = None
-    bar = tqdm(total=sum(r.output_len for r in requests), desc=desc, unit="tok",
-               disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=sum(r.output_len for r in requests),
+        desc=desc,
+        unit="tok",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
     preempt0 = engine.scheduler.num_preemptions
     generated0 = engine.stats.num_generated_tokens
     start = time.perf_counter()
@@ -243,8 +263,9 @@ def trace_run(
                 slots_orca=sum(min(r.num_prompt_tokens + declared[r.request_id], max_len) for r in running),
                 slots_static=len(running) * max_len,
                 final_tokens=sum(r.num_prompt_tokens + r.max_tokens for r in running),
-                shared_blocks=sum(1 for b in {b for r in running for b in r.block_table.block_ids}
-                                  if alloc.ref_count(b) > 1),
+                shared_blocks=sum(
+                    1 for b in {b for r in running for b in r.block_table.block_ids} if alloc.ref_count(b) > 1
+                ),
                 step_s=dt,
             )
             trace.records.append(rec)
@@ -297,8 +318,11 @@ def peak_summary(records: list[StepRecord]) -> dict:
     """The step where paging used the most slots, and each scheme's figure there."""
     peak = max(records, key=lambda r: r.slots_allocated)
     return {
-        "step": peak.step, "num_running": peak.num_running, "tokens_stored": peak.tokens_stored,
-        "paged_slots": peak.slots_allocated, "orca_slots": peak.slots_orca,
+        "step": peak.step,
+        "num_running": peak.num_running,
+        "tokens_stored": peak.tokens_stored,
+        "paged_slots": peak.slots_allocated,
+        "orca_slots": peak.slots_orca,
         "static_slots": peak.slots_static,
         "paged_waste": 1 - peak.tokens_stored / peak.slots_allocated,
         "orca_waste": 1 - peak.tokens_stored / peak.slots_orca,
@@ -333,25 +357,39 @@ def run_memory_benchmark(
         # the figures describe the allocation scheme alone.
         num_kv_blocks = sum(-(-(len(r.prompt_token_ids) + r.output_len) // block_size) for r in requests)
     with torch_threads(threads), MemoryMonitor() as monitor:
-        llm = LLM(model_path, block_size=block_size, num_kv_blocks=num_kv_blocks,
-                  max_model_len=max_model_len, max_num_seqs=1024, seed=seed)
+        llm = LLM(
+            model_path,
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            max_model_len=max_model_len,
+            max_num_seqs=1024,
+            seed=seed,
+        )
         trace = trace_run(llm, requests, progress=progress, draw=draw)
         env = environment()
     stats = llm.memory_stats()
     return {
         "benchmark": "memory",
         "config": {
-            "model": model, "block_size": block_size, "max_model_len": max_model_len,
-            "num_kv_blocks": stats["num_blocks"], "num_requests": num_requests, "seed": seed,
-            "length_mix": asdict(mix), "torch_threads": threads,
+            "model": model,
+            "block_size": block_size,
+            "max_model_len": max_model_len,
+            "num_kv_blocks": stats["num_blocks"],
+            "num_requests": num_requests,
+            "seed": seed,
+            "length_mix": asdict(mix),
+            "torch_threads": threads,
         },
         "workload": describe_workload(requests),
         "schemes": waste_summary(trace.records),
         "peak": peak_summary(trace.records),
         "run": {
-            "elapsed_s": trace.elapsed_s, "num_steps": len(trace.records),
-            "output_tokens": trace.output_tokens, "tokens_per_s": trace.output_tokens / trace.elapsed_s,
-            "num_preemptions": trace.num_preemptions, "peak_used_blocks": trace.peak_used_blocks,
+            "elapsed_s": trace.elapsed_s,
+            "num_steps": len(trace.records),
+            "output_tokens": trace.output_tokens,
+            "tokens_per_s": trace.output_tokens / trace.elapsed_s,
+            "num_preemptions": trace.num_preemptions,
+            "peak_used_blocks": trace.peak_used_blocks,
             "max_running": trace.max_running,
         },
         "literature": LITERATURE,
@@ -365,23 +403,44 @@ def run_memory_benchmark(
 def print_memory(result: dict) -> None:
     cfg, s = result["config"], result["schemes"]
     rows = [
-        [f"paged (block {cfg['block_size']})", s["paged"]["waste"], s["paged"]["internal_fragmentation"],
-         s["paged"]["reservation"], result["peak"]["paged_slots"]],
-        ["Orca (prompt + max_tokens)", s["orca"]["waste"], s["orca"]["internal_fragmentation"],
-         s["orca"]["reservation"], result["peak"]["orca_slots"]],
-        [f"static (max_model_len {cfg['max_model_len']})", s["static"]["waste"],
-         s["static"]["internal_fragmentation"], s["static"]["reservation"], result["peak"]["static_slots"]],
+        [
+            f"paged (block {cfg['block_size']})",
+            s["paged"]["waste"],
+            s["paged"]["internal_fragmentation"],
+            s["paged"]["reservation"],
+            result["peak"]["paged_slots"],
+        ],
+        [
+            "Orca (prompt + max_tokens)",
+            s["orca"]["waste"],
+            s["orca"]["internal_fragmentation"],
+            s["orca"]["reservation"],
+            result["peak"]["orca_slots"],
+        ],
+        [
+            f"static (max_model_len {cfg['max_model_len']})",
+            s["static"]["waste"],
+            s["static"]["internal_fragmentation"],
+            s["static"]["reservation"],
+            result["peak"]["static_slots"],
+        ],
     ]
     w = result["workload"]
-    print(f"workload: {w['num_requests']} requests, prompt mean {w['prompt_mean']:.0f} (max {w['prompt_max']}), "
-          f"output mean {w['output_mean']:.0f} (max {w['output_max']}); model {cfg['model']}, "
-          f"{result['run']['num_steps']} steps in {result['run']['elapsed_s']:.1f} s")
-    print(format_table(
-        ["scheme", "waste", "internal frag", "reservation", "slots at peak"],
-        [[r[0], f"{r[1]:.1%}", f"{r[2]:.1%}", f"{r[3]:.1%}", f"{r[4]:,}"] for r in rows],
-    ))
-    print(f"tokens stored at peak: {result['peak']['tokens_stored']:,} "
-          f"({result['peak']['num_running']} running requests)")
+    print(
+        f"workload: {w['num_requests']} requests, prompt mean {w['prompt_mean']:.0f} (max {w['prompt_max']}), "
+        f"output mean {w['output_mean']:.0f} (max {w['output_max']}); model {cfg['model']}, "
+        f"{result['run']['num_steps']} steps in {result['run']['elapsed_s']:.1f} s"
+    )
+    print(
+        format_table(
+            ["scheme", "waste", "internal frag", "reservation", "slots at peak"],
+            [[r[0], f"{r[1]:.1%}", f"{r[2]:.1%}", f"{r[3]:.1%}", f"{r[4]:,}"] for r in rows],
+        )
+    )
+    print(
+        f"tokens stored at peak: {result['peak']['tokens_stored']:,} "
+        f"({result['peak']['num_running']} running requests)"
+    )
     print("literature: contiguous schemes waste 60-80%, paging (block 16) under 4% (vLLM paper)")
     print(format_monitor(result["monitor"]))
 
@@ -393,10 +452,16 @@ QUICK_SCALE = 0.25
 def main(args) -> dict:
     quick = args.quick
     result = run_memory_benchmark(
-        model=args.model, num_requests=12 if quick else args.num_requests,
-        block_size=args.block_size, max_model_len=512 if quick else args.max_model_len,
-        num_kv_blocks=args.num_kv_blocks, seed=args.seed, threads=args.threads,
-        draw=args.draw, progress=not quick, mix=LengthMix().scaled(QUICK_SCALE) if quick else LengthMix(),
+        model=args.model,
+        num_requests=12 if quick else args.num_requests,
+        block_size=args.block_size,
+        max_model_len=512 if quick else args.max_model_len,
+        num_kv_blocks=args.num_kv_blocks,
+        seed=args.seed,
+        threads=args.threads,
+        draw=args.draw,
+        progress=not quick,
+        mix=LengthMix().scaled(QUICK_SCALE) if quick else LengthMix(),
     )
     snapshots = result.pop("_snapshots")
     out_dir = Path(args.output_dir)
@@ -416,13 +481,22 @@ def add_parser(sub) -> None:
     p = sub.add_parser("memory", help="KV waste: paging vs Orca-style vs static reservation")
     p.add_argument("--model", default="tiny-2k", help="tiny-2k (default), stories260k, smollm2, or a path")
     p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="KV pool size (default: room for every request, so nothing is preempted)")
+    p.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV pool size (default: room for every request, so nothing is preempted)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--draw", action="store_true", help="also draw the block pool at peak use (memory_pool.png)")
-    p.add_argument("--quick", action="store_true",
-                   help="12 requests at a quarter of the lengths, max_model_len 512 (for tests)")
+    p.add_argument(
+        "--draw", action="store_true", help="also draw the block pool at peak use (memory_pool.png)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="12 requests at a quarter of the lengths, max_model_len 512 (for tests)",
+    )
     p.add_argument("--output-dir", default="results")
     add_engine_args(p, only=("block_size", "max_model_len"), defaults={"max_model_len": 2048}, model=False)
     p.set_defaults(func=main)

@@ -53,7 +53,7 @@ class MemoryMonitor:
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
 
-    def __enter__(self) -> MemoryMonitor:  # noqa: PYI034 - typing.Self needs Python 3.11
+    def __enter__(self) -> MemoryMonitor:
         self._t0 = time.perf_counter()
         if self._cuda:
             import torch
@@ -81,10 +81,14 @@ class MemoryMonitor:
 
             cuda_alloc = int(torch.cuda.memory_allocated())
             cuda_reserved = int(torch.cuda.memory_reserved())
-        self.samples.append(MemorySample(
-            time.perf_counter() - self._t0, int(self._process.memory_info().rss),
-            cuda_alloc, cuda_reserved,
-        ))
+        self.samples.append(
+            MemorySample(
+                time.perf_counter() - self._t0,
+                int(self._process.memory_info().rss),
+                cuda_alloc,
+                cuda_reserved,
+            )
+        )
 
     def summary(self) -> dict:
         """Start, peak and end RSS in MiB, plus CUDA peaks when there is a GPU."""
@@ -129,8 +133,10 @@ def format_monitor(summary: dict) -> str:
     )
     cuda = summary.get("cuda")
     if cuda:
-        line += (f"; CUDA {cuda['device']}: peak allocated {cuda['peak_allocated_mib']:.0f} MiB, "
-                 f"reserved {cuda['peak_reserved_mib']:.0f} MiB")
+        line += (
+            f"; CUDA {cuda['device']}: peak allocated {cuda['peak_allocated_mib']:.0f} MiB, "
+            f"reserved {cuda['peak_reserved_mib']:.0f} MiB"
+        )
     else:
         line += "; CUDA: not available"
     return line
@@ -159,8 +165,17 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
 
 # The CPU features that decide which kernels are fast: AVX2-only machines run
 # bf16 emulated (slowly); AVX-512 BF16 and AMX run it natively.
-CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                         "amx_tile", "amx_bf16", "amx_int8")
+CPU_FLAGS_OF_INTEREST = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def cpu_flags() -> list[str]:
@@ -209,6 +224,8 @@ def environment() -> dict:
 def describe(env: dict) -> str:
     """One line: the CPU, its flags of interest, threads and load."""
     flags = " ".join(env.get("cpu_flags") or []) or "none of " + "/".join(CPU_FLAGS_OF_INTEREST[:3])
-    return (f"machine: {env.get('processor')}; flags: {flags}; {env.get('cpu_count')} cores, "
-            f"{env.get('torch_threads')} torch threads, load {env.get('load_average_1m')}; "
-            f"torch {env.get('torch')}" + (f"; cuda: {env['cuda']}" if env.get("cuda") else ""))
+    return (
+        f"machine: {env.get('processor')}; flags: {flags}; {env.get('cpu_count')} cores, "
+        f"{env.get('torch_threads')} torch threads, load {env.get('load_average_1m')}; "
+        f"torch {env.get('torch')}" + (f"; cuda: {env['cuda']}" if env.get("cuda") else "")
+    )

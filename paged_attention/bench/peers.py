@@ -37,15 +37,20 @@ def _cb_run(hf, workload: list[BenchRequest], page_size: int, max_batch_tokens: 
     # Room for every request at once (plus one partly filled page each): the
     # same "nothing preempted" footing our engine gets from its default pool.
     num_blocks = tokens // page_size + len(workload) + 1
-    gen = GenerationConfig(do_sample=False, max_new_tokens=max(r.output_len for r in workload),
-                           eos_token_id=-1, pad_token_id=0)
-    cb = ContinuousBatchingConfig(page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens)
+    gen = GenerationConfig(
+        do_sample=False, max_new_tokens=max(r.output_len for r in workload), eos_token_id=-1, pad_token_id=0
+    )
+    cb = ContinuousBatchingConfig(
+        page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens
+    )
     produced: dict[str, int] = {}
     with hf.continuous_batching_context_manager(
         generation_config=gen, continuous_batching_config=cb, warmup=False
     ) as manager:
-        ids = [manager.add_request(r.prompt_token_ids, max_new_tokens=r.output_len, eos_token_id=-1)
-               for r in workload]
+        ids = [
+            manager.add_request(r.prompt_token_ids, max_new_tokens=r.output_len, eos_token_id=-1)
+            for r in workload
+        ]
         while len(produced) < len(ids):
             result = manager.get_result(timeout=1)
             if result is None:
@@ -59,8 +64,9 @@ def _cb_run(hf, workload: list[BenchRequest], page_size: int, max_batch_tokens: 
     return produced
 
 
-def run_hf_continuous(hf, workload: list[BenchRequest], page_size: int = 256,
-                      max_batch_tokens: int = 8192) -> dict:
+def run_hf_continuous(
+    hf, workload: list[BenchRequest], page_size: int = 256, max_batch_tokens: int = 8192
+) -> dict:
     """transformers' continuous batching over the whole workload, queued at once.
     page_size 256 is transformers' default; max_batch_tokens 8192 matches our
     engine's default step budget."""
@@ -77,8 +83,9 @@ def run_hf_continuous(hf, workload: list[BenchRequest], page_size: int = 256,
         hook.remove()
     tokens = sum(produced.values())
     assert tokens == sum(r.output_len for r in workload), "transformers produced the wrong token count"
-    return throughput_record(tokens, elapsed, len(workload), page_size=page_size,
-                             max_batch_tokens=max_batch_tokens)
+    return throughput_record(
+        tokens, elapsed, len(workload), page_size=page_size, max_batch_tokens=max_batch_tokens
+    )
 
 
 # --------------------------------------------------------------- llama.cpp
@@ -90,8 +97,9 @@ def llama_cpp_available() -> bool:
     return True
 
 
-def run_llama_cpp(gguf_path: str, workload: list[BenchRequest], n_ctx: int = 4096,
-                  n_threads: int | None = None) -> dict:
+def run_llama_cpp(
+    gguf_path: str, workload: list[BenchRequest], n_ctx: int = 4096, n_threads: int | None = None
+) -> dict:
     """llama.cpp through llama-cpp-python, one request at a time (its Python
     binding has no continuous batching). Returns {"skipped": reason} when the
     package is not installed: it is an optional extra that builds llama.cpp."""
@@ -104,7 +112,7 @@ def run_llama_cpp(gguf_path: str, workload: list[BenchRequest], n_ctx: int = 409
     def run_one(r: BenchRequest) -> int:
         llm.reset()
         count = 0
-        for token in llm.generate(r.prompt_token_ids, temp=0.0, top_k=1, reset=True):
+        for _token in llm.generate(r.prompt_token_ids, temp=0.0, top_k=1, reset=True):
             count += 1
             if count == r.output_len:
                 break

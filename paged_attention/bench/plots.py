@@ -40,8 +40,13 @@ def plot_memory(result: dict, path: str | Path) -> Path:
         ("tokens_stored", "tokens stored", "black"),
     ]
     for key, label, colour in series:
-        ax.plot(steps, [r[key] for r in result["timeline"]], label=label, color=colour,
-                linestyle="--" if key == "tokens_stored" else "-")
+        ax.plot(
+            steps,
+            [r[key] for r in result["timeline"]],
+            label=label,
+            color=colour,
+            linestyle="--" if key == "tokens_stored" else "-",
+        )
     ax.set_xlabel("engine step")
     ax.set_ylabel("KV token slots")
     ax.set_title("KV slots held by the running requests")
@@ -56,8 +61,12 @@ def plot_memory(result: dict, path: str | Path) -> Path:
         bar.text(i, schemes[n]["waste"] + 0.01, f"{schemes[n]['waste']:.1%}", ha="center", fontsize=9)
     lo, hi = result["literature"]["contiguous_waste"]
     bar.axhspan(lo, hi, color="tab:red", alpha=0.08, label="literature: contiguous 60-80%")
-    bar.axhline(result["literature"]["paged_waste_below"], color="tab:blue", linestyle=":",
-                label="literature: paged < 4%")
+    bar.axhline(
+        result["literature"]["paged_waste_below"],
+        color="tab:blue",
+        linestyle=":",
+        label="literature: paged < 4%",
+    )
     bar.set_ylim(0, 1)
     bar.set_ylabel("share of reserved slot-steps unused")
     bar.set_title("KV waste")
@@ -69,11 +78,35 @@ def plot_capacity(result: dict, path: str | Path) -> Path:
     fig, (ax,) = _figure(7, 4)
     rows = result["budgets"]
     x = [r["budget_tokens"] for r in rows]
-    ax.plot(x, [r["paged_max_running"] for r in rows], "o-", color="tab:blue", label="paged: max running (measured)")
-    ax.plot(x, [r["paged_mean_running"] for r in rows], "o--", color="tab:blue", alpha=0.6,
-            label="paged: mean running while requests wait (measured)")
-    ax.plot(x, [r["orca_concurrency"] for r in rows], "s-", color="tab:orange", label="Orca: prompt + max_tokens (arithmetic)")
-    ax.plot(x, [r["static_concurrency"] for r in rows], "^-", color="tab:red", label="static: max_model_len (arithmetic)")
+    ax.plot(
+        x,
+        [r["paged_max_running"] for r in rows],
+        "o-",
+        color="tab:blue",
+        label="paged: max running (measured)",
+    )
+    ax.plot(
+        x,
+        [r["paged_mean_running"] for r in rows],
+        "o--",
+        color="tab:blue",
+        alpha=0.6,
+        label="paged: mean running while requests wait (measured)",
+    )
+    ax.plot(
+        x,
+        [r["orca_concurrency"] for r in rows],
+        "s-",
+        color="tab:orange",
+        label="Orca: prompt + max_tokens (arithmetic)",
+    )
+    ax.plot(
+        x,
+        [r["static_concurrency"] for r in rows],
+        "^-",
+        color="tab:red",
+        label="static: max_model_len (arithmetic)",
+    )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("KV budget (token slots)")
     ax.set_ylabel("concurrent requests")
@@ -91,7 +124,9 @@ def plot_block_size(result: dict, path: str | Path) -> Path:
     waste.set_ylabel("share of allocated slot-steps unused")
     speed.plot(x, [r["tokens_per_s"] for r in rows], "o-", color="tab:blue", label="per wall second")
     if all("tokens_per_cpu_s" in r for r in rows):
-        speed.plot(x, [r["tokens_per_cpu_s"] for r in rows], "s--", color="tab:purple", label="per CPU second")
+        speed.plot(
+            x, [r["tokens_per_cpu_s"] for r in rows], "s--", color="tab:purple", label="per CPU second"
+        )
     speed.set_title("throughput")
     speed.set_ylabel("output tokens / s")
     speed.legend(fontsize=8)
@@ -132,12 +167,19 @@ def plot_throughput(result: dict, path: str | Path) -> Path:
     """Bars per (model, dtype): this engine and every baseline in the run."""
     fig, (ax,) = _figure(9, 4)
     runs = result["runs"]
-    systems = [k for k in ("engine", "hf_static", "hf_continuous", "llama_cpp")
-               if any(isinstance(r.get(k), dict) and "tokens_per_s" in r[k] for r in runs)]
+    systems = [
+        k
+        for k in ("engine", "hf_static", "hf_continuous", "llama_cpp")
+        if any(isinstance(r.get(k), dict) and "tokens_per_s" in r[k] for r in runs)
+    ]
     width = 0.8 / max(len(systems), 1)
     for j, system in enumerate(systems):
-        values = [r[system]["tokens_per_s"] if isinstance(r.get(system), dict) and "tokens_per_s" in r[system]
-                  else 0.0 for r in runs]
+        values = [
+            r[system]["tokens_per_s"]
+            if isinstance(r.get(system), dict) and "tokens_per_s" in r[system]
+            else 0.0
+            for r in runs
+        ]
         ax.bar([i + j * width for i in range(len(runs))], values, width, label=system)
     ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(runs))])
     ax.set_xticklabels([f"{r['model']}\n{r['dtype']}" for r in runs], fontsize=8)

@@ -153,18 +153,31 @@ def time_swap(engine, length: int, repeats: int) -> tuple[float, float, float, i
             totals.append(t4 - t0)
     finally:
         table.free()
-    return (statistics.median(outs[1:]), statistics.median(ins[1:]), statistics.median(totals[1:]),
-            num_blocks)
+    return (
+        statistics.median(outs[1:]),
+        statistics.median(ins[1:]),
+        statistics.median(totals[1:]),
+        num_blocks,
+    )
 
 
-def sweep_block_size(model_path: str | None, vocab: int, block_size: int, lengths: list[int],
-                     swap_repeats: int, seed: int) -> list[PreemptCost]:
+def sweep_block_size(
+    model_path: str | None, vocab: int, block_size: int, lengths: list[int], swap_repeats: int, seed: int
+) -> list[PreemptCost]:
     from paged_attention.engine.llm import LLM
 
     max_len = max(lengths) + 16
-    llm = LLM(model_path, block_size=block_size, num_kv_blocks=2 * ceil_div(max_len, block_size) + 8,
-              max_model_len=max_len, max_num_seqs=4, seed=seed, preemption_mode="auto",
-              swap_space=SWAP_SPACE_GIB, **caching_kwargs(False))
+    llm = LLM(
+        model_path,
+        block_size=block_size,
+        num_kv_blocks=2 * ceil_div(max_len, block_size) + 8,
+        max_model_len=max_len,
+        max_num_seqs=4,
+        seed=seed,
+        preemption_mode="auto",
+        swap_space=SWAP_SPACE_GIB,
+        **caching_kwargs(False),
+    )
     engine = llm.engine
     assert engine.cost_model is not None and engine.scheduler.swapper is not None
     rng = random.Random(seed)
@@ -186,15 +199,27 @@ def sweep_block_size(model_path: str | None, vocab: int, block_size: int, length
         recompute_s = time_recompute(llm, length, vocab, 3 if length <= 1024 else 1, rng)
         out_s, in_s, total_s, num_blocks = time_swap(engine, length, swap_repeats)
         faster = "swap" if out_s + in_s < recompute_s else "recompute"
-        rows.append(PreemptCost(
-            length=length, block_size=block_size, num_blocks=num_blocks,
-            bytes_per_block=engine.kv_cache.bytes_per_block,
-            kv_dtype=str(engine.kv_cache.dtype).removeprefix("torch."), swap_out_s=out_s, swap_in_s=in_s,
-            swap_s=out_s + in_s, swap_total_s=total_s, recompute_s=recompute_s, faster=faster,
-            auto_choice=auto, auto_predicted_swap_s=predicted[0],
-            auto_predicted_recompute_s=predicted[1], auto_correct=auto == faster,
-            startup_choice=startup, startup_correct=startup == faster,
-        ))
+        rows.append(
+            PreemptCost(
+                length=length,
+                block_size=block_size,
+                num_blocks=num_blocks,
+                bytes_per_block=engine.kv_cache.bytes_per_block,
+                kv_dtype=str(engine.kv_cache.dtype).removeprefix("torch."),
+                swap_out_s=out_s,
+                swap_in_s=in_s,
+                swap_s=out_s + in_s,
+                swap_total_s=total_s,
+                recompute_s=recompute_s,
+                faster=faster,
+                auto_choice=auto,
+                auto_predicted_swap_s=predicted[0],
+                auto_predicted_recompute_s=predicted[1],
+                auto_correct=auto == faster,
+                startup_choice=startup,
+                startup_correct=startup == faster,
+            )
+        )
     return rows
 
 
@@ -203,13 +228,26 @@ def crossovers(rows: list[PreemptCost]) -> list[dict]:
     out = []
     for bs in sorted({r.block_size for r in rows}):
         series = sorted((r for r in rows if r.block_size == bs), key=lambda r: r.length)
-        flips = [{"between": [a.length, b.length], "from": a.faster, "to": b.faster}
-                 for a, b in itertools.pairwise(series) if a.faster != b.faster]
+        flips = [
+            {"between": [a.length, b.length], "from": a.faster, "to": b.faster}
+            for a, b in itertools.pairwise(series)
+            if a.faster != b.faster
+        ]
         winners = {r.faster for r in series}
-        out.append({"block_size": bs, "flips": flips,
-                    "summary": (f"{winners.pop()} faster at every length measured" if len(winners) == 1
-                                else "; ".join(f"{f['from']} -> {f['to']} between {f['between'][0]} and "
-                                               f"{f['between'][1]} tokens" for f in flips))})
+        out.append(
+            {
+                "block_size": bs,
+                "flips": flips,
+                "summary": (
+                    f"{winners.pop()} faster at every length measured"
+                    if len(winners) == 1
+                    else "; ".join(
+                        f"{f['from']} -> {f['to']} between {f['between'][0]} and {f['between'][1]} tokens"
+                        for f in flips
+                    )
+                ),
+            }
+        )
     return out
 
 
@@ -243,25 +281,47 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def starved_run(model_path: str | None, workload, label: str, mode: str, num_kv_blocks: int, block_size: int,
-                victim: str = "lowest_priority_least_computed", seed: int = 0) -> StarvedRun:
+def starved_run(
+    model_path: str | None,
+    workload,
+    label: str,
+    mode: str,
+    num_kv_blocks: int,
+    block_size: int,
+    victim: str = "lowest_priority_least_computed",
+    seed: int = 0,
+) -> StarvedRun:
     from paged_attention.engine import model_runner
     from paged_attention.engine.llm import LLM
 
     max_len = max(len(r.prompt_token_ids) + r.output_len for r in workload)
-    llm = LLM(model_path, block_size=block_size, num_kv_blocks=num_kv_blocks, max_model_len=max_len,
-              max_num_seqs=len(workload), seed=seed, preemption_mode=mode, swap_space=SWAP_SPACE_GIB,
-              preemption_victim=victim, record_step_stats=True, **caching_kwargs(False))
+    llm = LLM(
+        model_path,
+        block_size=block_size,
+        num_kv_blocks=num_kv_blocks,
+        max_model_len=max_len,
+        max_num_seqs=len(workload),
+        seed=seed,
+        preemption_mode=mode,
+        swap_space=SWAP_SPACE_GIB,
+        preemption_victim=victim,
+        record_step_stats=True,
+        **caching_kwargs(False),
+    )
     engine = llm.engine
-    llm.generate([{"prompt_token_ids": workload[0].prompt_token_ids[:16]}],  # warm-up, outside the timer
-                 SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    llm.generate(
+        [{"prompt_token_ids": workload[0].prompt_token_ids[:16]}],  # warm-up, outside the timer
+        SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+        use_tqdm=False,
+    )
     s0 = engine.scheduler
     base = (s0.num_preemptions, s0.num_swapped_out, s0.num_recomputed_tokens)
     assert engine.step_stats is not None
     first_step = len(engine.step_stats)
-    ids = llm.add_requests([{"prompt_token_ids": r.prompt_token_ids} for r in workload],
-                           [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
-                            for r in workload])
+    ids = llm.add_requests(
+        [{"prompt_token_ids": r.prompt_token_ids} for r in workload],
+        [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in workload],
+    )
     finish: dict[str, float] = {}
     tokens = 0
     copy_time: dict[str, float] = {}
@@ -279,13 +339,22 @@ def starved_run(model_path: str | None, workload, label: str, mode: str, num_kv_
     steps = engine.step_stats[first_step:]
     s = engine.scheduler
     return StarvedRun(
-        label=label, preemption_mode=mode, victim=victim, num_kv_blocks=num_kv_blocks, elapsed_s=elapsed,
-        output_tokens=tokens, tokens_per_s=tokens / elapsed,
-        latency_p50_s=percentile(latencies, 0.5), latency_p99_s=percentile(latencies, 0.99),
-        num_preemptions=s.num_preemptions - base[0], num_swapped_out=s.num_swapped_out - base[1],
+        label=label,
+        preemption_mode=mode,
+        victim=victim,
+        num_kv_blocks=num_kv_blocks,
+        elapsed_s=elapsed,
+        output_tokens=tokens,
+        tokens_per_s=tokens / elapsed,
+        latency_p50_s=percentile(latencies, 0.5),
+        latency_p99_s=percentile(latencies, 0.99),
+        num_preemptions=s.num_preemptions - base[0],
+        num_swapped_out=s.num_swapped_out - base[1],
         num_recomputed_tokens=s.num_recomputed_tokens - base[2],
-        model_tokens=sum(step.num_tokens for step in steps), swap_copy_s=copy_time.get("swap", 0.0),
-        peak_used_blocks=engine.stats.peak_used_blocks, num_steps=len(steps),
+        model_tokens=sum(step.num_tokens for step in steps),
+        swap_copy_s=copy_time.get("swap", 0.0),
+        peak_used_blocks=engine.stats.peak_used_blocks,
+        num_steps=len(steps),
     )
 
 
@@ -297,9 +366,17 @@ STARVED_CONFIGS = (  # label, preemption mode, victim choice (the engine's preem
 )
 
 
-def run_starved(model_path: str | None, vocab: int, num_requests: int, prompt_len: tuple[int, int],
-                output_len: tuple[int, int], block_size: int, fraction: float, seed: int,
-                repeats: int = 1) -> dict:
+def run_starved(
+    model_path: str | None,
+    vocab: int,
+    num_requests: int,
+    prompt_len: tuple[int, int],
+    output_len: tuple[int, int],
+    block_size: int,
+    fraction: float,
+    seed: int,
+    repeats: int = 1,
+) -> dict:
     """Every configuration `repeats` times, round-robin (other work shares these
     cores, so one run can be slowed by a neighbour); each row is that
     configuration's median run by throughput, a real run with all its figures."""
@@ -316,17 +393,25 @@ def run_starved(model_path: str | None, vocab: int, num_requests: int, prompt_le
     for i in range(repeats):
         if i > 0:
             all_runs["unconstrained"].append(
-                starved_run(model_path, workload, "unconstrained", "auto", roomy, block_size, seed=seed))
+                starved_run(model_path, workload, "unconstrained", "auto", roomy, block_size, seed=seed)
+            )
         for label, mode, victim in STARVED_CONFIGS:
             all_runs.setdefault(label, []).append(
-                starved_run(model_path, workload, label, mode, starved, block_size, victim, seed))
-    median_run = {label: sorted(runs, key=lambda r: r.tokens_per_s)[(len(runs) - 1) // 2]
-                  for label, runs in all_runs.items()}
+                starved_run(model_path, workload, label, mode, starved, block_size, victim, seed)
+            )
+    median_run = {
+        label: sorted(runs, key=lambda r: r.tokens_per_s)[(len(runs) - 1) // 2]
+        for label, runs in all_runs.items()
+    }
     ours, newest = median_run["recompute"], median_run["recompute, newest first"]
     return {
-        "workload": {"num_requests": num_requests, "prompt_len_range": list(prompt_len),
-                     "output_len_range": list(output_len), "block_size": block_size,
-                     "output_tokens": sum(r.output_len for r in workload)},
+        "workload": {
+            "num_requests": num_requests,
+            "prompt_len_range": list(prompt_len),
+            "output_len_range": list(output_len),
+            "block_size": block_size,
+            "output_tokens": sum(r.output_len for r in workload),
+        },
         "needed_blocks": free.peak_used_blocks,
         "pool_fraction": fraction,
         "starved_blocks": starved,
@@ -336,52 +421,110 @@ def run_starved(model_path: str | None, vocab: int, num_requests: int, prompt_le
         "recomputed_tokens_ours": ours.num_recomputed_tokens,
         "recomputed_tokens_newest_first": newest.num_recomputed_tokens,
         # > 1: newest-first throws away more work than our choice.
-        "recompute_work_ratio": (newest.num_recomputed_tokens / ours.num_recomputed_tokens
-                                 if ours.num_recomputed_tokens else None),
+        "recompute_work_ratio": (
+            newest.num_recomputed_tokens / ours.num_recomputed_tokens if ours.num_recomputed_tokens else None
+        ),
     }
 
 
 # ---------------------------------------------------------------- report
 def print_preemption(result: dict) -> None:
     cfg = result["config"]
-    print(f"(a) preempt + resume one sequence ({cfg['model']}, {result['swap_vs_recompute']['dtype']}; "
-          "swap = copy out + copy in, recompute = prefill through the engine)")
-    print(format_table(
-        ["block", "tokens", "blocks", "swap ms", "swap+bookkeeping ms", "recompute ms", "faster", "auto picks",
-         "auto right", "auto predicted swap/recompute ms"],
-        [[r["block_size"], r["length"], r["num_blocks"], f"{1000 * r['swap_s']:.2f}",
-          f"{1000 * r['swap_total_s']:.2f}", f"{1000 * r['recompute_s']:.1f}", r["faster"], r["auto_choice"],
-          "yes" if r["auto_correct"] else "NO",
-          f"{1000 * r['auto_predicted_swap_s']:.2f} / {1000 * r['auto_predicted_recompute_s']:.1f}"]
-         for r in result["swap_vs_recompute"]["rows"]],
-    ))
+    print(
+        f"(a) preempt + resume one sequence ({cfg['model']}, {result['swap_vs_recompute']['dtype']}; "
+        "swap = copy out + copy in, recompute = prefill through the engine)"
+    )
+    print(
+        format_table(
+            [
+                "block",
+                "tokens",
+                "blocks",
+                "swap ms",
+                "swap+bookkeeping ms",
+                "recompute ms",
+                "faster",
+                "auto picks",
+                "auto right",
+                "auto predicted swap/recompute ms",
+            ],
+            [
+                [
+                    r["block_size"],
+                    r["length"],
+                    r["num_blocks"],
+                    f"{1000 * r['swap_s']:.2f}",
+                    f"{1000 * r['swap_total_s']:.2f}",
+                    f"{1000 * r['recompute_s']:.1f}",
+                    r["faster"],
+                    r["auto_choice"],
+                    "yes" if r["auto_correct"] else "NO",
+                    f"{1000 * r['auto_predicted_swap_s']:.2f} / {1000 * r['auto_predicted_recompute_s']:.1f}",
+                ]
+                for r in result["swap_vs_recompute"]["rows"]
+            ],
+        )
+    )
     for c in result["swap_vs_recompute"]["crossovers"]:
         print(f"    block {c['block_size']}: {c['summary']}")
     a = result["swap_vs_recompute"]
-    print(f"    auto picked the faster one in {a['auto_correct']}/{len(a['rows'])} cases "
-          f"(knowing only its first step: {a['startup_correct']}/{len(a['rows'])})")
-    print("    recompute measured / cost-model prediction, median over block sizes: "
-          + ", ".join(f"{n} tok {x:.1f}x" for n, x in a["recompute_measured_over_predicted"].items()))
+    print(
+        f"    auto picked the faster one in {a['auto_correct']}/{len(a['rows'])} cases "
+        f"(knowing only its first step: {a['startup_correct']}/{len(a['rows'])})"
+    )
+    print(
+        "    recompute measured / cost-model prediction, median over block sizes: "
+        + ", ".join(f"{n} tok {x:.1f}x" for n, x in a["recompute_measured_over_predicted"].items())
+    )
     b = result["starved"]
     w = b["workload"]
-    print(f"(b) {w['num_requests']} requests (prompt {w['prompt_len_range'][0]}..{w['prompt_len_range'][1]}, "
-          f"output {w['output_len_range'][0]}..{w['output_len_range'][1]}); unconstrained peak "
-          f"{b['needed_blocks']} blocks, starved pool {b['starved_blocks']} blocks ({b['pool_fraction']:.0%}); "
-          f"each row the median run by throughput of {b['repeats']}")
-    print(format_table(
-        ["run", "pool blocks", "tokens/s", "p50 latency s", "p99 latency s", "preemptions", "swapped out",
-         "recomputed tokens", "model tokens", "swap copy s"],
-        [[r["label"], r["num_kv_blocks"], f"{r['tokens_per_s']:.1f}", f"{r['latency_p50_s']:.2f}",
-          f"{r['latency_p99_s']:.2f}", r["num_preemptions"], r["num_swapped_out"], f"{r['num_recomputed_tokens']:,}",
-          f"{r['model_tokens']:,}", f"{r['swap_copy_s']:.3f}"]
-         for r in b["runs"]],
-    ))
-    speeds = {label: ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs) for label, runs in b["all_runs"].items()}
+    print(
+        f"(b) {w['num_requests']} requests (prompt {w['prompt_len_range'][0]}..{w['prompt_len_range'][1]}, "
+        f"output {w['output_len_range'][0]}..{w['output_len_range'][1]}); unconstrained peak "
+        f"{b['needed_blocks']} blocks, starved pool {b['starved_blocks']} blocks ({b['pool_fraction']:.0%}); "
+        f"each row the median run by throughput of {b['repeats']}"
+    )
+    print(
+        format_table(
+            [
+                "run",
+                "pool blocks",
+                "tokens/s",
+                "p50 latency s",
+                "p99 latency s",
+                "preemptions",
+                "swapped out",
+                "recomputed tokens",
+                "model tokens",
+                "swap copy s",
+            ],
+            [
+                [
+                    r["label"],
+                    r["num_kv_blocks"],
+                    f"{r['tokens_per_s']:.1f}",
+                    f"{r['latency_p50_s']:.2f}",
+                    f"{r['latency_p99_s']:.2f}",
+                    r["num_preemptions"],
+                    r["num_swapped_out"],
+                    f"{r['num_recomputed_tokens']:,}",
+                    f"{r['model_tokens']:,}",
+                    f"{r['swap_copy_s']:.3f}",
+                ]
+                for r in b["runs"]
+            ],
+        )
+    )
+    speeds = {
+        label: ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs) for label, runs in b["all_runs"].items()
+    }
     print("    tokens/s of every run: " + "; ".join(f"{label} {v}" for label, v in speeds.items()))
     ratio = b["recompute_work_ratio"]
-    print(f"    recompute redoes {b['recomputed_tokens_ours']:,} tokens with our victim choice, "
-          f"{b['recomputed_tokens_newest_first']:,} with newest first"
-          + (f" ({ratio:.2f}x)" if ratio is not None else ""))
+    print(
+        f"    recompute redoes {b['recomputed_tokens_ours']:,} tokens with our victim choice, "
+        f"{b['recomputed_tokens_newest_first']:,} with newest first"
+        + (f" ({ratio:.2f}x)" if ratio is not None else "")
+    )
     print(f"    part times: {', '.join(f'{k} {v:.0f} s' for k, v in result['part_seconds'].items())}")
     print(format_monitor(result["monitor"]))
 
@@ -391,32 +534,74 @@ def report_section(d: dict) -> str:
     from paged_attention.bench.report import markdown_table
 
     a, b = d["swap_vs_recompute"], d["starved"]
-    rows = [[r["block_size"], r["length"], f"{1000 * r['swap_s']:.2f}", f"{1000 * r['recompute_s']:.1f}",
-             r["faster"], r["auto_choice"], "yes" if r["auto_correct"] else "**no**"] for r in a["rows"]]
-    text = (f"**(a) Swap vs recompute** ({d['config']['model']}, KV {a['dtype']}): preempting and resuming one "
-            "sequence. Swap = the two `copy_between_pools` calls of a real swap-out and swap-in of its block "
-            "table; recompute = a real prefill of that many tokens through the engine. *Auto* is the engine's "
-            "cost model at the moment of decision.\n\n"
-            + markdown_table(["block", "tokens", "swap ms", "recompute ms", "faster", "auto picks", "auto right"], rows)
-            + "\n\n" + "\n".join(f"- block {c['block_size']}: {c['summary']}" for c in a["crossovers"])
-            + f"\n\nAuto picked the faster one in {a['auto_correct']}/{len(a['rows'])} cases. Measured recompute "
-            "time over the cost model's prediction (it prices a prefill linearly in tokens), median over block "
-            "sizes: " + ", ".join(f"{n} tokens {x:.1f}x" for n, x in a["recompute_measured_over_predicted"].items())
-            + ".")
+    rows = [
+        [
+            r["block_size"],
+            r["length"],
+            f"{1000 * r['swap_s']:.2f}",
+            f"{1000 * r['recompute_s']:.1f}",
+            r["faster"],
+            r["auto_choice"],
+            "yes" if r["auto_correct"] else "**no**",
+        ]
+        for r in a["rows"]
+    ]
+    text = (
+        f"**(a) Swap vs recompute** ({d['config']['model']}, KV {a['dtype']}): preempting and resuming one "
+        "sequence. Swap = the two `copy_between_pools` calls of a real swap-out and swap-in of its block "
+        "table; recompute = a real prefill of that many tokens through the engine. *Auto* is the engine's "
+        "cost model at the moment of decision.\n\n"
+        + markdown_table(
+            ["block", "tokens", "swap ms", "recompute ms", "faster", "auto picks", "auto right"], rows
+        )
+        + "\n\n"
+        + "\n".join(f"- block {c['block_size']}: {c['summary']}" for c in a["crossovers"])
+        + f"\n\nAuto picked the faster one in {a['auto_correct']}/{len(a['rows'])} cases. Measured recompute "
+        "time over the cost model's prediction (it prices a prefill linearly in tokens), median over block "
+        "sizes: "
+        + ", ".join(f"{n} tokens {x:.1f}x" for n, x in a["recompute_measured_over_predicted"].items())
+        + "."
+    )
     w = b["workload"]
-    rows = [[r["label"], r["num_kv_blocks"], f"{r['tokens_per_s']:.1f}", f"{r['latency_p50_s']:.2f}",
-             f"{r['latency_p99_s']:.2f}", r["num_preemptions"], r["num_swapped_out"],
-             f"{r['num_recomputed_tokens']:,}", f"{r['model_tokens']:,}", f"{r['swap_copy_s']:.3f}"]
-            for r in b["runs"]]
-    text += (f"\n\n**(b) Memory-starved run:** {w['num_requests']} requests (prompt {w['prompt_len_range'][0]}.."
-             f"{w['prompt_len_range'][1]}, output {w['output_len_range'][0]}..{w['output_len_range'][1]} tokens), KV "
-             f"pool {b['starved_blocks']} blocks = {b['pool_fraction']:.0%} of the {b['needed_blocks']} the "
-             "unconstrained run used at its peak. Latency from queueing (all at once) to the last token. Each "
-             f"row is the median run (by throughput) of {b['repeats']}, run round-robin.\n\n"
-             + markdown_table(["run", "pool blocks", "tokens/s", "p50 latency (s)", "p99 latency (s)", "preemptions",
-                               "swapped out", "recomputed tokens", "model tokens", "swap copy (s)"], rows)
-             + f"\n\nRecompute redid {b['recomputed_tokens_ours']:,} tokens with the engine's victim choice "
-             f"(lowest priority, then least computed) and {b['recomputed_tokens_newest_first']:,} with newest first.")
+    rows = [
+        [
+            r["label"],
+            r["num_kv_blocks"],
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['latency_p50_s']:.2f}",
+            f"{r['latency_p99_s']:.2f}",
+            r["num_preemptions"],
+            r["num_swapped_out"],
+            f"{r['num_recomputed_tokens']:,}",
+            f"{r['model_tokens']:,}",
+            f"{r['swap_copy_s']:.3f}",
+        ]
+        for r in b["runs"]
+    ]
+    text += (
+        f"\n\n**(b) Memory-starved run:** {w['num_requests']} requests (prompt {w['prompt_len_range'][0]}.."
+        f"{w['prompt_len_range'][1]}, output {w['output_len_range'][0]}..{w['output_len_range'][1]} tokens), KV "
+        f"pool {b['starved_blocks']} blocks = {b['pool_fraction']:.0%} of the {b['needed_blocks']} the "
+        "unconstrained run used at its peak. Latency from queueing (all at once) to the last token. Each "
+        f"row is the median run (by throughput) of {b['repeats']}, run round-robin.\n\n"
+        + markdown_table(
+            [
+                "run",
+                "pool blocks",
+                "tokens/s",
+                "p50 latency (s)",
+                "p99 latency (s)",
+                "preemptions",
+                "swapped out",
+                "recomputed tokens",
+                "model tokens",
+                "swap copy (s)",
+            ],
+            rows,
+        )
+        + f"\n\nRecompute redid {b['recomputed_tokens_ours']:,} tokens with the engine's victim choice "
+        f"(lowest priority, then least computed) and {b['recomputed_tokens_newest_first']:,} with newest first."
+    )
     return text + (f"\n\n![preemption]({d['plot']})" if d.get("plot") else "")
 
 
@@ -431,12 +616,24 @@ def plot_preemption(result: dict, path: str | Path) -> Path:
         series = sorted((r for r in rows if r["block_size"] == bs), key=lambda r: r["length"])
         x = [r["length"] for r in series]
         cost.plot(x, [1000 * r["swap_s"] for r in series], "o-", color=colour, label=f"swap, block {bs}")
-        cost.plot(x, [1000 * r["recompute_s"] for r in series], "s--", color=colour, alpha=0.6,
-                  label=f"recompute, block {bs}")
+        cost.plot(
+            x,
+            [1000 * r["recompute_s"] for r in series],
+            "s--",
+            color=colour,
+            alpha=0.6,
+            label=f"recompute, block {bs}",
+        )
         wrong = [r for r in series if not r["auto_correct"]]
         if wrong:
-            cost.scatter([r["length"] for r in wrong], [1000 * min(r["swap_s"], r["recompute_s"]) for r in wrong],
-                         marker="x", s=60, color="black", zorder=5)
+            cost.scatter(
+                [r["length"] for r in wrong],
+                [1000 * min(r["swap_s"], r["recompute_s"]) for r in wrong],
+                marker="x",
+                s=60,
+                color="black",
+                zorder=5,
+            )
     cost.set_xscale("log", base=2)
     cost.set_yscale("log")
     cost.set_xlabel("sequence length (tokens)")
@@ -458,17 +655,28 @@ def plot_preemption(result: dict, path: str | Path) -> Path:
     lat.set_title("latency")
     lat.legend(fontsize=8)
     b = result["starved"]
-    redo.bar(["ours\n(least computed)", "newest first"],
-             [b["recomputed_tokens_ours"], b["recomputed_tokens_newest_first"]], color=["tab:blue", "tab:gray"])
+    redo.bar(
+        ["ours\n(least computed)", "newest first"],
+        [b["recomputed_tokens_ours"], b["recomputed_tokens_newest_first"]],
+        color=["tab:blue", "tab:gray"],
+    )
     redo.set_ylabel("tokens recomputed")
     redo.set_title("work redone by recompute, per victim choice")
     return _save(fig, path)
 
 
 # ------------------------------------------------------------------ main
-def run_preemption(model: str = "stories15m-8k", quick: bool = False, lengths: list[int] | None = None,
-                   block_sizes: list[int] | None = None, block_size: int = 16, num_requests: int = 24,
-                   repeats: int = 3, seed: int = 0, threads: int | None = 1) -> dict:
+def run_preemption(
+    model: str = "stories15m-8k",
+    quick: bool = False,
+    lengths: list[int] | None = None,
+    block_sizes: list[int] | None = None,
+    block_size: int = 16,
+    num_requests: int = 24,
+    repeats: int = 3,
+    seed: int = 0,
+    threads: int | None = 1,
+) -> dict:
     from paged_attention.bench.memory import model_vocab_size
 
     model_path = resolve_model(model)
@@ -478,20 +686,37 @@ def run_preemption(model: str = "stories15m-8k", quick: bool = False, lengths: l
     seconds: dict[str, float] = {}
     with torch_threads(threads), MemoryMonitor() as monitor:
         t0 = time.perf_counter()
-        rows = [row for bs in block_sizes
-                for row in sweep_block_size(model_path, vocab, bs, lengths, 2 if quick else 3, seed)]
+        rows = [
+            row
+            for bs in block_sizes
+            for row in sweep_block_size(model_path, vocab, bs, lengths, 2 if quick else 3, seed)
+        ]
         t1 = time.perf_counter()
-        starved = run_starved(model_path, vocab, num_requests=6 if quick else num_requests,
-                              prompt_len=(32, 64) if quick else (64, 512),
-                              output_len=(8, 16) if quick else (32, 96),
-                              block_size=block_size, fraction=0.25, seed=seed, repeats=1 if quick else repeats)
+        starved = run_starved(
+            model_path,
+            vocab,
+            num_requests=6 if quick else num_requests,
+            prompt_len=(32, 64) if quick else (64, 512),
+            output_len=(8, 16) if quick else (32, 96),
+            block_size=block_size,
+            fraction=0.25,
+            seed=seed,
+            repeats=1 if quick else repeats,
+        )
         seconds = {"swap_vs_recompute": t1 - t0, "starved": time.perf_counter() - t1}
         env = environment()
     return {
         "benchmark": "preemption",
-        "config": {"model": model, "quick": quick, "lengths": lengths, "block_sizes": block_sizes,
-                   "starved_block_size": block_size, "seed": seed, "torch_threads": threads,
-                   "prefix_caching": "off"},
+        "config": {
+            "model": model,
+            "quick": quick,
+            "lengths": lengths,
+            "block_sizes": block_sizes,
+            "starved_block_size": block_size,
+            "seed": seed,
+            "torch_threads": threads,
+            "prefix_caching": "off",
+        },
         "swap_vs_recompute": {
             "dtype": rows[0].kv_dtype,
             "rows": [asdict(r) for r in rows],
@@ -501,8 +726,9 @@ def run_preemption(model: str = "stories15m-8k", quick: bool = False, lengths: l
             # The model prices a prefill linearly in tokens; attention makes long
             # ones cost more per token. Measured / predicted at each length:
             "recompute_measured_over_predicted": {
-                length: statistics.median(r.recompute_s / r.auto_predicted_recompute_s
-                                          for r in rows if r.length == length)
+                length: statistics.median(
+                    r.recompute_s / r.auto_predicted_recompute_s for r in rows if r.length == length
+                )
                 for length in lengths
             },
         },
@@ -519,24 +745,42 @@ def _ints(text: str | None) -> list[int] | None:
 
 
 def main(args) -> dict:
-    result = run_preemption(model=args.model, quick=args.quick, lengths=_ints(args.lengths),
-                            block_sizes=_ints(args.block_sizes), block_size=args.block_size,
-                            num_requests=args.num_requests, repeats=args.repeats, seed=args.seed,
-                            threads=args.threads if args.threads > 0 else None)
+    result = run_preemption(
+        model=args.model,
+        quick=args.quick,
+        lengths=_ints(args.lengths),
+        block_sizes=_ints(args.block_sizes),
+        block_size=args.block_size,
+        num_requests=args.num_requests,
+        repeats=args.repeats,
+        seed=args.seed,
+        threads=args.threads if args.threads > 0 else None,
+    )
     return publish(result, "preemption", args.output_dir, plot_preemption, print_preemption)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("preemption", help="swap vs recompute: cost per sequence, and a memory-starved run")
-    p.add_argument("--model", default="stories15m-8k",
-                   help="stories15m-8k (default: random weights, 8192 positions), smollm2, tiny-2k, or a path")
-    p.add_argument("--lengths", default=None, help="comma list of sequence lengths (default 64..4096, doubling)")
+    p.add_argument(
+        "--model",
+        default="stories15m-8k",
+        help="stories15m-8k (default: random weights, 8192 positions), smollm2, tiny-2k, or a path",
+    )
+    p.add_argument(
+        "--lengths", default=None, help="comma list of sequence lengths (default 64..4096, doubling)"
+    )
     p.add_argument("--block-sizes", default=None, help="comma list (default 8,16,32,64,128)")
     p.add_argument("--num-requests", type=int, default=24, help="requests in the starved run")
-    p.add_argument("--repeats", type=int, default=3, help="runs per configuration of the starved run (median kept)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs per configuration of the starved run (median kept)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's default)")
-    p.add_argument("--quick", action="store_true", help="2 lengths x 2 block sizes, 6 small requests (for tests)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's default)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="2 lengths x 2 block sizes, 6 small requests (for tests)"
+    )
     p.add_argument("--output-dir", default="results")
     add_engine_args(p, only=("block_size",), model=False)  # the starved run's
     p.set_defaults(func=main)

@@ -20,8 +20,17 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-SECTION_ORDER = ["memory", "capacity", "block_size", "sharing", "preemption", "throughput", "scaling",
-                 "experiment", "all"]
+SECTION_ORDER = [
+    "memory",
+    "capacity",
+    "block_size",
+    "sharing",
+    "preemption",
+    "throughput",
+    "scaling",
+    "experiment",
+    "all",
+]
 
 
 # ------------------------------------------------------------------ helpers
@@ -35,7 +44,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], left:
         return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
 
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join(l.rstrip() for l in [line(cells[0]), sep] + [line(r) for r in cells[1:]])
+    return "\n".join(row.rstrip() for row in [line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -56,8 +65,13 @@ def write_json(output_dir: str | Path, name: str, data: dict) -> Path:
     return path
 
 
-def publish(result: dict, name: str, output_dir: str | Path,
-            plot: Callable[[dict, Path], Path], show: Callable[[dict], None]) -> dict:
+def publish(
+    result: dict,
+    name: str,
+    output_dir: str | Path,
+    plot: Callable[[dict, Path], Path],
+    show: Callable[[dict], None],
+) -> dict:
     """How every bench subcommand ends: its plot, its table, its JSON."""
     out_dir = Path(output_dir)
     result["plot"] = plot(result, out_dir / f"{name}.png").name
@@ -75,9 +89,11 @@ def _monitor_line(data: dict) -> str:
     if not m:
         return ""
     cuda = m.get("cuda")
-    gpu = (f"; CUDA peak allocated {cuda['peak_allocated_mib']:.0f} MiB" if cuda else "; no CUDA device")
-    return (f"\n\n*Process memory during the run (sampled every {1000 * m['interval_s']:.0f} ms):* "
-            f"RSS {m['rss_start_mib']:.0f} MiB at start, peak {m['rss_peak_mib']:.0f} MiB{gpu}.")
+    gpu = f"; CUDA peak allocated {cuda['peak_allocated_mib']:.0f} MiB" if cuda else "; no CUDA device"
+    return (
+        f"\n\n*Process memory during the run (sampled every {1000 * m['interval_s']:.0f} ms):* "
+        f"RSS {m['rss_start_mib']:.0f} MiB at start, peak {m['rss_peak_mib']:.0f} MiB{gpu}."
+    )
 
 
 def _image(data: dict, key: str, alt: str) -> str:
@@ -87,9 +103,23 @@ def _image(data: dict, key: str, alt: str) -> str:
 # ------------------------------------------------------------------ sections
 def _memory(d: dict) -> str:
     c, s, w, p = d["config"], d["schemes"], d["workload"], d["peak"]
-    rows = [[f"paged (block {c['block_size']})", *(_pct(s['paged'][k]) for k in ("waste", "internal_fragmentation", "reservation")), f"{p['paged_slots']:,}"],
-            ["Orca (prompt + max_tokens)", *(_pct(s['orca'][k]) for k in ("waste", "internal_fragmentation", "reservation")), f"{p['orca_slots']:,}"],
-            [f"static (max_model_len {c['max_model_len']})", *(_pct(s['static'][k]) for k in ("waste", "internal_fragmentation", "reservation")), f"{p['static_slots']:,}"]]
+    rows = [
+        [
+            f"paged (block {c['block_size']})",
+            *(_pct(s["paged"][k]) for k in ("waste", "internal_fragmentation", "reservation")),
+            f"{p['paged_slots']:,}",
+        ],
+        [
+            "Orca (prompt + max_tokens)",
+            *(_pct(s["orca"][k]) for k in ("waste", "internal_fragmentation", "reservation")),
+            f"{p['orca_slots']:,}",
+        ],
+        [
+            f"static (max_model_len {c['max_model_len']})",
+            *(_pct(s["static"][k]) for k in ("waste", "internal_fragmentation", "reservation")),
+            f"{p['static_slots']:,}",
+        ],
+    ]
     text = (
         f"{w['num_requests']} requests with ShareGPT-like lengths (lognormal, seed {c['seed']}: prompt mean "
         f"{w['prompt_mean']:.0f}, max {w['prompt_max']}; output mean {w['output_mean']:.0f}, max {w['output_max']}), "
@@ -102,13 +132,27 @@ def _memory(d: dict) -> str:
         "External fragmentation of contiguous allocators is not modelled (a perfect compacting allocator is "
         "assumed), so their real waste is higher."
     )
-    return text + _image(d, "plot", "KV slots and waste") + _image(d, "pool_picture", "block pool at peak use") + _monitor_line(d)
+    return (
+        text
+        + _image(d, "plot", "KV slots and waste")
+        + _image(d, "pool_picture", "block pool at peak use")
+        + _monitor_line(d)
+    )
 
 
 def _capacity(d: dict) -> str:
-    rows = [[f"{r['budget_tokens']:,}", r["paged_max_running"], f"{r['paged_mean_running']:.1f}",
-             r["orca_concurrency"], r["static_concurrency"], f"{r['paged_max_running'] / max(r['static_concurrency'], 1):.1f}x",
-             r["num_preemptions"]] for r in d["budgets"]]
+    rows = [
+        [
+            f"{r['budget_tokens']:,}",
+            r["paged_max_running"],
+            f"{r['paged_mean_running']:.1f}",
+            r["orca_concurrency"],
+            r["static_concurrency"],
+            f"{r['paged_max_running'] / max(r['static_concurrency'], 1):.1f}x",
+            r["num_preemptions"],
+        ]
+        for r in d["budgets"]
+    ]
     c = d["config"]
     return (
         f"KV budgets in token slots, max_model_len {c['max_model_len']}, block size {c['block_size']}, "
@@ -116,15 +160,36 @@ def _capacity(d: dict) -> str:
         "Paged figures are measured in the engine (max and mean running requests while others still wait); "
         "static (budget // max_model_len) and Orca (requests in arrival order whose prompt + max_tokens fit) "
         "are arithmetic.\n\n"
-        + markdown_table(["budget (tokens)", "paged max", "paged mean", "Orca", "static", "paged max / static", "preemptions"], rows)
-        + _image(d, "plot", "capacity") + _monitor_line(d)
+        + markdown_table(
+            [
+                "budget (tokens)",
+                "paged max",
+                "paged mean",
+                "Orca",
+                "static",
+                "paged max / static",
+                "preemptions",
+            ],
+            rows,
+        )
+        + _image(d, "plot", "capacity")
+        + _monitor_line(d)
     )
 
 
 def _block_size(d: dict) -> str:
-    rows = [[r["block_size"], _pct(r["waste"]), f"{r['tokens_per_s']:.0f}", f"{r.get('tokens_per_cpu_s', 0):.0f}",
-             f"{r['step_ms']:.2f}", f"{r['attention_ms_per_step']:.2f}", f"{r['metadata_ms_per_step']:.2f}"]
-            for r in d["rows"]]
+    rows = [
+        [
+            r["block_size"],
+            _pct(r["waste"]),
+            f"{r['tokens_per_s']:.0f}",
+            f"{r.get('tokens_per_cpu_s', 0):.0f}",
+            f"{r['step_ms']:.2f}",
+            f"{r['attention_ms_per_step']:.2f}",
+            f"{r['metadata_ms_per_step']:.2f}",
+        ]
+        for r in d["rows"]
+    ]
     c = d["config"]
     return (
         f"The memory workload ({c['num_requests']} requests, {c['model']}) per block size, KV pool of "
@@ -133,49 +198,103 @@ def _block_size(d: dict) -> str:
         f"**{d['best_block_size']}**; within {d.get('near_best_fraction', 0.1):.0%} of its throughput "
         f"(noise here): {d.get('near_best_block_sizes', [d['best_block_size']])}. Waste grows "
         "about linearly with the block size (half a block per running request).\n\n"
-        + markdown_table(["block size", "waste", "tokens/s", "tokens/CPU-s", "ms/step", "attention ms/step",
-                          "metadata ms/step"], rows)
-        + _image(d, "plot", "block size sweep") + _monitor_line(d)
+        + markdown_table(
+            [
+                "block size",
+                "waste",
+                "tokens/s",
+                "tokens/CPU-s",
+                "ms/step",
+                "attention ms/step",
+                "metadata ms/step",
+            ],
+            rows,
+        )
+        + _image(d, "plot", "block size sweep")
+        + _monitor_line(d)
     )
 
 
 def _throughput(d: dict) -> str:
     rows = []
     for r in d["runs"]:
-        row = [r["model"], r["dtype"], f"{r['engine']['tokens_per_s']:.1f}", f"{r['hf_static']['tokens_per_s']:.1f}"]
+        row = [
+            r["model"],
+            r["dtype"],
+            f"{r['engine']['tokens_per_s']:.1f}",
+            f"{r['hf_static']['tokens_per_s']:.1f}",
+        ]
         cont = r.get("hf_continuous")
-        row.append(f"{cont['tokens_per_s']:.1f}" if isinstance(cont, dict) and "tokens_per_s" in cont else "-")
+        row.append(
+            f"{cont['tokens_per_s']:.1f}" if isinstance(cont, dict) and "tokens_per_s" in cont else "-"
+        )
         lcpp = r.get("llama_cpp")
-        row.append(f"{lcpp['tokens_per_s']:.1f}" if isinstance(lcpp, dict) and "tokens_per_s" in lcpp else "-")
+        row.append(
+            f"{lcpp['tokens_per_s']:.1f}" if isinstance(lcpp, dict) and "tokens_per_s" in lcpp else "-"
+        )
         row.append(f"x{r['speedup']:.2f}")
         rows.append(row)
-    text = (f"{d['workload']['num_requests']} requests (seed {d['workload']['seed']}), greedy, ignore_eos; output "
-            "tokens per second.\n\n"
-            + markdown_table(["model", "dtype", "engine", "HF static", "HF continuous", "llama.cpp", "engine / HF static"], rows))
+    text = (
+        f"{d['workload']['num_requests']} requests (seed {d['workload']['seed']}), greedy, ignore_eos; output "
+        "tokens per second.\n\n"
+        + markdown_table(
+            ["model", "dtype", "engine", "HF static", "HF continuous", "llama.cpp", "engine / HF static"],
+            rows,
+        )
+    )
     if "decode_profile" in d:
         prof = d["decode_profile"]
-        text += "\n\nDecode step profile (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in prof.items() if k != "num_seqs")
+        text += "\n\nDecode step profile (ms): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in prof.items() if k != "num_seqs"
+        )
     if "time_to_first_token_s" in d:
         text += f"\n\nProcess start to first token: {d['time_to_first_token_s']:.2f} s."
     return text + _image(d, "plot", "throughput") + _monitor_line(d)
 
 
 def _scaling(d: dict) -> str:
-    rows = [[r["concurrency"], f"{r['tokens_per_s']:.1f}", f"{r['requests_per_s']:.2f}", f"{r['ttft_mean_s']:.3f}",
-             f"{r['tpot_mean_ms']:.1f}", f"{r['latency_p50_s']:.2f}", f"{r['latency_p90_s']:.2f}"] for r in d["rows"]]
+    rows = [
+        [
+            r["concurrency"],
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['requests_per_s']:.2f}",
+            f"{r['ttft_mean_s']:.3f}",
+            f"{r['tpot_mean_ms']:.1f}",
+            f"{r['latency_p50_s']:.2f}",
+            f"{r['latency_p90_s']:.2f}",
+        ]
+        for r in d["rows"]
+    ]
     c = d["config"]
     return (
         f"{c['model']}: c requests (prompt {c['prompt_len']} tokens, output {c['output_len']}) queued together, "
         "for each c; latency from queueing to the last token.\n\n"
-        + markdown_table(["concurrent", "tokens/s", "requests/s", "TTFT mean (s)", "TPOT mean (ms)", "latency p50 (s)", "latency p90 (s)"], rows)
-        + _image(d, "plot", "scaling") + _monitor_line(d)
+        + markdown_table(
+            [
+                "concurrent",
+                "tokens/s",
+                "requests/s",
+                "TTFT mean (s)",
+                "TPOT mean (ms)",
+                "latency p50 (s)",
+                "latency p90 (s)",
+            ],
+            rows,
+        )
+        + _image(d, "plot", "scaling")
+        + _monitor_line(d)
     )
 
 
 def _experiment(d: dict) -> str:
-    rows = [[p["phase"], f"{p['seconds']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['rss_peak_mib']:.0f}"] for p in d["phases"]]
-    return (f"{d['num_prompts']} prompts, {d['max_tokens']} new tokens each, greedy, model {d['model']}.\n\n"
-            + markdown_table(["phase", "seconds", "tokens/s", "peak RSS (MiB)"], rows))
+    rows = [
+        [p["phase"], f"{p['seconds']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['rss_peak_mib']:.0f}"]
+        for p in d["phases"]
+    ]
+    return (
+        f"{d['num_prompts']} prompts, {d['max_tokens']} new tokens each, greedy, model {d['model']}.\n\n"
+        + markdown_table(["phase", "seconds", "tokens/s", "peak RSS (MiB)"], rows)
+    )
 
 
 def _all(d: dict) -> str:
@@ -185,11 +304,20 @@ def _all(d: dict) -> str:
         first = " ".join(error.split())  # one table cell: no line breaks
         return "FAILED: " + (first[:160] + "..." if len(first) > 160 else first).replace("|", "\\|")
 
-    rows = [[f"`bench {r['benchmark']} {' '.join(r['argv'])}`", status(r["error"]),
-             f"{r['elapsed_s']:.1f}", f"{r['monitor']['rss_peak_mib']:.0f}"] for r in d["runs"]]
-    return (f"`bench all`{' --quick' if d['quick'] else ''}: {d['total_s'] / 60:.1f} minutes in total. Process "
-            "memory sampled in a background thread during each benchmark.\n\n"
-            + markdown_table(["command", "status", "seconds", "peak RSS (MiB)"], rows))
+    rows = [
+        [
+            f"`bench {r['benchmark']} {' '.join(r['argv'])}`",
+            status(r["error"]),
+            f"{r['elapsed_s']:.1f}",
+            f"{r['monitor']['rss_peak_mib']:.0f}",
+        ]
+        for r in d["runs"]
+    ]
+    return (
+        f"`bench all`{' --quick' if d['quick'] else ''}: {d['total_s'] / 60:.1f} minutes in total. Process "
+        "memory sampled in a background thread during each benchmark.\n\n"
+        + markdown_table(["command", "status", "seconds", "peak RSS (MiB)"], rows)
+    )
 
 
 def _generic(d: dict) -> str:
@@ -234,9 +362,11 @@ def build_report(results_dir: str | Path) -> Path:
     names = [n for n in SECTION_ORDER if n in found] + [n for n in found if n not in SECTION_ORDER]
     parts = [
         "# Benchmark report",
-        (f"Assembled {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the JSON files in `{results_dir}/` "
-         "(each written by `paged-attention bench ...`). Every figure comes from a real run of the engine, "
-         "except where a table says *arithmetic*."),
+        (
+            f"Assembled {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the JSON files in `{results_dir}/` "
+            "(each written by `paged-attention bench ...`). Every figure comes from a real run of the engine, "
+            "except where a table says *arithmetic*."
+        ),
     ]
     env = None
     for name in names:

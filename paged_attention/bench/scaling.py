@@ -36,16 +36,23 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure_concurrency(llm, c: int, prompt_len: int, output_len: int, vocab: int, seed: int,
-                        progress: bool) -> dict:
+def measure_concurrency(
+    llm, c: int, prompt_len: int, output_len: int, vocab: int, seed: int, progress: bool
+) -> dict:
     from tqdm.auto import tqdm
 
     engine = llm.engine
     rng = random.Random(seed + c)
     prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(prompt_len)]} for _ in range(c)]
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    bar = tqdm(total=c * output_len, desc=f"scaling c={c}", unit="tok", disable=not progress,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=c * output_len,
+        desc=f"scaling c={c}",
+        unit="tok",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
     start = time.perf_counter()
     ids = llm.add_requests(prompts, params)
     first: dict[str, float] = {}
@@ -109,8 +116,15 @@ def run_scaling(
     num_blocks = largest * -(-max_model_len // block_size)
     rows = []
     with torch_threads(threads), MemoryMonitor() as monitor:
-        llm = LLM(model_path, block_size=block_size, num_kv_blocks=num_blocks, max_model_len=max_model_len,
-                  max_num_seqs=largest, dtype=dtype, seed=seed)
+        llm = LLM(
+            model_path,
+            block_size=block_size,
+            num_kv_blocks=num_blocks,
+            max_model_len=max_model_len,
+            max_num_seqs=largest,
+            dtype=dtype,
+            seed=seed,
+        )
         measure_concurrency(llm, 2, prompt_len, min(output_len, 4), vocab, seed, False)  # warm-up
         for c in concurrency:
             rows.append(measure_concurrency(llm, c, prompt_len, output_len, vocab, seed, progress))
@@ -119,9 +133,15 @@ def run_scaling(
     return {
         "benchmark": "scaling",
         "config": {
-            "model": model, "prompt_len": prompt_len, "output_len": output_len, "dtype": resolved_dtype,
-            "block_size": block_size, "num_kv_blocks": num_blocks, "max_num_seqs": largest,
-            "seed": seed, "torch_threads": threads,
+            "model": model,
+            "prompt_len": prompt_len,
+            "output_len": output_len,
+            "dtype": resolved_dtype,
+            "block_size": block_size,
+            "num_kv_blocks": num_blocks,
+            "max_num_seqs": largest,
+            "seed": seed,
+            "torch_threads": threads,
         },
         "rows": rows,
         "monitor": monitor.summary(),
@@ -131,13 +151,34 @@ def run_scaling(
 
 def print_scaling(result: dict) -> None:
     c = result["config"]
-    print(f"model {c['model']} ({c['dtype']}), prompt {c['prompt_len']} tokens, output {c['output_len']} tokens")
-    print(format_table(
-        ["concurrent", "tokens/s", "requests/s", "TTFT mean (s)", "TPOT mean (ms)", "latency p50 (s)", "p90 (s)"],
-        [[r["concurrency"], f"{r['tokens_per_s']:.1f}", f"{r['requests_per_s']:.2f}", f"{r['ttft_mean_s']:.3f}",
-          f"{r['tpot_mean_ms']:.1f}", f"{r['latency_p50_s']:.2f}", f"{r['latency_p90_s']:.2f}"]
-         for r in result["rows"]],
-    ))
+    print(
+        f"model {c['model']} ({c['dtype']}), prompt {c['prompt_len']} tokens, output {c['output_len']} tokens"
+    )
+    print(
+        format_table(
+            [
+                "concurrent",
+                "tokens/s",
+                "requests/s",
+                "TTFT mean (s)",
+                "TPOT mean (ms)",
+                "latency p50 (s)",
+                "p90 (s)",
+            ],
+            [
+                [
+                    r["concurrency"],
+                    f"{r['tokens_per_s']:.1f}",
+                    f"{r['requests_per_s']:.2f}",
+                    f"{r['ttft_mean_s']:.3f}",
+                    f"{r['tpot_mean_ms']:.1f}",
+                    f"{r['latency_p50_s']:.2f}",
+                    f"{r['latency_p90_s']:.2f}",
+                ]
+                for r in result["rows"]
+            ],
+        )
+    )
     print(format_monitor(result["monitor"]))
 
 
@@ -146,8 +187,12 @@ def main(args) -> dict:
     result = run_scaling(
         model="stories260k" if quick and args.model == "smollm2" else args.model,
         concurrency=(1, 4, 16) if quick else tuple(int(c) for c in args.concurrency.split(",")),
-        prompt_len=16 if quick else args.prompt_len, output_len=8 if quick else args.output_len,
-        dtype=args.dtype, seed=args.seed, threads=args.threads, progress=not quick,
+        prompt_len=16 if quick else args.prompt_len,
+        output_len=8 if quick else args.output_len,
+        dtype=args.dtype,
+        seed=args.seed,
+        threads=args.threads,
+        progress=not quick,
     )
     from paged_attention.bench.plots import plot_scaling
 
@@ -162,8 +207,11 @@ def add_parser(sub) -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--quick", action="store_true",
-                   help="stories260k, concurrency 1, 4, 16, 16-token prompts, 8 tokens out (for tests)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="stories260k, concurrency 1, 4, 16, 16-token prompts, 8 tokens out (for tests)",
+    )
     p.add_argument("--output-dir", default="results")
     add_engine_args(p, only=("dtype",), model=False)
     p.set_defaults(func=main)

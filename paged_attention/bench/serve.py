@@ -59,8 +59,9 @@ class RequestResult:
         return (self.latency - self.ttft) / (self.output_tokens - 1)
 
 
-def make_workload(num_requests: int, input_words: tuple[int, int], output_len: tuple[int, int],
-                  seed: int = 0) -> list[LoadRequest]:
+def make_workload(
+    num_requests: int, input_words: tuple[int, int], output_len: tuple[int, int], seed: int = 0
+) -> list[LoadRequest]:
     """Distinct prompts (each starts with its own number) of random words."""
     if num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {num_requests}")
@@ -125,13 +126,18 @@ def highest_rate_within_slo(runs: list[dict], slo: float) -> dict | None:
 
 
 # ------------------------------------------------------------------ client
-async def send_one(client, model: str, req: LoadRequest, t0: float, headers: dict,
-                   stream: bool = True) -> RequestResult:
+async def send_one(
+    client, model: str, req: LoadRequest, t0: float, headers: dict, stream: bool = True
+) -> RequestResult:
     """One completion. Streaming: TTFT is the first chunk that carries text;
     not streaming, there is no TTFT, only end-to-end latency."""
     body = {
-        "model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
-        "ignore_eos": True, "stream": stream,
+        "model": model,
+        "prompt": req.prompt,
+        "max_tokens": req.max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": stream,
     }
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -160,7 +166,7 @@ async def send_one(client, model: str, req: LoadRequest, t0: float, headers: dic
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 if data == "[DONE]":
                     result.ok = True
                     break
@@ -185,9 +191,17 @@ def _check_length(result: RequestResult, req: LoadRequest) -> RequestResult:
     return result
 
 
-async def run_load(url: str, model: str, workload: list[LoadRequest], request_rate: float,
-                   max_concurrency: int | None = None, seed: int = 0, api_key: str | None = None,
-                   timeout: float = 600.0, stream: bool = True) -> tuple[list[RequestResult], float]:
+async def run_load(
+    url: str,
+    model: str,
+    workload: list[LoadRequest],
+    request_rate: float,
+    max_concurrency: int | None = None,
+    seed: int = 0,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+    stream: bool = True,
+) -> tuple[list[RequestResult], float]:
     """Send `workload` with exponential inter-arrival times (mean 1/rate; rate
     inf sends everything at once). Returns per-request results and the
     seconds from the first send to the last answer."""
@@ -198,10 +212,13 @@ async def run_load(url: str, model: str, workload: list[LoadRequest], request_ra
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    limits = httpx.Limits(max_connections=max_concurrency or len(workload) + 8,
-                          max_keepalive_connections=max_concurrency or len(workload) + 8)
+    limits = httpx.Limits(
+        max_connections=max_concurrency or len(workload) + 8,
+        max_keepalive_connections=max_concurrency or len(workload) + 8,
+    )
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+
         async def limited(req: LoadRequest, t0: float) -> RequestResult:
             if limit is None:
                 return await send_one(client, model, req, t0, headers, stream)
@@ -298,8 +315,12 @@ def offline_baseline(args, workload: list[LoadRequest]) -> dict:
     outputs = llm.generate([r.prompt for r in workload], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"elapsed_s": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
-            "requests_per_s": len(workload) / elapsed}
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": tokens,
+        "output_tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(workload) / elapsed,
+    }
 
 
 # -------------------------------------------------------------------- plot
@@ -325,8 +346,13 @@ def plot(runs: list[dict], slo: float, path: Path) -> None:
     ax2.set_xlabel("request rate (req/s)")
     ax2.set_ylabel("output tokens/s")
     ax3 = ax2.twinx()
-    ax3.plot(xs, [(r["tpot_s"]["p50"] or float("nan")) * 1000 for r in runs], "s--", color="C1",
-             label="TPOT p50 (ms)")
+    ax3.plot(
+        xs,
+        [(r["tpot_s"]["p50"] or float("nan")) * 1000 for r in runs],
+        "s--",
+        color="C1",
+        label="TPOT p50 (ms)",
+    )
     ax3.set_ylabel("TPOT p50 (ms)")
     ax2.legend(loc="upper left")
     ax3.legend(loc="lower right")
@@ -372,8 +398,12 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
 
 def main(args) -> dict:
     rates = _parse_rates(args.request_rate)
-    workload = make_workload(args.num_requests, _parse_range(args.input_words, "input-words"),
-                             _parse_range(args.output_len, "output-len"), args.workload_seed)
+    workload = make_workload(
+        args.num_requests,
+        _parse_range(args.input_words, "input-words"),
+        _parse_range(args.output_len, "output-len"),
+        args.workload_seed,
+    )
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     runs: list[dict] = []
@@ -383,9 +413,19 @@ def main(args) -> dict:
         # Warm-up outside the measurement: first-call costs in the server.
         asyncio.run(run_load(url, model, workload[:2], math.inf, api_key=args.api_key))
         for rate in rates:
-            results, elapsed = asyncio.run(run_load(
-                url, model, workload, rate, args.max_concurrency, args.workload_seed, args.api_key, args.timeout,
-                not args.no_stream))
+            results, elapsed = asyncio.run(
+                run_load(
+                    url,
+                    model,
+                    workload,
+                    rate,
+                    args.max_concurrency,
+                    args.workload_seed,
+                    args.api_key,
+                    args.timeout,
+                    not args.no_stream,
+                )
+            )
             summary = summarize(results, elapsed, rate)
             summary["requests"] = [asdict(r) for r in results] if args.save_requests else None
             runs.append(summary)
@@ -415,8 +455,10 @@ def main(args) -> dict:
         "throughput_at_max_rate": None if best is None else best["output_tokens_per_s"],
     }
     if best is not None:
-        print(f"highest rate with p99 TTFT < {args.ttft_slo:g} s: {best['request_rate']:g} req/s "
-              f"({best['output_tokens_per_s']:.1f} output tok/s)")
+        print(
+            f"highest rate with p99 TTFT < {args.ttft_slo:g} s: {best['request_rate']:g} req/s "
+            f"({best['output_tokens_per_s']:.1f} output tok/s)"
+        )
     if args.baseline:
         if args.url:
             raise ValueError("--baseline needs --model (it loads the model here), not --url")
@@ -425,10 +467,15 @@ def main(args) -> dict:
         burst = next((r for r in runs if not math.isfinite(r["request_rate"])), None)
         if burst is not None:
             results["http_overhead"] = burst["elapsed_s"] / base["elapsed_s"] - 1
-        print(f"LLM.generate, same workload at once: {base['output_tokens_per_s']:.1f} tok/s in "
-              f"{base['elapsed_s']:.2f} s" + (
-                  f"; HTTP at rate inf took {100 * results['http_overhead']:+.1f}%"
-                  if "http_overhead" in results else " (add 'inf' to --request-rate to compare)"))
+        print(
+            f"LLM.generate, same workload at once: {base['output_tokens_per_s']:.1f} tok/s in "
+            f"{base['elapsed_s']:.2f} s"
+            + (
+                f"; HTTP at rate inf took {100 * results['http_overhead']:+.1f}%"
+                if "http_overhead" in results
+                else " (add 'inf' to --request-rate to compare)"
+            )
+        )
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{args.tag}" if args.tag else "serve"
@@ -436,7 +483,9 @@ def main(args) -> dict:
 
     results.setdefault("environment", environment())
     print(describe(results["environment"]))
-    (out_dir / f"{stem}.json").write_text(json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False))
+    (out_dir / f"{stem}.json").write_text(
+        json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False)
+    )
     plot(runs, args.ttft_slo, out_dir / f"{stem}.png")
     print(f"wrote {out_dir / stem}.json and .png")
     return results
@@ -445,21 +494,33 @@ def main(args) -> dict:
 def add_parser(sub) -> None:
     from paged_attention.entrypoints.engine_args import add_engine_args
 
-    p = sub.add_parser("serve", help="load-test the HTTP server (Poisson arrivals, streaming)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000 "
-                   "(default: start one for --model)")
+    p = sub.add_parser(
+        "serve",
+        help="load-test the HTTP server (Poisson arrivals, streaming)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        help="a running server, e.g. http://127.0.0.1:8000 (default: start one for --model)",
+    )
     p.add_argument("--served-model-name", default=None, help="model name to send (default: ask /v1/models)")
     p.add_argument("--api-key", default=None, help="bearer key for the server")
     p.add_argument("--num-requests", type=int, default=100, help="requests per rate (default 100)")
     p.add_argument("--request-rate", default="4", help="req/s, comma list for a sweep; inf = all at once")
-    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
+    p.add_argument(
+        "--max-concurrency", type=int, default=None, help="most requests in flight (default: no cap)"
+    )
     p.add_argument("--input-words", default="8,48", help="prompt length in words, LO,HI (default 8,48)")
     p.add_argument("--output-len", default="16,128", help="tokens to generate, LO,HI (default 16,128)")
     p.add_argument("--workload-seed", type=int, default=0, help="prompts, lengths and arrival times")
     p.add_argument("--ttft-slo", type=float, default=1.0, help="p99 TTFT target in s (default 1)")
-    p.add_argument("--no-stream", action="store_true",
-                   help="non-streaming requests (no TTFT; isolates the cost of streaming)")
+    p.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="non-streaming requests (no TTFT; isolates the cost of streaming)",
+    )
     p.add_argument("--baseline", action="store_true", help="also run LLM.generate on the same workload")
     p.add_argument("--save-requests", action="store_true", help="keep per-request timings in the JSON")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in s")

@@ -132,8 +132,11 @@ def traced_run(llm, prompts: list[list[int]], params: list[SamplingParams]) -> T
             if out.finished:
                 done[out.request_id] = out
         trace.num_steps += 1
-        tables = [r.block_table.block_ids for r in engine.scheduler.requests()
-                  if r.status is not RequestStatus.SWAPPED]
+        tables = [
+            r.block_table.block_ids
+            for r in engine.scheduler.requests()
+            if r.status is not RequestStatus.SWAPPED
+        ]
         used = engine.allocator.num_used_blocks
         logical = sum(len(t) for t in tables)
         distinct = len({b for t in tables for b in t})
@@ -170,10 +173,14 @@ class ForkRow:
 
 def fork_sharing(llm, prompts: list[list[int]], output_len: int, mode: str, width: int, seed: int) -> ForkRow:
     if mode == "parallel":
-        shared_params = SamplingParams(n=width, temperature=1.0, seed=seed, max_tokens=output_len, ignore_eos=True)
+        shared_params = SamplingParams(
+            n=width, temperature=1.0, seed=seed, max_tokens=output_len, ignore_eos=True
+        )
         # Independent copies: the same prompt, sampled width times with distinct seeds.
-        unshared_params = [SamplingParams(temperature=1.0, seed=seed + i, max_tokens=output_len, ignore_eos=True)
-                           for i in range(width)]
+        unshared_params = [
+            SamplingParams(temperature=1.0, seed=seed + i, max_tokens=output_len, ignore_eos=True)
+            for i in range(width)
+        ]
     elif mode == "beam":
         shared_params = SamplingParams(n=width, use_beam_search=True, max_tokens=output_len, ignore_eos=True)
         # A beam generates one token a round, so each unshared "beam" is a greedy
@@ -185,23 +192,36 @@ def fork_sharing(llm, prompts: list[list[int]], output_len: int, mode: str, widt
     unshared = traced_run(
         llm, [p for p in prompts for _ in range(width)], [q for _ in prompts for q in unshared_params]
     )
+
     def tokens(trace) -> int:
         return sum(len(c.token_ids) for o in trace.outputs for c in o.outputs)
 
     return ForkRow(
-        mode=mode, width=width, num_requests=len(prompts),
-        shared_peak_blocks=shared.peak_used_blocks, unshared_peak_blocks=unshared.peak_used_blocks,
+        mode=mode,
+        width=width,
+        num_requests=len(prompts),
+        shared_peak_blocks=shared.peak_used_blocks,
+        unshared_peak_blocks=unshared.peak_used_blocks,
         saving=1 - shared.peak_used_blocks / unshared.peak_used_blocks,
         shared_logical_peak_blocks=shared.peak_logical_blocks,
         same_run_saving=1 - shared.peak_used_blocks / shared.peak_logical_blocks,
-        output_tokens_shared=tokens(shared), output_tokens_unshared=tokens(unshared),
+        output_tokens_shared=tokens(shared),
+        output_tokens_unshared=tokens(unshared),
         num_preemptions=shared.num_preemptions + unshared.num_preemptions,
         cached_tokens_unshared=sum(o.num_cached_tokens for o in unshared.outputs),
     )
 
 
-def run_fork_sharing(model_path: str | None, vocab: int, num_requests: int, prompt_len: tuple[int, int],
-                     output_len: int, widths: list[int], block_size: int, seed: int) -> dict:
+def run_fork_sharing(
+    model_path: str | None,
+    vocab: int,
+    num_requests: int,
+    prompt_len: tuple[int, int],
+    output_len: int,
+    widths: list[int],
+    block_size: int,
+    seed: int,
+) -> dict:
     from paged_attention.engine.llm import LLM
 
     rng = random.Random(seed)
@@ -209,23 +229,48 @@ def run_fork_sharing(model_path: str | None, vocab: int, num_requests: int, prom
     max_len = max(len(p) for p in prompts) + output_len
     # Room for every sequence unshared at its final length, so nothing is preempted.
     pool = sum(ceil_div(len(p) + output_len, block_size) for p in prompts) * max(widths) + 8
-    llm = LLM(model_path, block_size=block_size, num_kv_blocks=pool, max_model_len=max_len,
-              max_num_seqs=num_requests * max(widths), seed=seed, **caching_kwargs(False))
-    rows = [fork_sharing(llm, prompts, output_len, mode, w, seed) for mode in ("parallel", "beam") for w in widths]
+    llm = LLM(
+        model_path,
+        block_size=block_size,
+        num_kv_blocks=pool,
+        max_model_len=max_len,
+        max_num_seqs=num_requests * max(widths),
+        seed=seed,
+        **caching_kwargs(False),
+    )
+    rows = [
+        fork_sharing(llm, prompts, output_len, mode, w, seed) for mode in ("parallel", "beam") for w in widths
+    ]
     lengths = [len(p) for p in prompts]
     return {
-        "workload": {"num_requests": num_requests, "prompt_len_range": list(prompt_len),
-                     "prompt_len_mean": statistics.fmean(lengths), "output_len": output_len,
-                     "block_size": block_size, "pool_blocks": pool},
-        "baseline": ("the same prompts as n (k) independent n=1 requests, prefix caching "
-                     + ("off" if prefix_caching_available() else "not in this engine (nothing shared across requests)")),
+        "workload": {
+            "num_requests": num_requests,
+            "prompt_len_range": list(prompt_len),
+            "prompt_len_mean": statistics.fmean(lengths),
+            "output_len": output_len,
+            "block_size": block_size,
+            "pool_blocks": pool,
+        },
+        "baseline": (
+            "the same prompts as n (k) independent n=1 requests, prefix caching "
+            + ("off" if prefix_caching_available() else "not in this engine (nothing shared across requests)")
+        ),
         "rows": [asdict(r) for r in rows],
     }
 
 
 # ------------------------------------------------------ (b) prefix sharing
-def prefix_run(model_path: str | None, system: list[int], questions: list[list[int]], warm_question: list[int],
-               output_len: int, block_size: int, enabled: bool, warm: bool, seed: int) -> dict:
+def prefix_run(
+    model_path: str | None,
+    system: list[int],
+    questions: list[list[int]],
+    warm_question: list[int],
+    output_len: int,
+    block_size: int,
+    enabled: bool,
+    warm: bool,
+    seed: int,
+) -> dict:
     """All requests at once into a fresh engine; with `warm`, one request with
     the system prompt runs to completion first (the steady state of a server)."""
     from paged_attention.engine.llm import LLM
@@ -233,15 +278,23 @@ def prefix_run(model_path: str | None, system: list[int], questions: list[list[i
     n = len(questions)
     total = len(system) + max(len(q) for q in questions) + output_len
     pool = ceil_div(total, block_size) * (n + 1) + 8  # everything unshared fits: no preemption
-    llm = LLM(model_path, block_size=block_size, num_kv_blocks=pool, max_model_len=total,
-              max_num_seqs=n, seed=seed, **caching_kwargs(enabled))
+    llm = LLM(
+        model_path,
+        block_size=block_size,
+        num_kv_blocks=pool,
+        max_model_len=total,
+        max_num_seqs=n,
+        seed=seed,
+        **caching_kwargs(enabled),
+    )
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     if warm:
         llm.generate([{"prompt_token_ids": system + warm_question}], params, use_tqdm=False)
     trace = traced_run(llm, [system + q for q in questions], [params] * n)
     stats = llm.memory_stats()
     return {
-        "prefix_caching": enabled, "warm": warm,
+        "prefix_caching": enabled,
+        "warm": warm,
         "peak_used_blocks": trace.peak_used_blocks,
         "peak_tokens_held": trace.peak_used_blocks * block_size,
         "peak_logical_blocks": trace.peak_logical_blocks,
@@ -265,8 +318,15 @@ def time_to_first_token(llm, prompt: list[int]) -> tuple[float, int]:
     return time.perf_counter() - start, out.num_cached_tokens
 
 
-def prefix_ttft(model_path: str | None, vocab: int, system_len: int, question_len: int, repeats: int,
-                block_size: int, seed: int) -> dict:
+def prefix_ttft(
+    model_path: str | None,
+    vocab: int,
+    system_len: int,
+    question_len: int,
+    repeats: int,
+    block_size: int,
+    seed: int,
+) -> dict:
     """Cached prefix vs a prefix never seen, alternating on one engine (same
     warm state for both): cold gets a fresh random system prompt each time."""
     from paged_attention.engine.llm import LLM
@@ -274,8 +334,15 @@ def prefix_ttft(model_path: str | None, vocab: int, system_len: int, question_le
     rng = random.Random(seed + 1)
     system = random_ids(rng, system_len, vocab)
     total = system_len + question_len + 1
-    llm = LLM(model_path, block_size=block_size, num_kv_blocks=ceil_div(total, block_size) * (2 * repeats + 4),
-              max_model_len=total, max_num_seqs=4, seed=seed, **caching_kwargs(True))
+    llm = LLM(
+        model_path,
+        block_size=block_size,
+        num_kv_blocks=ceil_div(total, block_size) * (2 * repeats + 4),
+        max_model_len=total,
+        max_num_seqs=4,
+        seed=seed,
+        **caching_kwargs(True),
+    )
     time_to_first_token(llm, random_ids(rng, total - 1, vocab))  # warm-up: first-call allocations
     time_to_first_token(llm, system + random_ids(rng, question_len, vocab))  # caches the system prompt
     cold, warm, cold_cached, warm_cached = [], [], [], []
@@ -288,43 +355,73 @@ def prefix_ttft(model_path: str | None, vocab: int, system_len: int, question_le
         warm_cached.append(c)
     return {
         "repeats": repeats,
-        "cold_ttft_s": statistics.median(cold), "cached_ttft_s": statistics.median(warm),
+        "cold_ttft_s": statistics.median(cold),
+        "cached_ttft_s": statistics.median(warm),
         "speedup": statistics.median(cold) / statistics.median(warm),
-        "cold_ttft_all_s": cold, "cached_ttft_all_s": warm,
-        "cold_num_cached_tokens": cold_cached, "cached_num_cached_tokens": warm_cached,
+        "cold_ttft_all_s": cold,
+        "cached_ttft_all_s": warm,
+        "cold_num_cached_tokens": cold_cached,
+        "cached_num_cached_tokens": warm_cached,
     }
 
 
-def run_prefix_sharing(model_path: str | None, vocab: int, timing_model: str | None, timing_vocab: int,
-                       num_requests: int, system_len: int, question_len: int, output_len: int,
-                       ttft_repeats: int, block_size: int, seed: int) -> dict:
+def run_prefix_sharing(
+    model_path: str | None,
+    vocab: int,
+    timing_model: str | None,
+    timing_vocab: int,
+    num_requests: int,
+    system_len: int,
+    question_len: int,
+    output_len: int,
+    ttft_repeats: int,
+    block_size: int,
+    seed: int,
+) -> dict:
     if not prefix_caching_available():
         return {"available": False, "reason": NOT_AVAILABLE}
     rng = random.Random(seed)
     system = random_ids(rng, system_len, vocab)
     questions = [random_ids(rng, question_len, vocab) for _ in range(num_requests)]
     warm_q = random_ids(rng, question_len, vocab)
-    runs = [prefix_run(model_path, system, questions, warm_q, output_len, block_size, enabled, warm, seed)
-            for enabled, warm in ((False, True), (True, True), (True, False))]
+    runs = [
+        prefix_run(model_path, system, questions, warm_q, output_len, block_size, enabled, warm, seed)
+        for enabled, warm in ((False, True), (True, True), (True, False))
+    ]
     off, on_warm, on_cold = runs
     return {
         "available": True,
-        "workload": {"num_requests": num_requests, "system_prompt_len": system_len,
-                     "question_len": question_len, "output_len": output_len, "block_size": block_size,
-                     "ideal_tokens_without": num_requests * (system_len + question_len),
-                     "ideal_tokens_with": system_len + num_requests * question_len},
+        "workload": {
+            "num_requests": num_requests,
+            "system_prompt_len": system_len,
+            "question_len": question_len,
+            "output_len": output_len,
+            "block_size": block_size,
+            "ideal_tokens_without": num_requests * (system_len + question_len),
+            "ideal_tokens_with": system_len + num_requests * question_len,
+        },
         "runs": runs,
         # Every prompt resident at once: the figure comparable to the tutorial's.
         "resident_ratio": off["resident_tokens_held"] / on_warm["resident_tokens_held"],
         "peak_ratio": off["peak_tokens_held"] / on_warm["peak_tokens_held"],
         "cold_batch_peak_ratio": off["peak_tokens_held"] / on_cold["peak_tokens_held"],
-        "ttft": prefix_ttft(timing_model, timing_vocab, system_len, question_len, ttft_repeats, block_size, seed),
+        "ttft": prefix_ttft(
+            timing_model, timing_vocab, system_len, question_len, ttft_repeats, block_size, seed
+        ),
     }
 
 
 # ------------------------------------------------------ (c) the overhead
-def caching_overhead(model_path: str | None, vocab: int, num_requests: int, prompt_len: tuple[int, int],
-                     output_len: tuple[int, int], repeats: int, block_size: int, seed: int) -> dict:
+def caching_overhead(
+    model_path: str | None,
+    vocab: int,
+    num_requests: int,
+    prompt_len: tuple[int, int],
+    output_len: tuple[int, int],
+    repeats: int,
+    block_size: int,
+    seed: int,
+) -> dict:
     """Tokens/s with caching on vs off when no prefix is shared. Each repeat is
     a pair of runs of one fresh random workload (a repeated workload would hit
     the cache), on then off or off then on by turns; the overhead is the median
@@ -337,12 +434,24 @@ def caching_overhead(model_path: str | None, vocab: int, num_requests: int, prom
 
     pool = num_requests * ceil_div(prompt_len[1] + output_len[1], block_size) + 8
     max_len = prompt_len[1] + output_len[1]
-    engines = {name: LLM(model_path, block_size=block_size, num_kv_blocks=pool, max_model_len=max_len,
-                         max_num_seqs=num_requests, seed=seed, **caching_kwargs(name == "on"))
-               for name in ("on", "off")}
+    engines = {
+        name: LLM(
+            model_path,
+            block_size=block_size,
+            num_kv_blocks=pool,
+            max_model_len=max_len,
+            max_num_seqs=num_requests,
+            seed=seed,
+            **caching_kwargs(name == "on"),
+        )
+        for name in ("on", "off")
+    }
     for llm in engines.values():  # warm-up: first-call allocations, outside the timer
-        llm.generate([{"prompt_token_ids": [5] * prompt_len[0]}] * 2,
-                     SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+        llm.generate(
+            [{"prompt_token_ids": [5] * prompt_len[0]}] * 2,
+            SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+            use_tqdm=False,
+        )
     speeds: dict[str, list[float]] = {"on": [], "off": []}
     output_tokens = 0
     for i in range(repeats):
@@ -361,12 +470,17 @@ def caching_overhead(model_path: str | None, vocab: int, num_requests: int, prom
     ratios = [on / off for on, off in zip(speeds["on"], speeds["off"])]
     return {
         "available": True,
-        "workload": {"num_requests": num_requests, "prompt_len_range": list(prompt_len),
-                     "output_len_range": list(output_len), "repeats": repeats,
-                     "output_tokens_per_run_mean": output_tokens / repeats},
+        "workload": {
+            "num_requests": num_requests,
+            "prompt_len_range": list(prompt_len),
+            "output_len_range": list(output_len),
+            "repeats": repeats,
+            "output_tokens_per_run_mean": output_tokens / repeats,
+        },
         "tokens_per_s_on": statistics.median(speeds["on"]),
         "tokens_per_s_off": statistics.median(speeds["off"]),
-        "all_tokens_per_s_on": speeds["on"], "all_tokens_per_s_off": speeds["off"],
+        "all_tokens_per_s_on": speeds["on"],
+        "all_tokens_per_s_off": speeds["off"],
         "pair_ratios_on_over_off": ratios,
         "overhead": 1 - statistics.median(ratios),  # > 0: caching costs throughput
         # Random prompts share nothing: a hit here would mean the workload was not clean.
@@ -378,50 +492,96 @@ def caching_overhead(model_path: str | None, vocab: int, num_requests: int, prom
 def print_sharing(result: dict) -> None:
     a = result["fork_sharing"]
     w = a["workload"]
-    print(f"(a) {w['num_requests']} prompts of {w['prompt_len_range'][0]}..{w['prompt_len_range'][1]} tokens "
-          f"(mean {w['prompt_len_mean']:.0f}), {w['output_len']} output tokens, block {w['block_size']}; "
-          f"baseline: {a['baseline']}")
+    print(
+        f"(a) {w['num_requests']} prompts of {w['prompt_len_range'][0]}..{w['prompt_len_range'][1]} tokens "
+        f"(mean {w['prompt_len_mean']:.0f}), {w['output_len']} output tokens, block {w['block_size']}; "
+        f"baseline: {a['baseline']}"
+    )
     lit = LITERATURE
-    print(format_table(
-        ["mode", "n / width", "peak blocks shared", "peak blocks unshared", "saving", "same-run saving", "vLLM paper"],
-        [[r["mode"], r["width"], r["shared_peak_blocks"], r["unshared_peak_blocks"], f"{r['saving']:.1%}",
-          f"{r['same_run_saving']:.1%}",
-          "{:.0%}-{:.0%}".format(*lit["parallel_sampling_saving" if r["mode"] == "parallel" else "beam_search_saving"])]
-         for r in a["rows"]],
-    ))
+    print(
+        format_table(
+            [
+                "mode",
+                "n / width",
+                "peak blocks shared",
+                "peak blocks unshared",
+                "saving",
+                "same-run saving",
+                "vLLM paper",
+            ],
+            [
+                [
+                    r["mode"],
+                    r["width"],
+                    r["shared_peak_blocks"],
+                    r["unshared_peak_blocks"],
+                    f"{r['saving']:.1%}",
+                    f"{r['same_run_saving']:.1%}",
+                    "{:.0%}-{:.0%}".format(
+                        *lit["parallel_sampling_saving" if r["mode"] == "parallel" else "beam_search_saving"]
+                    ),
+                ]
+                for r in a["rows"]
+            ],
+        )
+    )
     b = result["prefix_sharing"]
     if not b["available"]:
         print(f"(b) {b['reason']}")
     else:
         w = b["workload"]
-        print(f"(b) {w['num_requests']} requests: {w['system_prompt_len']}-token shared system prompt + "
-              f"{w['question_len']}-token question, {w['output_len']} output tokens, block {w['block_size']}")
-        print(format_table(
-            ["run", "tokens held (all resident)", "distinct blocks", "table blocks", "peak tokens held",
-             "cached tokens", "hit rate"],
-            [[f"caching {'on' if r['prefix_caching'] else 'off'}, {'warm' if r['warm'] else 'cold'} cache",
-              f"{r['resident_tokens_held']:,}", r["resident_distinct_blocks"], r["resident_logical_blocks"],
-              f"{r['peak_tokens_held']:,}", f"{r['num_cached_tokens']:,}",
-              "-" if r["prefix_cache_hit_rate"] is None else f"{r['prefix_cache_hit_rate']:.1%}"]
-             for r in b["runs"]],
-        ))
+        print(
+            f"(b) {w['num_requests']} requests: {w['system_prompt_len']}-token shared system prompt + "
+            f"{w['question_len']}-token question, {w['output_len']} output tokens, block {w['block_size']}"
+        )
+        print(
+            format_table(
+                [
+                    "run",
+                    "tokens held (all resident)",
+                    "distinct blocks",
+                    "table blocks",
+                    "peak tokens held",
+                    "cached tokens",
+                    "hit rate",
+                ],
+                [
+                    [
+                        f"caching {'on' if r['prefix_caching'] else 'off'}, {'warm' if r['warm'] else 'cold'} cache",
+                        f"{r['resident_tokens_held']:,}",
+                        r["resident_distinct_blocks"],
+                        r["resident_logical_blocks"],
+                        f"{r['peak_tokens_held']:,}",
+                        f"{r['num_cached_tokens']:,}",
+                        "-" if r["prefix_cache_hit_rate"] is None else f"{r['prefix_cache_hit_rate']:.1%}",
+                    ]
+                    for r in b["runs"]
+                ],
+            )
+        )
         t = b["ttft"]
-        print(f"    without / with caching: {b['resident_ratio']:.2f}x (all resident), {b['peak_ratio']:.2f}x (peak), "
-              f"{b['cold_batch_peak_ratio']:.2f}x (peak, cache cold when the batch arrives); tutorial "
-              f"{w['ideal_tokens_without']:,} vs {w['ideal_tokens_with']:,} tokens "
-              f"({w['ideal_tokens_without'] / w['ideal_tokens_with']:.1f}x, arithmetic)")
-        print(f"    time to first token ({result['config']['timing_model']}): cold prefix "
-              f"{1000 * t['cold_ttft_s']:.1f} ms, cached prefix {1000 * t['cached_ttft_s']:.1f} ms "
-              f"({t['speedup']:.1f}x, median of {t['repeats']})")
+        print(
+            f"    without / with caching: {b['resident_ratio']:.2f}x (all resident), {b['peak_ratio']:.2f}x (peak), "
+            f"{b['cold_batch_peak_ratio']:.2f}x (peak, cache cold when the batch arrives); tutorial "
+            f"{w['ideal_tokens_without']:,} vs {w['ideal_tokens_with']:,} tokens "
+            f"({w['ideal_tokens_without'] / w['ideal_tokens_with']:.1f}x, arithmetic)"
+        )
+        print(
+            f"    time to first token ({result['config']['timing_model']}): cold prefix "
+            f"{1000 * t['cold_ttft_s']:.1f} ms, cached prefix {1000 * t['cached_ttft_s']:.1f} ms "
+            f"({t['speedup']:.1f}x, median of {t['repeats']})"
+        )
     c = result["overhead"]
     if not c["available"]:
         print(f"(c) {c['reason']}")
     else:
-        print(f"(c) no shared prefixes, {c['workload']['num_requests']} n=1 random-prompt requests "
-              f"({result['config']['model']}, {c['workload']['repeats']} on/off pairs): caching on "
-              f"{c['tokens_per_s_on']:.1f} tok/s, off {c['tokens_per_s_off']:.1f} tok/s (medians); overhead "
-              f"{c['overhead']:+.1%} (median pair; pairs {', '.join(f'{1 - x:+.1%}' for x in c['pair_ratios_on_over_off'])}); "
-              f"hit rate {c['prefix_cache_hit_rate_on']:.1%}")
+        print(
+            f"(c) no shared prefixes, {c['workload']['num_requests']} n=1 random-prompt requests "
+            f"({result['config']['model']}, {c['workload']['repeats']} on/off pairs): caching on "
+            f"{c['tokens_per_s_on']:.1f} tok/s, off {c['tokens_per_s_off']:.1f} tok/s (medians); overhead "
+            f"{c['overhead']:+.1%} (median pair; pairs {', '.join(f'{1 - x:+.1%}' for x in c['pair_ratios_on_over_off'])}); "
+            f"hit rate {c['prefix_cache_hit_rate_on']:.1%}"
+        )
     print(f"    part times: {', '.join(f'{k} {v:.0f} s' for k, v in result['part_seconds'].items())}")
     print(format_monitor(result["monitor"]))
 
@@ -433,41 +593,68 @@ def report_section(d: dict) -> str:
     a, b, c = d["fork_sharing"], d["prefix_sharing"], d["overhead"]
     w = a["workload"]
     lit = d["literature"]
-    rows = [[r["mode"], r["width"], r["shared_peak_blocks"], r["unshared_peak_blocks"], f"{r['saving']:.1%}",
-             "{:.0%}-{:.0%}".format(*lit["parallel_sampling_saving" if r["mode"] == "parallel" else "beam_search_saving"])]
-            for r in a["rows"]]
-    text = (f"**(a) Parallel sampling and beam search** ({d['config']['model']}): {w['num_requests']} prompts of "
-            f"{w['prompt_len_range'][0]}..{w['prompt_len_range'][1]} tokens (mean {w['prompt_len_mean']:.0f}), "
-            f"{w['output_len']} output tokens each, block {w['block_size']}. Peak KV blocks used (allocator) with "
-            f"sharing vs {a['baseline']}.\n\n"
-            + markdown_table(["mode", "n / width", "peak blocks shared", "peak blocks unshared", "saved", "vLLM paper"], rows)
-            + "\n\nParallel samples share only the prompt, so their saving follows the prompt/output length ratio "
-            "(the paper's traces have shorter prompts relative to outputs); beams also share the generated history "
-            "they have in common.")
+    rows = [
+        [
+            r["mode"],
+            r["width"],
+            r["shared_peak_blocks"],
+            r["unshared_peak_blocks"],
+            f"{r['saving']:.1%}",
+            "{:.0%}-{:.0%}".format(
+                *lit["parallel_sampling_saving" if r["mode"] == "parallel" else "beam_search_saving"]
+            ),
+        ]
+        for r in a["rows"]
+    ]
+    text = (
+        f"**(a) Parallel sampling and beam search** ({d['config']['model']}): {w['num_requests']} prompts of "
+        f"{w['prompt_len_range'][0]}..{w['prompt_len_range'][1]} tokens (mean {w['prompt_len_mean']:.0f}), "
+        f"{w['output_len']} output tokens each, block {w['block_size']}. Peak KV blocks used (allocator) with "
+        f"sharing vs {a['baseline']}.\n\n"
+        + markdown_table(
+            ["mode", "n / width", "peak blocks shared", "peak blocks unshared", "saved", "vLLM paper"], rows
+        )
+        + "\n\nParallel samples share only the prompt, so their saving follows the prompt/output length ratio "
+        "(the paper's traces have shorter prompts relative to outputs); beams also share the generated history "
+        "they have in common."
+    )
     if not b["available"]:
         text += f"\n\n**(b) Prefix sharing:** {b['reason']}."
     else:
         w = b["workload"]
-        rows = [[f"caching {'on' if r['prefix_caching'] else 'off'}, {'warm' if r['warm'] else 'cold'} cache",
-                 f"{r['resident_tokens_held']:,}", r["resident_distinct_blocks"], f"{r['peak_tokens_held']:,}",
-                 f"{r['num_cached_tokens']:,}"] for r in b["runs"]]
+        rows = [
+            [
+                f"caching {'on' if r['prefix_caching'] else 'off'}, {'warm' if r['warm'] else 'cold'} cache",
+                f"{r['resident_tokens_held']:,}",
+                r["resident_distinct_blocks"],
+                f"{r['peak_tokens_held']:,}",
+                f"{r['num_cached_tokens']:,}",
+            ]
+            for r in b["runs"]
+        ]
         t = b["ttft"]
-        text += (f"\n\n**(b) Prefix sharing:** {w['num_requests']} requests, a shared {w['system_prompt_len']}-token "
-                 f"system prompt + a {w['question_len']}-token question each, {w['output_len']} output tokens, block "
-                 f"{w['block_size']}. KV token slots held (used blocks x block size) when every prompt is resident, "
-                 "and at the peak. *Warm*: one request with the system prompt ran first.\n\n"
-                 + markdown_table(["run", "tokens held, all resident", "distinct blocks", "peak tokens held",
-                                   "cached tokens"], rows)
-                 + f"\n\nWithout / with caching: **{b['resident_ratio']:.2f}x** (tutorial: "
-                 f"{w['ideal_tokens_without']:,} vs {w['ideal_tokens_with']:,} tokens, "
-                 f"{w['ideal_tokens_without'] / w['ideal_tokens_with']:.1f}x, arithmetic on tokens; whole blocks "
-                 f"make the measured figure lower). Time to first token ({d['config']['timing_model']}): new prefix "
-                 f"{1000 * t['cold_ttft_s']:.0f} ms, cached prefix {1000 * t['cached_ttft_s']:.0f} ms "
-                 f"({t['speedup']:.1f}x, median of {t['repeats']}).")
+        text += (
+            f"\n\n**(b) Prefix sharing:** {w['num_requests']} requests, a shared {w['system_prompt_len']}-token "
+            f"system prompt + a {w['question_len']}-token question each, {w['output_len']} output tokens, block "
+            f"{w['block_size']}. KV token slots held (used blocks x block size) when every prompt is resident, "
+            "and at the peak. *Warm*: one request with the system prompt ran first.\n\n"
+            + markdown_table(
+                ["run", "tokens held, all resident", "distinct blocks", "peak tokens held", "cached tokens"],
+                rows,
+            )
+            + f"\n\nWithout / with caching: **{b['resident_ratio']:.2f}x** (tutorial: "
+            f"{w['ideal_tokens_without']:,} vs {w['ideal_tokens_with']:,} tokens, "
+            f"{w['ideal_tokens_without'] / w['ideal_tokens_with']:.1f}x, arithmetic on tokens; whole blocks "
+            f"make the measured figure lower). Time to first token ({d['config']['timing_model']}): new prefix "
+            f"{1000 * t['cold_ttft_s']:.0f} ms, cached prefix {1000 * t['cached_ttft_s']:.0f} ms "
+            f"({t['speedup']:.1f}x, median of {t['repeats']})."
+        )
     if c["available"]:
-        text += (f"\n\n**(c) Overhead** with no shared prefix ({d['config']['model']}, {c['workload']['repeats']} "
-                 f"paired runs): caching on {c['tokens_per_s_on']:.0f} tok/s, off {c['tokens_per_s_off']:.0f} tok/s; "
-                 f"overhead {c['overhead']:+.1%} (median of the pairs).")
+        text += (
+            f"\n\n**(c) Overhead** with no shared prefix ({d['config']['model']}, {c['workload']['repeats']} "
+            f"paired runs): caching on {c['tokens_per_s_on']:.0f} tok/s, off {c['tokens_per_s_off']:.0f} tok/s; "
+            f"overhead {c['overhead']:+.1%} (median of the pairs)."
+        )
     return text + (f"\n\n![sharing]({d['plot']})" if d.get("plot") else "")
 
 
@@ -478,10 +665,20 @@ def plot_sharing(result: dict, path: str | Path) -> Path:
     rows = result["fork_sharing"]["rows"]
     labels = [f"{'n' if r['mode'] == 'parallel' else 'beam'}={r['width']}" for r in rows]
     x = range(len(rows))
-    fork.bar([i - 0.2 for i in x], [r["unshared_peak_blocks"] for r in rows], 0.4, color="tab:red",
-             label="independent copies")
-    fork.bar([i + 0.2 for i in x], [r["shared_peak_blocks"] for r in rows], 0.4, color="tab:blue",
-             label="shared (fork + copy-on-write)")
+    fork.bar(
+        [i - 0.2 for i in x],
+        [r["unshared_peak_blocks"] for r in rows],
+        0.4,
+        color="tab:red",
+        label="independent copies",
+    )
+    fork.bar(
+        [i + 0.2 for i in x],
+        [r["shared_peak_blocks"] for r in rows],
+        0.4,
+        color="tab:blue",
+        label="shared (fork + copy-on-write)",
+    )
     for i, r in zip(x, rows):
         fork.text(i, r["unshared_peak_blocks"], f"-{r['saving']:.0%}", ha="center", va="bottom", fontsize=8)
     fork.set_ylim(0, 1.25 * max(r["unshared_peak_blocks"] for r in rows))
@@ -492,38 +689,65 @@ def plot_sharing(result: dict, path: str | Path) -> Path:
     fork.legend(fontsize=8, loc="upper left")
     b, c = result["prefix_sharing"], result["overhead"]
     if b["available"]:
-        names = [f"caching {'on' if r['prefix_caching'] else 'off'}\n{'warm' if r['warm'] else 'cold'} cache"
-                 for r in b["runs"]]
+        names = [
+            f"caching {'on' if r['prefix_caching'] else 'off'}\n{'warm' if r['warm'] else 'cold'} cache"
+            for r in b["runs"]
+        ]
         prefix.bar(names, [r["resident_tokens_held"] for r in b["runs"]], color="tab:green")
         w = b["workload"]
-        prefix.axhline(w["ideal_tokens_without"], color="tab:red", linestyle=":",
-                       label=f"{w['ideal_tokens_without']:,} tokens without (arithmetic)")
-        prefix.axhline(w["ideal_tokens_with"], color="tab:blue", linestyle=":",
-                       label=f"{w['ideal_tokens_with']:,} tokens with (arithmetic)")
+        prefix.axhline(
+            w["ideal_tokens_without"],
+            color="tab:red",
+            linestyle=":",
+            label=f"{w['ideal_tokens_without']:,} tokens without (arithmetic)",
+        )
+        prefix.axhline(
+            w["ideal_tokens_with"],
+            color="tab:blue",
+            linestyle=":",
+            label=f"{w['ideal_tokens_with']:,} tokens with (arithmetic)",
+        )
         prefix.set_ylabel("KV token slots held, all prompts resident")
-        prefix.set_title(f"{w['num_requests']} requests sharing a {w['system_prompt_len']}-token prompt", fontsize=10)
+        prefix.set_title(
+            f"{w['num_requests']} requests sharing a {w['system_prompt_len']}-token prompt", fontsize=10
+        )
         prefix.legend(fontsize=8)
         t = b["ttft"]
-        ttft.bar(["new prefix", "cached prefix"], [1000 * t["cold_ttft_s"], 1000 * t["cached_ttft_s"]],
-                 color=["tab:red", "tab:blue"])
+        ttft.bar(
+            ["new prefix", "cached prefix"],
+            [1000 * t["cold_ttft_s"], 1000 * t["cached_ttft_s"]],
+            color=["tab:red", "tab:blue"],
+        )
         ttft.set_ylabel("ms")
         ttft.set_title(f"time to first token ({t['speedup']:.1f}x)", fontsize=10)
     for ax, ok in ((prefix, b["available"]), (ttft, b["available"]), (overhead, c["available"])):
         if not ok:
-            ax.text(0.5, 0.5, "prefix caching\nnot available", ha="center", va="center", transform=ax.transAxes)
+            ax.text(
+                0.5, 0.5, "prefix caching\nnot available", ha="center", va="center", transform=ax.transAxes
+            )
             ax.set_axis_off()
     if c["available"]:
-        overhead.bar(["caching off", "caching on"], [c["tokens_per_s_off"], c["tokens_per_s_on"]],
-                     color=["tab:gray", "tab:olive"])
+        overhead.bar(
+            ["caching off", "caching on"],
+            [c["tokens_per_s_off"], c["tokens_per_s_on"]],
+            color=["tab:gray", "tab:olive"],
+        )
         overhead.set_ylabel("output tokens / s (median run)")
-        overhead.set_title(f"no shared prefix: caching overhead {c['overhead']:+.1%}\n(median of paired runs)",
-                           fontsize=10)
+        overhead.set_title(
+            f"no shared prefix: caching overhead {c['overhead']:+.1%}\n(median of paired runs)", fontsize=10
+        )
     return _save(fig, path)
 
 
 # ------------------------------------------------------------------ main
-def run_sharing(model: str = "tiny-2k", timing_model: str = "stories15m", quick: bool = False,
-                block_size: int = 16, seed: int = 0, threads: int | None = 1) -> dict:
+def run_sharing(
+    model: str = "tiny-2k",
+    timing_model: str = "stories15m",
+    quick: bool = False,
+    block_size: int = 16,
+    seed: int = 0,
+    threads: int | None = 1,
+) -> dict:
     from paged_attention.bench.memory import model_vocab_size
 
     model_path = resolve_model(model)
@@ -532,31 +756,55 @@ def run_sharing(model: str = "tiny-2k", timing_model: str = "stories15m", quick:
     with torch_threads(threads), MemoryMonitor() as monitor:
         t0 = time.perf_counter()
         fork = run_fork_sharing(
-            model_path, vocab, num_requests=4 if quick else 16,
-            prompt_len=(64, 128) if quick else (64, 512), output_len=16 if quick else 128,
-            widths=[2, 4] if quick else [2, 4, 6], block_size=block_size, seed=seed,
+            model_path,
+            vocab,
+            num_requests=4 if quick else 16,
+            prompt_len=(64, 128) if quick else (64, 512),
+            output_len=16 if quick else 128,
+            widths=[2, 4] if quick else [2, 4, 6],
+            block_size=block_size,
+            seed=seed,
         )
         t1 = time.perf_counter()
         prefix = run_prefix_sharing(
-            model_path, vocab, timing_path, timing_vocab, num_requests=10 if quick else 100,
-            system_len=100 if quick else 500, question_len=20 if quick else 100,
-            output_len=4 if quick else 16, ttft_repeats=2 if quick else 5, block_size=block_size, seed=seed,
+            model_path,
+            vocab,
+            timing_path,
+            timing_vocab,
+            num_requests=10 if quick else 100,
+            system_len=100 if quick else 500,
+            question_len=20 if quick else 100,
+            output_len=4 if quick else 16,
+            ttft_repeats=2 if quick else 5,
+            block_size=block_size,
+            seed=seed,
         )
         # On the small block-count model the engine's own bookkeeping (where the
         # cache's hashing lives) is the largest share of a step: the worst case.
         t2 = time.perf_counter()
         overhead = caching_overhead(
-            model_path, vocab, num_requests=8 if quick else 32,
-            prompt_len=(32, 64) if quick else (64, 512), output_len=(8, 16) if quick else (16, 64),
-            repeats=1 if quick else 7, block_size=block_size, seed=seed,
+            model_path,
+            vocab,
+            num_requests=8 if quick else 32,
+            prompt_len=(32, 64) if quick else (64, 512),
+            output_len=(8, 16) if quick else (16, 64),
+            repeats=1 if quick else 7,
+            block_size=block_size,
+            seed=seed,
         )
         seconds = {"fork_sharing": t1 - t0, "prefix_sharing": t2 - t1, "overhead": time.perf_counter() - t2}
         env = environment()
     return {
         "benchmark": "sharing",
-        "config": {"model": model, "timing_model": timing_model, "quick": quick, "block_size": block_size,
-                   "seed": seed, "torch_threads": threads,
-                   "prefix_caching_available": prefix_caching_available()},
+        "config": {
+            "model": model,
+            "timing_model": timing_model,
+            "quick": quick,
+            "block_size": block_size,
+            "seed": seed,
+            "torch_threads": threads,
+            "prefix_caching_available": prefix_caching_available(),
+        },
         "fork_sharing": fork,
         "prefix_sharing": prefix,
         "overhead": overhead,
@@ -570,20 +818,33 @@ def run_sharing(model: str = "tiny-2k", timing_model: str = "stories15m", quick:
 def main(args) -> dict:
     # --quick times on the block-count model too: one tiny model keeps tests fast.
     timing_model = args.timing_model or (args.model if args.quick else "stories15m")
-    result = run_sharing(model=args.model, timing_model=timing_model, quick=args.quick,
-                         block_size=args.block_size, seed=args.seed,
-                         threads=args.threads if args.threads > 0 else None)
+    result = run_sharing(
+        model=args.model,
+        timing_model=timing_model,
+        quick=args.quick,
+        block_size=args.block_size,
+        seed=args.seed,
+        threads=args.threads if args.threads > 0 else None,
+    )
     return publish(result, "sharing", args.output_dir, plot_sharing, print_sharing)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sharing", help="KV saved by sharing: parallel sampling, beam search, prefixes")
-    p.add_argument("--model", default="tiny-2k",
-                   help="model for the block counts: tiny-2k (default), stories260k, stories15m, smollm2, or a path")
-    p.add_argument("--timing-model", default=None,
-                   help="model for the time to first token (default stories15m; --quick: --model)")
+    p.add_argument(
+        "--model",
+        default="tiny-2k",
+        help="model for the block counts: tiny-2k (default), stories260k, stories15m, smollm2, or a path",
+    )
+    p.add_argument(
+        "--timing-model",
+        default=None,
+        help="model for the time to first token (default stories15m; --quick: --model)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's default)"
+    )
     p.add_argument("--quick", action="store_true", help="a few small requests (for tests)")
     p.add_argument("--output-dir", default="results")
     add_engine_args(p, only=("block_size",), model=False)

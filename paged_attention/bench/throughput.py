@@ -41,7 +41,8 @@ def run_engine(model: str | None, workload: list[BenchRequest], dtype: str, **en
     # Warm-up outside the timer (first-call allocations, kernel selection).
     llm.generate(
         [{"prompt_token_ids": r.prompt_token_ids} for r in workload[:4]],
-        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False,
+        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+        use_tqdm=False,
     )
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload]
     params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
@@ -51,9 +52,14 @@ def run_engine(model: str | None, workload: list[BenchRequest], dtype: str, **en
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert tokens == sum(r.output_len for r in workload), "engine produced the wrong token count"
     stats = llm.memory_stats()
-    return throughput_record(tokens, elapsed, len(workload), num_steps=stats["num_steps"],
-                             peak_used_blocks=stats["peak_used_blocks"],
-                             num_preemptions=stats["num_preemptions"])
+    return throughput_record(
+        tokens,
+        elapsed,
+        len(workload),
+        num_steps=stats["num_steps"],
+        peak_used_blocks=stats["peak_used_blocks"],
+        num_preemptions=stats["num_preemptions"],
+    )
 
 
 # ------------------------------------------------------------- transformers
@@ -91,11 +97,18 @@ def run_hf_static(hf, workload: list[BenchRequest], batch_size: int) -> dict:
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(batch):
-            ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
-            mask[i, width - len(r.prompt_token_ids):] = 1
+            ids[i, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+            mask[i, width - len(r.prompt_token_ids) :] = 1
         longest = max(r.output_len for r in batch)
-        hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=longest,
-                    min_new_tokens=longest, eos_token_id=None, pad_token_id=pad)
+        hf.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            eos_token_id=None,
+            pad_token_id=pad,
+        )
 
     # The same denormal flushing our engine uses, so neither side pays for them.
     with flush_denormals(True), torch.inference_mode():
@@ -119,8 +132,10 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
     llm = LLM(model, dtype=dtype, max_num_seqs=num_seqs, record_step_stats=True)
     engine = llm.engine
     workload = uniform_workload(num_seqs, (128, 256), (steps + 8, steps + 8), 500, seed=1)
-    llm.add_requests([{"prompt_token_ids": r.prompt_token_ids} for r in workload],
-                     SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+    llm.add_requests(
+        [{"prompt_token_ids": r.prompt_token_ids} for r in workload],
+        SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True),
+    )
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests()):
         engine.step()  # finish every prefill first
     assert engine.step_stats is not None
@@ -201,8 +216,13 @@ def measure(args) -> dict:
         else:
             raise ValueError(f"unknown benchmark model {name!r}; use stories15m and/or smollm2")
     n = 16 if args.quick else args.num_requests
-    workload = uniform_workload(n, (16, 128) if args.quick else (16, 512),
-                                (16, 32) if args.quick else (16, 256), vocab_size=32000, seed=0)
+    workload = uniform_workload(
+        n,
+        (16, 128) if args.quick else (16, 512),
+        (16, 32) if args.quick else (16, 256),
+        vocab_size=32000,
+        seed=0,
+    )
     results: dict = {"workload": {"num_requests": n, "seed": 0}, "runs": []}
     for model_name, model in models.items():
         vocab = 49152 if model is None else 32000
@@ -215,16 +235,25 @@ def measure(args) -> dict:
 
             hf_model = hf_model_for(model, getattr(torch, dtype))
             hf = run_hf_static(hf_model, reqs, args.hf_batch_size)
-            row = {"model": model_name, "dtype": dtype, "engine": ours, "hf_static": hf,
-                   "speedup": ours["tokens_per_s"] / hf["tokens_per_s"]}
-            line = (f"{model_name:10s} {dtype:9s} engine {ours['tokens_per_s']:8.1f} tok/s  "
-                    f"HF static {hf['tokens_per_s']:8.1f} tok/s  x{row['speedup']:.2f}")
+            row = {
+                "model": model_name,
+                "dtype": dtype,
+                "engine": ours,
+                "hf_static": hf,
+                "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
+            }
+            line = (
+                f"{model_name:10s} {dtype:9s} engine {ours['tokens_per_s']:8.1f} tok/s  "
+                f"HF static {hf['tokens_per_s']:8.1f} tok/s  x{row['speedup']:.2f}"
+            )
             if args.hf_continuous:
                 cont = run_hf_continuous(hf_model, reqs)
                 row["hf_continuous"] = cont
                 row["speedup_vs_hf_continuous"] = ours["tokens_per_s"] / cont["tokens_per_s"]
-                line += (f"  HF continuous {cont['tokens_per_s']:8.1f} tok/s"
-                         f"  x{row['speedup_vs_hf_continuous']:.2f}")
+                line += (
+                    f"  HF continuous {cont['tokens_per_s']:8.1f} tok/s"
+                    f"  x{row['speedup_vs_hf_continuous']:.2f}"
+                )
             if args.llama_cpp and model is None:  # llama.cpp reads the default model's GGUF
                 from paged_attention.model.gguf import default_gguf_path
 
@@ -247,11 +276,17 @@ def add_parser(sub) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list: float32, bfloat16")
     p.add_argument("--num-requests", type=int, default=128)
     p.add_argument("--hf-batch-size", type=int, default=32, help="transformers static batch size")
-    p.add_argument("--hf-continuous", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run transformers' continuous batching (generate_batch)")
-    p.add_argument("--llama-cpp", action="store_true",
-                   help="also run llama.cpp on the default model's GGUF (needs llama-cpp-python)")
+    p.add_argument(
+        "--hf-continuous",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run transformers' continuous batching (generate_batch)",
+    )
+    p.add_argument(
+        "--llama-cpp",
+        action="store_true",
+        help="also run llama.cpp on the default model's GGUF (needs llama-cpp-python)",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny run, for tests")
     p.add_argument("--output-dir", default="results")
     p.set_defaults(func=main)
-

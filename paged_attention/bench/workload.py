@@ -44,7 +44,14 @@ def uniform_workload(
 
 # A stories15M-shaped Llama (llama2.c's 15M TinyStories model), random weights.
 STORIES15M_CONFIG = dict(
-    vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
-    num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,
-    bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+    vocab_size=32000,
+    hidden_size=288,
+    intermediate_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    num_key_value_heads=6,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=True,
 )

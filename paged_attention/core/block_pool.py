@@ -65,9 +65,7 @@ def validate_block_size(block_size: int) -> int:
         or block_size > MAX_BLOCK_SIZE
         or block_size & (block_size - 1)
     ):
-        raise ValueError(
-            f"block_size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {block_size!r}"
-        )
+        raise ValueError(f"block_size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {block_size!r}")
     return block_size
 
 
@@ -99,17 +97,13 @@ class BlockPool:
         if num_blocks is None:
             num_blocks = total_blocks
         elif total_blocks is not None and total_blocks != num_blocks:
-            raise ValueError(
-                f"num_blocks={num_blocks} and total_blocks={total_blocks} disagree"
-            )
+            raise ValueError(f"num_blocks={num_blocks} and total_blocks={total_blocks} disagree")
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         if hidden_dim is not None and (not isinstance(hidden_dim, int) or hidden_dim < 1):
             raise ValueError(f"hidden_dim must be an integer >= 1, got {hidden_dim!r}")
         if not isinstance(enable_prefix_caching, bool):
-            raise ValueError(
-                f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}"
-            )
+            raise ValueError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
         self.num_blocks: int = num_blocks
         self.block_size: int = validate_block_size(block_size)
         self.hidden_dim: int | None = hidden_dim
@@ -286,9 +280,7 @@ class BlockPool:
         self.num_hit_tokens += len(hits) * self.block_size
         return hits
 
-    def cache_full_blocks(
-        self, table: FilledBlocks, chain: PrefixChain, token_ids: TokenSource
-    ) -> int:
+    def cache_full_blocks(self, table: FilledBlocks, chain: PrefixChain, token_ids: TokenSource) -> int:
         """Register every block of `table` that became full since `chain` last
         moved, and move `chain` on (no-op with caching off).
 
@@ -346,8 +338,7 @@ class BlockPool:
                 held.update(holder.block_ids)
             for block_id in held.keys() | used.keys():
                 assert held[block_id] == used.get(block_id, 0), (
-                    f"block {block_id}: ref count {used.get(block_id, 0)} "
-                    f"but {held[block_id]} holders"
+                    f"block {block_id}: ref count {used.get(block_id, 0)} but {held[block_id]} holders"
                 )
 
     def _check_cache(self) -> None:
@@ -359,9 +350,7 @@ class BlockPool:
                 f"cached block {block_id} is on the free list"
             )
             assert entry.block_id == block_id, f"entry for block {block_id} names {entry.block_id}"
-            assert self._by_hash.get(entry.block_hash) is entry, (
-                f"block {block_id} is not under its hash"
-            )
+            assert self._by_hash.get(entry.block_hash) is entry, f"block {block_id} is not under its hash"
             assert len(entry.token_ids) == self.block_size, f"cached block {block_id} is not full"
             assert hash_block(entry.parent_hash, entry.token_ids) == entry.block_hash, (
                 f"cached block {block_id}: stored token ids do not hash to its key"
@@ -373,9 +362,7 @@ class BlockPool:
     # ---------------------------------------------------------------- helpers
     def _check_id(self, block_id: int) -> None:
         if not 0 <= block_id < self.num_blocks:
-            raise ValueError(
-                f"block id {block_id} is outside the pool (0..{self.num_blocks - 1})"
-            )
+            raise ValueError(f"block id {block_id} is outside the pool (0..{self.num_blocks - 1})")
 
     def _take(self) -> int:
         if self._watermark < self.num_blocks:
@@ -410,11 +397,7 @@ class BlockPool:
         for i in range((len(token_ids) - 1) // bs):
             block_tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             entry = self._by_hash.get(hash_block(parent_hash, block_tokens))
-            if (
-                entry is None
-                or entry.token_ids != block_tokens
-                or entry.parent_serial != parent_serial
-            ):
+            if entry is None or entry.token_ids != block_tokens or entry.parent_serial != parent_serial:
                 break
             hits.append(entry)
             parent_hash, parent_serial = entry.block_hash, entry.serial

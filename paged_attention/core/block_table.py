@@ -140,9 +140,7 @@ class BlockTable:
         self.num_tokens = 0
 
     # ------------------------------------------------------------- admission
-    def admit(
-        self, token_ids: Sequence[int], max_new_tokens: int, chain: PrefixChain
-    ) -> Admission | None:
+    def admit(self, token_ids: Sequence[int], max_new_tokens: int, chain: PrefixChain) -> Admission | None:
         """Make room for up to `max_new_tokens` more of `token_ids` (the whole
         sequence; the table holds its first `num_tokens`). An empty table first
         takes the longest cached full-block prefix, and `chain` (the owner's
@@ -150,9 +148,7 @@ class BlockTable:
         -- taking nothing and counting no cache query -- when the pool cannot
         hold it."""
         assert max_new_tokens >= 0, f"cannot append {max_new_tokens} tokens"
-        assert len(token_ids) >= self.num_tokens, (
-            f"{self}: token_ids has only {len(token_ids)} tokens"
-        )
+        assert len(token_ids) >= self.num_tokens, f"{self}: token_ids has only {len(token_ids)} tokens"
         if self.block_ids:  # e.g. a forked sample: nothing to look up
             n = min(len(token_ids) - self.num_tokens, max_new_tokens)
             appended = self.append_slots(n)

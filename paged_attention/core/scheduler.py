@@ -103,9 +103,7 @@ class Scheduler:
                 f"preemption_victim must be one of {PREEMPTION_VICTIMS}, got {preemption_victim!r}"
             )
         if preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(
-                f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}"
-            )
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         if preemption_mode == "auto" and swapper is not None:
             assert cost_model is not None, "auto preemption needs a cost model"
         if max_num_seqs < 1:

@@ -36,8 +36,9 @@ class SwapManager:
         self._on_device: dict[int, tuple[int, int, int]] = {}
 
     # -------------------------------------------------------------- queries
-    def _shared_copy(self, table: BlockTable, index: int,
-                     records: dict[int, tuple[int, int, int]], target: BlockPool) -> int | None:
+    def _shared_copy(
+        self, table: BlockTable, index: int, records: dict[int, tuple[int, int, int]], target: BlockPool
+    ) -> int | None:
         """The block already holding this block's data on the other side, if any."""
         if (index + 1) * table.block_size > table.num_tokens:
             return None  # a partly filled block may still be written: never shared
@@ -48,8 +49,7 @@ class SwapManager:
         return record[1]
 
     @staticmethod
-    def _valid(block: int, record: tuple[int, int, int], source: BlockPool,
-               target: BlockPool) -> bool:
+    def _valid(block: int, record: tuple[int, int, int], source: BlockPool, target: BlockPool) -> bool:
         """Both ends are still the allocations that were recorded."""
         generation, other, other_generation = record
         return (
@@ -60,8 +60,7 @@ class SwapManager:
 
     def blocks_to_swap_out(self, table: BlockTable) -> int:
         return sum(
-            self._shared_copy(table, i, self._on_host, self.host) is None
-            for i in range(len(table.block_ids))
+            self._shared_copy(table, i, self._on_host, self.host) is None for i in range(len(table.block_ids))
         )
 
     def blocks_to_swap_in(self, table: BlockTable) -> int:
@@ -87,8 +86,13 @@ class SwapManager:
         assert self.device.can_allocate(self.blocks_to_swap_in(table)), "device pool too small"
         return self._move(table, self._on_device, self._on_host, self.device)
 
-    def _move(self, table: BlockTable, records: dict[int, tuple[int, int, int]],
-              reverse: dict[int, tuple[int, int, int]], target: BlockPool) -> list[BlockCopy]:
+    def _move(
+        self,
+        table: BlockTable,
+        records: dict[int, tuple[int, int, int]],
+        reverse: dict[int, tuple[int, int, int]],
+        target: BlockPool,
+    ) -> list[BlockCopy]:
         source = table.pool
         copies: list[BlockCopy] = []
         new_ids: list[int] = []
@@ -113,8 +117,10 @@ class SwapManager:
 
     def _forget_stale(self) -> None:
         """Drop records whose blocks have since been freed or reused."""
-        for records, source, target in ((self._on_host, self.device, self.host),
-                                        (self._on_device, self.host, self.device)):
+        for records, source, target in (
+            (self._on_host, self.device, self.host),
+            (self._on_device, self.host, self.device),
+        ):
             for block, record in list(records.items()):
                 if source.ref_count(block) == 0 or not self._valid(block, record, source, target):
                     del records[block]

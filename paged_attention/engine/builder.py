@@ -70,8 +70,9 @@ class PoolPlan:
         return self.num_tokens / self.max_model_len
 
 
-def plan_pool(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
-              device: torch.device) -> PoolPlan:
+def plan_pool(
+    config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> PoolPlan:
     max_model_len = config.max_model_len or model_config.max_position_embeddings
     if max_model_len > model_config.max_position_embeddings:
         raise ValueError(
@@ -113,39 +114,63 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
-    net, model_config = load_model(
-        source.weights, dtype=dtype, device=device, config=source.tokenizer_dir
-    )
+    net, model_config = load_model(source.weights, dtype=dtype, device=device, config=source.tokenizer_dir)
     tokenizer = Tokenizer.load(source.tokenizer_dir)
     plan = plan_pool(config, model_config, dtype, device)
-    allocator = BlockPool(plan.num_blocks, plan.block_size,
-                          enable_prefix_caching=config.enable_prefix_caching)
+    allocator = BlockPool(
+        plan.num_blocks, plan.block_size, enable_prefix_caching=config.enable_prefix_caching
+    )
     kv_cache = KVCachePool(
-        model_config.num_layers, plan.num_blocks, plan.block_size,
-        model_config.num_kv_heads, model_config.head_dim, dtype, device,
+        model_config.num_layers,
+        plan.num_blocks,
+        plan.block_size,
+        model_config.num_kv_heads,
+        model_config.head_dim,
+        dtype,
+        device,
     )
     logger.info(
         "KV pool: %d blocks x %d tokens = %d tokens, %.1f MiB (%s); max_model_len %d, "
         "%.1f full-length sequences fit",
-        plan.num_blocks, plan.block_size, plan.num_tokens,
-        plan.num_blocks * plan.bytes_per_block / 2**20, dtype, plan.max_model_len,
+        plan.num_blocks,
+        plan.block_size,
+        plan.num_tokens,
+        plan.num_blocks * plan.bytes_per_block / 2**20,
+        dtype,
+        plan.max_model_len,
         plan.max_concurrency,
     )
     max_batched = config.max_num_batched_tokens or max(8192, plan.max_model_len)
-    host_cache, swapper, cost_model = build_swap_space(config, plan, model_config, dtype, device,
-                                                       allocator, kv_cache, net)
-    scheduler = Scheduler(allocator, config.max_num_seqs, max_batched, swapper=swapper,
-                          preemption_mode=config.preemption_mode, cost_model=cost_model,
-                          preemption_victim=config.preemption_victim)
-    graphs = maybe_decode_graphs(net, kv_cache, net.attn_backend, config.max_num_seqs,
-                                 plan.max_model_len, config.enforce_eager)
+    host_cache, swapper, cost_model = build_swap_space(
+        config, plan, model_config, dtype, device, allocator, kv_cache, net
+    )
+    scheduler = Scheduler(
+        allocator,
+        config.max_num_seqs,
+        max_batched,
+        swapper=swapper,
+        preemption_mode=config.preemption_mode,
+        cost_model=cost_model,
+        preemption_victim=config.preemption_victim,
+    )
+    graphs = maybe_decode_graphs(
+        net, kv_cache, net.attn_backend, config.max_num_seqs, plan.max_model_len, config.enforce_eager
+    )
     eos = set(model_config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
     return LLMEngine(
-        ModelRunner(net, kv_cache, host_cache, graphs), kv_cache, allocator, scheduler, tokenizer,
-        frozenset(eos), plan.max_model_len, model_config.vocab_size, seed=config.seed,
-        cost_model=cost_model, record_step_stats=config.record_step_stats,
+        ModelRunner(net, kv_cache, host_cache, graphs),
+        kv_cache,
+        allocator,
+        scheduler,
+        tokenizer,
+        frozenset(eos),
+        plan.max_model_len,
+        model_config.vocab_size,
+        seed=config.seed,
+        cost_model=cost_model,
+        record_step_stats=config.record_step_stats,
     )
 
 
@@ -157,9 +182,16 @@ def host_pool_blocks(swap_space_gib: float, plan: PoolPlan) -> int:
     return min(int(swap_space_gib * 2**30) // plan.bytes_per_block, plan.num_blocks)
 
 
-def build_swap_space(config: EngineConfig, plan: PoolPlan, model_config: ModelConfig,
-                     dtype: torch.dtype, device: torch.device, allocator: BlockPool,
-                     kv_cache: KVCachePool, net: torch.nn.Module):
+def build_swap_space(
+    config: EngineConfig,
+    plan: PoolPlan,
+    model_config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    allocator: BlockPool,
+    kv_cache: KVCachePool,
+    net: torch.nn.Module,
+):
     """The host block pool for swapping (None when swap_space is 0 or preemption
     is recompute-only), with the cost model that prices swap against recompute."""
     host_blocks = host_pool_blocks(config.swap_space, plan)
@@ -168,12 +200,16 @@ def build_swap_space(config: EngineConfig, plan: PoolPlan, model_config: ModelCo
     # Pinned host memory lets CUDA copies run asynchronously; on the CPU both
     # pools are ordinary RAM and the same code path runs.
     host_cache = KVCachePool(
-        model_config.num_layers, host_blocks, plan.block_size, model_config.num_kv_heads,
-        model_config.head_dim, dtype, "cpu", pin_memory=device.type == "cuda",
+        model_config.num_layers,
+        host_blocks,
+        plan.block_size,
+        model_config.num_kv_heads,
+        model_config.head_dim,
+        dtype,
+        "cpu",
+        pin_memory=device.type == "cuda",
     )
-    swapper = SwapManager(
-        allocator, BlockPool(host_blocks, plan.block_size, enable_prefix_caching=False)
-    )
+    swapper = SwapManager(allocator, BlockPool(host_blocks, plan.block_size, enable_prefix_caching=False))
     cost_model = PreemptionCostModel(
         bytes_per_block=plan.bytes_per_block,
         copy_bytes_per_s=measure_copy_bandwidth(kv_cache, host_cache),
@@ -181,7 +217,10 @@ def build_swap_space(config: EngineConfig, plan: PoolPlan, model_config: ModelCo
     logger.info(
         "swap space: %d host blocks, %.1f MiB (of %.1f GiB asked, capped at the device "
         "pool's %d blocks); measured copy %.2f GB/s",
-        host_blocks, host_blocks * plan.bytes_per_block / 2**20, config.swap_space,
-        plan.num_blocks, cost_model.copy_bytes_per_s / 1e9,
+        host_blocks,
+        host_blocks * plan.bytes_per_block / 2**20,
+        config.swap_space,
+        plan.num_blocks,
+        cost_model.copy_bytes_per_s / 1e9,
     )
     return host_cache, swapper, cost_model

@@ -117,7 +117,9 @@ class DecodeCudaGraphs:
         captured.graph.replay()
         return captured.hidden[: meta.num_seqs]
 
-    def _stage(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, size: int) -> None:
+    def _stage(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, size: int
+    ) -> None:
         n = meta.num_seqs
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)

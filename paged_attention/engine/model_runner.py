@@ -40,9 +40,13 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCachePool,
-                 host_cache: KVCachePool | None = None,
-                 cuda_graphs: DecodeCudaGraphs | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCachePool,
+        host_cache: KVCachePool | None = None,
+        cuda_graphs: DecodeCudaGraphs | None = None,
+    ) -> None:
         self.model = model
         self.cuda_graphs = cuda_graphs  # decode-only steps replay captured graphs
         self.kv_cache = kv_cache

@@ -38,13 +38,24 @@ def count_prompt_tokens(batch: ScheduledBatch) -> int:
     )
 
 
-def step_record(batch: ScheduledBatch, num_prompt_tokens: int, began: float, executing: float,
-                executed: float, ended: float) -> StepStats:
+def step_record(
+    batch: ScheduledBatch,
+    num_prompt_tokens: int,
+    began: float,
+    executing: float,
+    executed: float,
+    ended: float,
+) -> StepStats:
     """A step's record from its batch and four perf_counter readings: step
     start, model start, model end, step end."""
     return StepStats(
-        num_seqs=len(batch.requests), num_tokens=batch.num_tokens, num_prompt_tokens=num_prompt_tokens,
-        num_preempted=len(batch.preempted), num_swap_out_blocks=len(batch.swap_out),
-        num_swap_in_blocks=len(batch.swap_in), schedule_s=executing - began,
-        execute_s=executed - executing, update_s=ended - executed,
+        num_seqs=len(batch.requests),
+        num_tokens=batch.num_tokens,
+        num_prompt_tokens=num_prompt_tokens,
+        num_preempted=len(batch.preempted),
+        num_swap_out_blocks=len(batch.swap_out),
+        num_swap_in_blocks=len(batch.swap_in),
+        schedule_s=executing - began,
+        execute_s=executed - executing,
+        update_s=ended - executed,
     )

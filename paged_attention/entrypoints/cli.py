@@ -29,13 +29,25 @@ folder (config.json + safetensors) or a .gguf file.
 
 # `paged-attention bench` subcommands, in help order: modules of paged_attention.bench
 # with an `add_parser(subparsers)`. Each imports torch only when it runs.
-BENCHMARKS = ("throughput", "sharing", "preemption", "serve", "memory", "capacity", "block_size",
-              "scaling", "report", "all")
+BENCHMARKS = (
+    "throughput",
+    "sharing",
+    "preemption",
+    "serve",
+    "memory",
+    "capacity",
+    "block_size",
+    "scaling",
+    "report",
+    "all",
+)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
+    g.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})"
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
     g.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (-1: all)")
@@ -45,7 +57,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="paged-attention", description=DESCRIPTION,
+        prog="paged-attention",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details (KV pool size)")
@@ -58,15 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser(
-        "chat", help="talk with the model (chat template)",
+        "chat",
+        help="talk with the model (chat template)",
         description="Interactive chat with the model's chat template. When stdin is not a "
         "terminal, reads one message from it, answers, and exits.",
     )
     add_engine_args(chat)
     _add_sampling_args(chat, max_tokens=256)
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--chat-template", default=None, metavar="FILE",
-                      help="a Jinja chat template file, for models that ship none")
+    chat.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template file, for models that ship none",
+    )
     chat.set_defaults(func=cmd_chat)
 
     add_serve_parser(sub)
@@ -83,8 +101,11 @@ def _sampling_params(args: argparse.Namespace):
     from paged_attention.sampling_params import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.sampling_seed,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sampling_seed,
     )
 
 

@@ -41,8 +41,9 @@ def add_engine_args(
             raise ValueError(f"{name!r} is not an engine option with a flag; flags: {sorted(names)}")
     group = parser.add_argument_group(title)
     if model:
-        group.add_argument("--model", default=None,
-                           help="model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+        group.add_argument(
+            "--model", default=None, help="model folder or .gguf file (default: SmolLM2-135M-Instruct)"
+        )
     for f in options:
         if only is not None and f.name not in only:
             continue
@@ -50,12 +51,19 @@ def add_engine_args(
         meta = f.metadata
         help_text = meta["help"] if default is None else f"{meta['help']} (default: %(default)s)"
         if isinstance(f.default, bool):
-            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
-                               help=help_text)
+            group.add_argument(
+                flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
             continue
         parse = meta["type"] or (type(f.default) if f.default is not None else str)
-        group.add_argument(flag(f.name), type=parse, default=default, choices=meta["choices"],
-                           metavar=meta["metavar"], help=help_text)
+        group.add_argument(
+            flag(f.name),
+            type=parse,
+            default=default,
+            choices=meta["choices"],
+            metavar=meta["metavar"],
+            help=help_text,
+        )
     return group
 
 

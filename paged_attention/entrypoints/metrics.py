@@ -49,13 +49,18 @@ class _EngineCollector(Collector):
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", load.num_waiting)
         # Preempted requests are recomputed, not swapped, until swapping exists.
         yield gauge("num_requests_swapped", "Requests swapped out to CPU.", mem.get("num_swapped", 0))
-        yield gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", mem.get("kv_cache_usage", 0.0))
         yield gauge(
-            "prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache.",
+            "kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", mem.get("kv_cache_usage", 0.0)
+        )
+        yield gauge(
+            "prefix_cache_hit_rate",
+            "Fraction of prompt tokens served from the prefix cache.",
             mem.get("prefix_cache_hit_rate", 0.0),
         )
         yield gauge("num_kv_blocks", "KV blocks in the pool.", mem.get("num_blocks", 0))
-        yield counter("num_preemptions", "Requests preempted to free KV blocks.", mem.get("num_preemptions", 0))
+        yield counter(
+            "num_preemptions", "Requests preempted to free KV blocks.", mem.get("num_preemptions", 0)
+        )
         yield counter("prompt_tokens", "Prompt tokens computed (prefill).", load.num_prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", load.num_generation_tokens)
         yield counter("num_aborted_requests", "Requests aborted (client gone).", load.num_aborted)
@@ -69,21 +74,29 @@ class ServerMetrics:
         self.time_to_first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
             "From the server accepting a request to its first generated token.",
-            ["model_name"], buckets=TTFT_BUCKETS, registry=self.registry,
+            ["model_name"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
         )
         self.time_per_output_token = Histogram(
             f"{PREFIX}_time_per_output_token_seconds",
             "Mean time between generated tokens after the first, per request.",
-            ["model_name"], buckets=TPOT_BUCKETS, registry=self.registry,
+            ["model_name"],
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
         )
         self.e2e_latency = Histogram(
             f"{PREFIX}_e2e_request_latency_seconds",
             "From the server accepting a request to its last token.",
-            ["model_name"], buckets=E2E_BUCKETS, registry=self.registry,
+            ["model_name"],
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
         )
         self.finished = Counter(
-            f"{PREFIX}_request_success", "Requests finished, by finish reason.",
-            ["model_name", "finished_reason"], registry=self.registry,
+            f"{PREFIX}_request_success",
+            "Requests finished, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
         )
 
     def observe_finished(self, out: RequestOutput, submitted_at: float) -> None:

@@ -273,9 +273,14 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
         return f"unrecognized request argument {param!r}: this server does not support it", param
     if kind == "missing":
         return f"{param} is required", param
-    union_failed = sum(
-        1 for e in errors if [p for p in e.get("loc", ()) if p != "body" and not _is_union_tag(p)][:1] == path[:1]
-    ) > 1
+    union_failed = (
+        sum(
+            1
+            for e in errors
+            if [p for p in e.get("loc", ()) if p != "body" and not _is_union_tag(p)][:1] == path[:1]
+        )
+        > 1
+    )
     if union_failed and field in _EXPECTED:
         return f"{param} must be {_EXPECTED[field]}, got {_short(first.get('input'))}", param
     msg = first.get("msg", "invalid value")
@@ -320,8 +325,17 @@ class RequestError(Exception):
 
 # ------------------------------------------- requests -> SamplingParams
 _PARAM_NAMES = (
-    "n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "stop",
-    "stop_token_ids", "logprobs",
+    "n",
+    "best_of",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "max_tokens",
+    "stop",
+    "stop_token_ids",
+    "logprobs",
 )
 
 
@@ -375,7 +389,7 @@ def build_sampling_params(
         first = message.split(" ", 1)[0]
         param = renames.get(first, first) if first in _PARAM_NAMES else None
         if param is not None and param != first:
-            message = param + message[len(first):]
+            message = param + message[len(first) :]
         raise RequestError(message, param=param) from None
 
 
@@ -397,7 +411,7 @@ class TokenText:
         if text is None:
             text = self._tokenizer.decode(self._anchor + [token_id])
             if text.startswith(self._anchor_text):
-                text = text[len(self._anchor_text):]
+                text = text[len(self._anchor_text) :]
             else:
                 text = self._tokenizer.decode([token_id])
             self._cache[token_id] = text
@@ -428,8 +442,12 @@ def chat_logprobs(out: CompletionOutput, token_text: TokenText, num_top: int, sk
             TopLogprob(token=token_text(t), logprob=lp, bytes=list(token_text(t).encode()))
             for t, lp in list(top.items())[:num_top]
         ]
-        content.append(ChatLogprobToken(
-            token=text, logprob=top.get(token_id, float("-inf")), bytes=list(text.encode()),
-            top_logprobs=alternatives,
-        ))
+        content.append(
+            ChatLogprobToken(
+                token=text,
+                logprob=top.get(token_id, float("-inf")),
+                bytes=list(text.encode()),
+                top_logprobs=alternatives,
+            )
+        )
     return ChatLogprobs(content=content)

@@ -13,20 +13,36 @@ from paged_attention.entrypoints.engine_args import add_engine_args
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     """`serve` subcommand (on `sub`, an argparse subparsers action)."""
     p = sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server",
+        "serve",
+        help="OpenAI-compatible HTTP server",
         description="Serve the model over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, "
         "/v1/models), with /health and Prometheus /metrics.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, else off)")
-    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the folder name)")
-    p.add_argument("--max-waiting", type=int, default=None,
-                   help="answer 503 + Retry-After once this many requests wait (default: no limit)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, else off)",
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="model name clients send (default: the folder name)"
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=None,
+        help="answer 503 + Retry-After once this many requests wait (default: no limit)",
+    )
     p.add_argument("--chat-template", default=None, help="Jinja chat template: a file or the template text")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn log level (info adds an access log)")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (info adds an access log)",
+    )
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
     return p

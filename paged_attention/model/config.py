@@ -75,8 +75,14 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_layers",
-            "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -184,9 +190,7 @@ def _parse_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
+        raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial is not None and float(partial) != 1.0:
         raise ValueError(f"partial_rotary_factor {partial} is not supported; only 1.0")

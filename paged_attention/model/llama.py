@@ -31,8 +31,14 @@ _IGNORED_SUFFIXES: tuple[str, ...] = (".rotary_emb.inv_freq",)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype,
-                 device: torch.device | str, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        backend: AttentionBackend,
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.backend = backend
@@ -45,7 +51,9 @@ class Attention(nn.Module):
         self.qkv_weight = empty_param(qkv_rows, config.hidden_size, dtype=dtype, device=device)
         self.qkv_bias = empty_param(qkv_rows, dtype=dtype, device=device) if config.qkv_bias else None
         self.o_weight = empty_param(config.hidden_size, config.q_size, dtype=dtype, device=device)
-        self.o_bias = empty_param(config.hidden_size, dtype=dtype, device=device) if config.o_proj_bias else None
+        self.o_bias = (
+            empty_param(config.hidden_size, dtype=dtype, device=device) if config.o_proj_bias else None
+        )
 
     def forward(
         self,
@@ -70,8 +78,14 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype,
-                 device: torch.device | str, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        backend: AttentionBackend,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.self_attn = Attention(config, layer_idx, dtype, device, backend)
@@ -158,7 +172,9 @@ class CausalLM(nn.Module):
         )
         cfg = self.config
         assert (kv_cache.num_layers, kv_cache.num_kv_heads, kv_cache.head_dim) == (
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
         ), (
             f"KV pool is (layers, kv heads, head_dim) = "
             f"{(kv_cache.num_layers, kv_cache.num_kv_heads, kv_cache.head_dim)}, model needs "
@@ -242,9 +258,7 @@ class CausalLM(nn.Module):
             param, start, end = target
             expected = (end - start, *param.shape[1:])
             if tuple(tensor.shape) != expected:
-                raise ValueError(
-                    f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}"
-                )
+                raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
             param[start:end].copy_(tensor)
             loaded.add(name)
         missing = sorted(targets.keys() - loaded)

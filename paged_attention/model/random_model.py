@@ -13,8 +13,14 @@ import torch
 from paged_attention.engine.builder import STORIES260K
 
 
-def random_llama_folder(folder: Path, config: dict[str, Any], seed: int = 0, *,
-                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Path:
+def random_llama_folder(
+    folder: Path,
+    config: dict[str, Any],
+    seed: int = 0,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
     """Write a Llama with transformers' random initialisation from `seed` to
     `folder`, once (a folder that already holds model.safetensors is kept).
     `device` is where the weights are initialised (a GPU takes seconds for 1B
