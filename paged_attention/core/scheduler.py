@@ -241,7 +241,9 @@ class Scheduler:
             # requeue one (not the head we are trying to admit) for recompute.
             head = None if target is not None else self._waiting[0][-1]
             holders = [e[-1] for e in self._waiting if e[-1].block_table.block_ids and e[-1] is not head]
-            assert holders, f"the pool cannot hold request {(target or head).request_id} alone"
+            stuck = target if target is not None else head
+            assert stuck is not None, "a blocked admission has a target or a head"
+            assert holders, f"the pool cannot hold request {stuck.request_id} alone"
             victim = max(holders, key=self._victim_order)
             self._remove_waiting(victim)
             victim.num_preemptions += 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,7 +89,7 @@ class DecodeCudaGraphs:
         self.context_lens = torch.zeros(biggest, dtype=torch.int32, device=device)
         self.query_start = torch.arange(biggest + 1, dtype=torch.int32, device=device)
         self._graphs: dict[int, _Captured] = {}
-        self._pool = None  # one memory pool shared by every captured size
+        self._pool: Any = None  # one memory pool shared by every captured size (an opaque handle)
 
     # ---------------------------------------------------------------- policy
     def padded_size(self, num_seqs: int) -> int | None:

@@ -14,6 +14,7 @@ from paged_attention.core.request import Request
 from paged_attention.core.scheduler import ScheduledBatch
 from paged_attention.engine.cuda_graphs import DecodeCudaGraphs
 from paged_attention.kv_cache import KVCachePool, copy_between_pools
+from paged_attention.model.llama import CausalLM
 
 
 @contextmanager
@@ -42,7 +43,7 @@ class StepResult:
 class ModelRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         kv_cache: KVCachePool,
         host_cache: KVCachePool | None = None,
         cuda_graphs: DecodeCudaGraphs | None = None,

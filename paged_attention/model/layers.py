@@ -105,6 +105,8 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         cos, sin = freqs.cos(), freqs.sin()
         self.max_positions = max_positions
+        self.cos_table: torch.Tensor
+        self.sin_table: torch.Tensor
         # Not persistent: derived from the config, never part of a checkpoint.
         self.register_buffer("cos_table", torch.cat((cos, cos), dim=-1).to(device), persistent=False)
         self.register_buffer("sin_table", torch.cat((-sin, sin), dim=-1).to(device), persistent=False)

@@ -156,8 +156,8 @@ def load_model(
         assert files.config is not None, "find_model_files returns a config for safetensors"
         hf_config = read_json(files.config)
         weights = iter_safetensors(files.safetensors)
-    config = ModelConfig.from_hf_config(hf_config)
-    model = CausalLM(config, dtype=dtype, device=device)
+    model_config = ModelConfig.from_hf_config(hf_config)
+    model = CausalLM(model_config, dtype=dtype, device=device)
     model.load_weights(weights)
     model.eval()
-    return model, config
+    return model, model_config

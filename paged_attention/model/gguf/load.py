@@ -79,7 +79,7 @@ def _iter_tensors(
             # with no copy, and nothing refers to the file afterwards.
             raw = np.empty(info.nbytes, dtype=np.uint8)
             f.seek(info.offset)
-            if f.readinto(raw) != info.nbytes:
+            if f.readinto(raw.data) != info.nbytes:
                 raise ValueError(f"short read of tensor {info.name!r} in {path}")
             if hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
                 n_head = config["num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"]
