@@ -20,8 +20,6 @@ requests are preempted, least valuable first, until it fits (`_unblock`).
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +28,7 @@ from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.block_table import CopyOnWrite
 from paged_attention.core.request import Request, RequestStatus
 from paged_attention.core.swap import BlockCopy, SwapManager
+from paged_attention.core.waiting_queue import WaitingQueue
 
 PREEMPTION_MODES = ("swap", "recompute", "auto")
 
@@ -113,8 +112,7 @@ class Scheduler:
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self._waiting: list[tuple[int, int, int, Request]] = []  # heap by rank, then entry order
-        self._entries = itertools.count()
+        self._waiting: WaitingQueue[Request] = WaitingQueue(_rank)
         self.running: list[Request] = []  # kept sorted by rank
         self.swapped: list[Request] = []  # KV on the host; kept sorted by rank
         self.swapper = swapper
@@ -128,7 +126,7 @@ class Scheduler:
     # ----------------------------------------------------------------- queues
     def add(self, req: Request) -> None:
         assert req.status is RequestStatus.WAITING, f"{req.request_id} is {req.status}"
-        heapq.heappush(self._waiting, (*_rank(req), next(self._entries), req))
+        self._waiting.push(req)
 
     def add_fork(self, child: Request, parent: Request) -> None:
         """Queue a sequence forked from `parent` (sharing its blocks) where its
@@ -144,7 +142,7 @@ class Scheduler:
 
     @property
     def waiting(self) -> list[Request]:
-        return [entry[-1] for entry in sorted(self._waiting, key=lambda e: e[:3])]
+        return self._waiting.ordered()
 
     @property
     def num_waiting(self) -> int:
@@ -155,12 +153,11 @@ class Scheduler:
 
     def requests(self) -> Iterator[Request]:
         yield from self.running
-        yield from (entry[-1] for entry in self._waiting)
+        yield from self._waiting
         yield from self.swapped
 
     def _remove_waiting(self, req: Request) -> None:
-        self._waiting = [e for e in self._waiting if e[-1] is not req]
-        heapq.heapify(self._waiting)
+        self._waiting.remove(req)
 
     def finish(self, req: Request) -> None:
         """Remove a request (finished or aborted) wherever it is; free its blocks."""
@@ -239,8 +236,8 @@ class Scheduler:
                 continue
             # Last resort: forks waiting with their KV in place hold blocks too;
             # requeue one (not the head we are trying to admit) for recompute.
-            head = None if target is not None else self._waiting[0][-1]
-            holders = [e[-1] for e in self._waiting if e[-1].block_table.block_ids and e[-1] is not head]
+            head = None if target is not None else self._waiting.peek()
+            holders = [r for r in self._waiting if r.block_table.block_ids and r is not head]
             stuck = target if target is not None else head
             assert stuck is not None, "a blocked admission has a target or a head"
             assert holders, f"the pool cannot hold request {stuck.request_id} alone"
@@ -252,7 +249,7 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self._waiting and budget > 0 and len(batch.requests) < self.max_num_seqs:
-            req = self._waiting[0][-1]
+            req = self._waiting.peek()
             # An empty table first reuses the longest cached full-block prefix.
             admitted = req.block_table.admit(req.token_ids(0, req.num_tokens), budget, req.prefix_chain)
             if admitted is None:
@@ -262,7 +259,7 @@ class Scheduler:
             req.num_computed_tokens += admitted.num_cached_tokens
             req.num_cached_tokens = max(req.num_cached_tokens, admitted.num_cached_tokens)
             n = admitted.num_new_tokens
-            heapq.heappop(self._waiting)
+            self._waiting.pop()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             batch.requests.append(req)
@@ -354,7 +351,8 @@ class Scheduler:
         for req in self.running:
             assert req.status is RequestStatus.RUNNING, f"{req.request_id} in running is {req.status}"
             req.check_invariants()
-        for *_, req in self._waiting:
+        self._waiting.check_invariants()
+        for req in self._waiting:
             assert req.status is RequestStatus.WAITING, f"{req.request_id} in waiting is {req.status}"
             req.check_invariants()
         for req in self.swapped:
