@@ -356,3 +356,25 @@ def test_check_invariants_on_a_million_blocks_catches_a_block_both_free_and_used
         pool.check_invariants()
     pool._released[2] = None
     pool.check_invariants(holders)
+
+
+def test_recent_first_pool_reuses_the_last_released_block_before_untouched_ones():
+    """The host swap pool's order: released blocks (already resident pages),
+    most recent first, come before blocks never touched."""
+    pool = BlockPool(8, 4, enable_prefix_caching=False, reuse_recent_first=True)
+    a, b, c = pool.allocate_many(3)
+    assert (a, b, c) == (0, 1, 2)
+    pool.free(a)
+    pool.free(c)
+    assert pool.free_block_ids() == [2, 0, 3, 4, 5, 6, 7]
+    assert pool.allocate() == 2 and pool.allocate() == 0 and pool.allocate() == 3
+    assert pool.num_touched_blocks == 4  # swapping in and out again touches no new page
+    pool.check_invariants()
+
+
+def test_fifo_pool_hands_out_untouched_blocks_before_released_ones():
+    pool = BlockPool(4, 4, enable_prefix_caching=False)
+    first = pool.allocate()
+    pool.free(first)
+    assert pool.free_block_ids() == [1, 2, 3, 0]
+    assert pool.allocate() == 1

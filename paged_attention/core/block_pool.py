@@ -93,6 +93,7 @@ class BlockPool:
         total_blocks: int | None = None,
         hidden_dim: int | None = None,
         enable_prefix_caching: bool = True,
+        reuse_recent_first: bool = False,
     ) -> None:
         if num_blocks is None:
             num_blocks = total_blocks
@@ -108,6 +109,10 @@ class BlockPool:
         self.block_size: int = validate_block_size(block_size)
         self.hidden_dim: int | None = hidden_dim
         self.enable_prefix_caching: bool = enable_prefix_caching
+        # The host swap pool hands out the most recently released block first:
+        # its pages are already resident, so repeated swapping does not touch
+        # (and commit) fresh host memory. The device pool keeps FIFO order.
+        self.reuse_recent_first: bool = reuse_recent_first
         # Blocks from `_watermark` up were never handed out; they come before
         # `_released`, which is exactly a FIFO queue that started as range(n).
         self._watermark = 0
@@ -142,11 +147,19 @@ class BlockPool:
     def num_used_blocks(self) -> int:
         return len(self._ref_counts)
 
+    @property
+    def num_touched_blocks(self) -> int:
+        """Blocks ever handed out: for a host pool, the pages it has committed."""
+        return self._watermark
+
     def free_block_ids(self) -> list[int]:
         """Every allocatable block in the order they will be handed out: the
         free list, then the evictable blocks, least recently used first.
         Takes time in the pool's size."""
-        return [*range(self._watermark, self.num_blocks), *self._released, *self._evictable]
+        untouched = range(self._watermark, self.num_blocks)
+        if self.reuse_recent_first:
+            return [*reversed(self._released), *untouched, *self._evictable]
+        return [*untouched, *self._released, *self._evictable]
 
     def evictable_block_ids(self) -> list[int]:
         """Evictable blocks, least recently used (next to be evicted) first."""
@@ -365,7 +378,9 @@ class BlockPool:
             raise ValueError(f"block id {block_id} is outside the pool (0..{self.num_blocks - 1})")
 
     def _take(self) -> int:
-        if self._watermark < self.num_blocks:
+        if self.reuse_recent_first and self._released:
+            block_id, _ = self._released.popitem(last=True)
+        elif self._watermark < self.num_blocks:
             block_id = self._watermark
             self._watermark += 1
         elif self._released:

@@ -209,7 +209,10 @@ def build_swap_space(
         "cpu",
         pin_memory=device.type == "cuda",
     )
-    swapper = SwapManager(allocator, BlockPool(host_blocks, plan.block_size, enable_prefix_caching=False))
+    swapper = SwapManager(
+        allocator,
+        BlockPool(host_blocks, plan.block_size, enable_prefix_caching=False, reuse_recent_first=True),
+    )
     cost_model = PreemptionCostModel(
         bytes_per_block=plan.bytes_per_block,
         copy_bytes_per_s=measure_copy_bandwidth(kv_cache, host_cache),
