@@ -18,23 +18,34 @@ def hf_stories():
     return AutoModelForCausalLM.from_pretrained(str(STORIES260K), dtype=torch.float32).eval()
 
 
-def hf_beams(hf, prompt_ids: list[int], k: int, max_new: int, lp: float,
-             eos: int | list[int] | None) -> list[list[int]]:
+def hf_beams(
+    hf, prompt_ids: list[int], k: int, max_new: int, lp: float, eos: int | list[int] | None
+) -> list[list[int]]:
     ids = torch.tensor([prompt_ids])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), num_beams=k, num_return_sequences=k,
-                      do_sample=False, early_stopping=True, length_penalty=lp,
-                      max_new_tokens=max_new, pad_token_id=0, eos_token_id=eos)
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        num_beams=k,
+        num_return_sequences=k,
+        do_sample=False,
+        early_stopping=True,
+        length_penalty=lp,
+        max_new_tokens=max_new,
+        pad_token_id=0,
+        eos_token_id=eos,
+    )
     ends = [] if eos is None else [eos] if isinstance(eos, int) else eos
     beams = []
-    for row in out[:, len(prompt_ids):].tolist():
+    for row in out[:, len(prompt_ids) :].tolist():
         cut = [row.index(e) for e in ends if e in row]
         beams.append(row[: min(cut) + 1] if cut else row)  # the rest is padding
     return beams
 
 
 def beam_params(k: int, max_tokens: int, lp: float, **kw) -> SamplingParams:
-    return SamplingParams(use_beam_search=True, best_of=k, n=k, max_tokens=max_tokens,
-                          length_penalty=lp, **kw)
+    return SamplingParams(
+        use_beam_search=True, best_of=k, n=k, max_tokens=max_tokens, length_penalty=lp, **kw
+    )
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 6])
@@ -66,8 +77,9 @@ def test_beam_search_with_hypotheses_that_end_equals_transformers(hf_stories):
 
 @pytest.mark.parametrize("k,lp", [(2, 1.0), (4, 0.5), (6, 2.0)])
 def test_beam_search_equals_transformers_on_random_llama(tmp_path, k, lp):
-    path, hf = save_random_model(tmp_path, "llama", num_attention_heads=4, num_key_value_heads=2,
-                                 initializer_range=0.1)
+    path, hf = save_random_model(
+        tmp_path, "llama", num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1
+    )
     llm = LLM(str(path), dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=64)
     prompt = [1, 17, 99, 4, 200, 31, 5]
     params = beam_params(k, 16, lp, ignore_eos=True)
@@ -86,10 +98,14 @@ def test_beam_search_beside_other_requests_and_under_preemption(hf_stories):
     want_beams = hf_beams(hf_stories, tok.encode(beam_prompt), 4, 40, 1.0, eos=2)
     want_greedy = [o.outputs[0].token_ids for o in roomy.generate(others, greedy, use_tqdm=False)]
 
-    tight = LLM(str(STORIES260K), dtype="float32", num_kv_blocks=40, block_size=4, max_model_len=128,
-                max_num_seqs=5)
-    outs = drive(tight, [others[0], beam_prompt, others[1], others[2]],
-                 [greedy, beam_params(4, 40, 1.0), greedy, greedy])
+    tight = LLM(
+        str(STORIES260K), dtype="float32", num_kv_blocks=40, block_size=4, max_model_len=128, max_num_seqs=5
+    )
+    outs = drive(
+        tight,
+        [others[0], beam_prompt, others[1], others[2]],
+        [greedy, beam_params(4, 40, 1.0), greedy, greedy],
+    )
     assert tight.memory_stats()["num_preemptions"] > 0
     assert [o.token_ids for o in outs[1].outputs] == want_beams
     assert [outs[i].outputs[0].token_ids for i in (0, 2, 3)] == want_greedy
@@ -104,7 +120,7 @@ def test_beam_forks_share_blocks_and_copy_only_the_partial_last_block():
     beams = engine.scheduler.running + engine.scheduler.waiting
     assert len(beams) == 3
     full_blocks = len(ids) // 4
-    for block in beams[0].block_table.block_ids[:full_blocks + 1]:
+    for block in beams[0].block_table.block_ids[: full_blocks + 1]:
         assert engine.allocator.ref_count(block) == 3  # shared, not copied
     batch = engine.scheduler.schedule()
     # Two of the three beams copy the partly filled last block; the third writes
@@ -155,10 +171,51 @@ def test_best_of_returns_the_n_most_likely():
     llm = LLM(str(STORIES260K), dtype="float32", num_kv_blocks=128, block_size=16, max_model_len=128)
     params = SamplingParams(n=2, best_of=5, seed=3, max_tokens=12, ignore_eos=True)
     out = llm.generate("The dog", params, use_tqdm=False)[0]
-    every = llm.generate("The dog", SamplingParams(n=5, seed=3, max_tokens=12, ignore_eos=True),
-                         use_tqdm=False)[0]
+    every = llm.generate(
+        "The dog", SamplingParams(n=5, seed=3, max_tokens=12, ignore_eos=True), use_tqdm=False
+    )[0]
     ranked = sorted(every.outputs, key=lambda o: -o.cumulative_logprob)[:2]
     assert [o.token_ids for o in out.outputs] == [o.token_ids for o in ranked]
+
+
+def test_streaming_n_samples_yields_per_sample_deltas():
+    llm = LLM(
+        str(STORIES260K),
+        dtype="float32",
+        num_kv_blocks=128,
+        block_size=4,
+        max_model_len=128,
+        enable_prefix_caching=False,
+    )
+    # Seed 5: the samples stop at '.' at different steps.
+    params = SamplingParams(n=3, seed=5, max_tokens=16, stop=["."])
+    whole = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs
+    before = llm.engine.stats.num_prompt_tokens
+    deltas = list(llm.generate_stream("Once upon a time", params))
+    assert llm.engine.stats.num_prompt_tokens - before == len(deltas[0].prompt_token_ids)  # prefilled once
+    texts, tokens, ends = [""] * 3, [[]] * 3, [None] * 3
+    for delta in deltas:
+        indexes = [o.index for o in delta.outputs]
+        assert indexes == sorted(set(indexes)), "one entry per sample that got a token, by index"
+        for o in delta.outputs:
+            assert ends[o.index] is None, f"sample {o.index} reported after it finished"
+            texts[o.index] += o.text
+            tokens[o.index], ends[o.index] = o.token_ids, o.finish_reason
+    assert [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert any(o.finish_reason for d in deltas[:-1] for o in d.outputs)  # one ended early
+    assert texts == [o.text for o in whole]
+    assert tokens == [o.token_ids for o in whole]
+    assert ends == [o.finish_reason for o in whole]
+    assert llm.memory_stats()["num_free_blocks"] == 128
+
+
+def test_streaming_refuses_best_of_above_n_and_beam_search():
+    llm = LLM(str(STORIES260K), dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=64)
+    with pytest.raises(ValueError, match=r"best_of \(3\) must equal n \(2\) when streaming"):
+        next(llm.generate_stream("The cat", SamplingParams(n=2, best_of=3)))
+    with pytest.raises(ValueError, match="beam search cannot stream"):
+        next(llm.generate_stream("The cat", beam_params(2, 4, 1.0)))
+    assert not llm.engine.has_unfinished()
 
 
 @pytest.mark.parametrize(
@@ -187,8 +244,7 @@ def test_prefix_caching_never_changes_outputs(block_size):
     first = [SYSTEM + " play", SYSTEM + " run in the park"]
     later = [SYSTEM + " sing", SYSTEM + " play with her dog", "Tom had a ball"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    kwargs = dict(dtype="float32", block_size=block_size, num_kv_blocks=512 // block_size,
-                  max_model_len=128)
+    kwargs = dict(dtype="float32", block_size=block_size, num_kv_blocks=512 // block_size, max_model_len=128)
     off = LLM(str(STORIES260K), enable_prefix_caching=False, **kwargs)
     want = [o.outputs[0].token_ids for o in off.generate(first + later, params, use_tqdm=False)]
     on = LLM(str(STORIES260K), **kwargs)
@@ -219,10 +275,22 @@ def test_a_cached_prompt_computes_only_its_new_tokens():
 def test_chunked_prefill_under_prefix_caching():
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     prompts = [SYSTEM + " play", SYSTEM + " jump high"]
-    off = LLM(str(STORIES260K), dtype="float32", block_size=4, num_kv_blocks=128, max_model_len=128,
-              enable_prefix_caching=False)
+    off = LLM(
+        str(STORIES260K),
+        dtype="float32",
+        block_size=4,
+        num_kv_blocks=128,
+        max_model_len=128,
+        enable_prefix_caching=False,
+    )
     want = [o.outputs[0].token_ids for o in off.generate(prompts, params, use_tqdm=False)]
-    on = LLM(str(STORIES260K), dtype="float32", block_size=4, num_kv_blocks=128, max_model_len=128,
-             max_num_batched_tokens=7)
+    on = LLM(
+        str(STORIES260K),
+        dtype="float32",
+        block_size=4,
+        num_kv_blocks=128,
+        max_model_len=128,
+        max_num_batched_tokens=7,
+    )
     got = [drive(on, [p], params)[0].outputs[0].token_ids for p in prompts]
     assert got == want

@@ -33,8 +33,8 @@ class Request:
     max_tokens: int
     priority: int = 0
     arrival_index: int = 0
-    # Engine-owned extras (sampling params, generator, detokenizer state).
-    payload: Any = None
+    # The one list of generated tokens; the engine keeps everything else about
+    # a sequence (sampling state, text) keyed by this request.
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING

@@ -1,4 +1,10 @@
-"""The step loop: schedule, run the model, sample, apply stop rules, free blocks."""
+"""The step loop: schedule, run the model, then `update_from_output`: count
+computed tokens, cache full blocks, sample, apply stop rules, free blocks.
+
+A request is a group of sequences (`SampleGroup` for n / best_of samples,
+`BeamGroup` for beam search). The scheduler sees only `Request`s; the engine
+keeps each live sequence's own state in `_seqs` (a sample's RNG and text, or
+the beam group a beam belongs to) and each request's group in `_groups`."""
 
 from __future__ import annotations
 
@@ -11,15 +17,15 @@ import torch
 
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.request import Request
-from paged_attention.core.scheduler import Scheduler
-from paged_attention.engine.model_runner import ModelRunner
+from paged_attention.core.scheduler import ScheduledBatch, Scheduler
+from paged_attention.engine.model_runner import ModelRunner, StepResult
 from paged_attention.engine.preemption_cost import PreemptionCostModel
 from paged_attention.engine.request_state import RequestState
 from paged_attention.engine.sequence_group import BeamGroup, SampleGroup
 from paged_attention.engine.step_stats import StepStats, count_prompt_tokens, step_record
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.outputs import RequestOutput
-from paged_attention.sampler import Sampler, make_generator
+from paged_attention.sampler import Sampler, SamplerOutput, make_generator
 from paged_attention.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -63,7 +69,10 @@ class LLMEngine:
         self.stats = EngineStats()
         # One record per step when asked for (see engine/step_stats.py), else None.
         self.step_stats: list[StepStats] | None = [] if record_step_stats else None
-        self._groups: dict[str, SampleGroup | BeamGroup] = {}
+        self._groups: dict[str, SampleGroup | BeamGroup] = {}  # by request id
+        # Per live sequence: a sample's state, or a beam's group (a beam's own
+        # state is its row in the group).
+        self._seqs: dict[Request, RequestState | BeamGroup] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
 
@@ -96,39 +105,52 @@ class LLMEngine:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if stream and (params.best_of > 1 or params.use_beam_search):
-            raise ValueError("streaming supports n = best_of = 1 without beam search")
+        if stream and params.use_beam_search:
+            raise ValueError("beam search cannot stream: beams are ranked only when the search ends")
+        if stream and params.best_of != params.n:
+            raise ValueError(
+                f"best_of ({params.best_of}) must equal n ({params.n}) when streaming: "
+                "the best samples are known only when all have finished"
+            )
         arrival = next(self._arrivals)
         prompt_ids = list(prompt_token_ids)
         req = Request.create(
-            request_id, prompt_ids, self.allocator, params.max_tokens,
-            priority=priority, arrival_index=arrival,
+            request_id,
+            prompt_ids,
+            self.allocator,
+            params.max_tokens,
+            priority=priority,
+            arrival_index=arrival,
         )
         group: SampleGroup | BeamGroup
         if params.use_beam_search:
             group = BeamGroup(
-                request_id, prompt, prompt_ids, params, [req],
+                request_id,
+                prompt,
+                prompt_ids,
+                params,
+                [req],
                 eos_token_ids=frozenset(params.stop_token_ids or ())
                 | (frozenset() if params.ignore_eos else self.eos_token_ids),
                 max_new_tokens=min(params.max_tokens, self.max_model_len - len(prompt_ids)),
             )
-            req.payload = group
+            self._seqs[req] = group
         else:
             stop_ids = set(params.stop_token_ids or ())
             if not params.ignore_eos:
                 stop_ids |= self.eos_token_ids
-            group = SampleGroup(request_id, prompt, prompt_ids, params, [req])
-            req.payload = RequestState(
-                request_id=request_id,
-                prompt=prompt,
-                prompt_token_ids=prompt_ids,
-                params=params,
-                generator=self._generator(params, arrival, 0),
+            group = SampleGroup(request_id, prompt, prompt_ids, params, [req], stream=stream)
+            state = RequestState(
+                req,
+                group,
+                params,
+                self._generator(params, arrival, 0),
                 stop_ids=frozenset(stop_ids),
                 max_total_tokens=self.max_model_len,
                 stream=stream,
-                group=group,
             )
+            group.samples.append(state)
+            self._seqs[req] = state
         self._groups[request_id] = group
         self.scheduler.add(req)
         return request_id
@@ -145,10 +167,12 @@ class LLMEngine:
         group = self._groups.pop(request_id, None)
         if group is None:
             return False
+        if isinstance(group, SampleGroup):
+            for sample in group.samples:
+                if not sample.finished:
+                    sample.abort()
         for req in group.members:
-            if isinstance(req.payload, RequestState):
-                req.payload.abort()
-            self.scheduler.finish(req)
+            self._release(req)
         group.members = []
         return True
 
@@ -161,8 +185,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """One iteration. Returns outputs of requests that finished, plus a
-        delta for every streaming request that produced text."""
+        """One iteration. Returns the output of every request that finished, and
+        for every streaming request whose samples got tokens, their deltas."""
         began = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty:  # the scheduler only returns one when no work is left
@@ -176,6 +200,19 @@ class LLMEngine:
             self.cost_model.observe_step(batch.num_tokens, time.perf_counter() - start)
         self.stats.num_steps += 1
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.allocator.num_used_blocks)
+        outputs = self.update_from_output(batch, result)
+        if self.step_stats is not None:
+            self.step_stats.append(
+                step_record(batch, prompt_tokens, began, start, executed, time.perf_counter())
+            )
+        return outputs
+
+    def update_from_output(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
+        """Everything a forward pass changes, in order: computed-token counts,
+        full blocks into the prefix cache (and the prompt's hits noted), sampled
+        tokens appended (a request's samples forked once its prompt is done),
+        stop rules, finished sequences freed, beam rounds advanced; returns the
+        step's outputs."""
         caching = self.allocator.enable_prefix_caching
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
@@ -185,64 +222,83 @@ class LLMEngine:
                 self.allocator.cache_full_blocks(req.block_table, req.prefix_chain, req.token_ids)
                 if req.num_cached_tokens:
                     self._note_cached(req)
-        outputs: list[RequestOutput] = []
-        rows: list[int] = []
-        to_sample: list[Request] = []
+
+        samples: list[RequestState] = []
+        rows: list[int] = []  # each sample's row of result.logits
         beam_groups: list[BeamGroup] = []
         for row, req in enumerate(result.sampling_requests):
-            payload = req.payload
-            if isinstance(payload, BeamGroup):
+            state = self._seqs[req]
+            if isinstance(state, BeamGroup):
                 # A beam recomputed after a preemption may report twice in a
                 # round; the group still advances once.
-                if payload.receive(req, result.logits[row]) and payload not in beam_groups:
-                    beam_groups.append(payload)
+                if state.receive(req, result.logits[row]) and state not in beam_groups:
+                    beam_groups.append(state)
                 continue
-            group = payload.group
-            members = [req]
-            if not group.fanned_out:
-                members += self._fan_out(group, req)
-            to_sample += members
-            rows += [row] * len(members)
-        if to_sample:
-            outputs += self._sample(to_sample, result.logits, rows)
-        for group in beam_groups:
-            group.advance(self._fork_beam, self.scheduler.finish)
+            if state.group.fanned_out:
+                forked = [state]
+            else:  # the prompt's first logits: every sample draws from them
+                forked = self._fan_out(state)
+            samples += forked
+            rows += [row] * len(forked)
+
+        stepped: dict[SampleGroup, list[RequestState]] = {}
+        if samples:
+            sampled = self._sample(samples, result.logits, rows)
+            for i, sample in enumerate(samples):
+                sample.append_token(
+                    sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i], self.tokenizer
+                )
+                if sample.finished:
+                    sample.group.members.remove(sample.seq)
+                    self._release(sample.seq)
+                stepped.setdefault(sample.group, []).append(sample)
+
+        outputs: list[RequestOutput] = []
+        for group, stepped_samples in stepped.items():
             if group.finished:
                 del self._groups[group.request_id]
-                outputs.append(group.to_output(self.tokenizer))
-        if self.step_stats is not None:
-            self.step_stats.append(
-                step_record(batch, prompt_tokens, began, start, executed, time.perf_counter())
-            )
+            if group.stream:
+                outputs.append(group.stream_output(stepped_samples))
+            elif group.finished:
+                outputs.append(group.to_output())
+        for beams in beam_groups:
+            beams.advance(self._fork_beam, self._release)
+            if beams.finished:
+                del self._groups[beams.request_id]
+                outputs.append(beams.to_output(self.tokenizer))
         return outputs
 
-    @staticmethod
-    def _note_cached(req: Request) -> None:
+    def _note_cached(self, req: Request) -> None:
         """Report prefix-cache reuse on the request's output (first admission)."""
-        payload = req.payload
-        group = payload if isinstance(payload, BeamGroup) else payload.group
+        state = self._seqs[req]
+        group = state if isinstance(state, BeamGroup) else state.group
         if not group.num_cached_tokens:
             group.num_cached_tokens = req.num_cached_tokens
-            if isinstance(payload, RequestState):
-                payload.num_cached_tokens = req.num_cached_tokens
 
-    def _fan_out(self, group: SampleGroup, first: Request) -> list[Request]:
+    def _fan_out(self, first: RequestState) -> list[RequestState]:
         """After the prompt is computed once, fork it into the other best_of - 1
-        samples; every prompt block is shared (copy-on-write on first write)."""
+        samples; every prompt block is shared (copy-on-write on first write).
+        Returns all the request's samples, by index."""
+        group = first.group
+        assert group.samples == [first], f"request {group.request_id} fanned out twice"
+        assert group.params.best_of is not None, "SamplingParams sets best_of"
         group.fanned_out = True
-        children: list[Request] = []
-        state: RequestState = first.payload
         for index in range(1, group.params.best_of):
-            child = self._fork_request(first, f"{first.request_id}#{index}")
-            child.payload = state.fork(index, self._generator(group.params, first.arrival_index, index))
-            children.append(child)
-        group.members += children
-        return children
+            child = self._fork_request(first.seq, f"{first.seq.request_id}#{index}")
+            sample = first.fork(child, index, self._generator(group.params, child.arrival_index, index))
+            self._seqs[child] = sample
+            group.members.append(child)
+            group.samples.append(sample)
+        return list(group.samples)
 
     def _fork_request(self, parent: Request, request_id: str) -> Request:
         child = Request(
-            request_id, parent.prompt_token_ids, parent.block_table.fork(), parent.max_tokens,
-            priority=parent.priority, arrival_index=parent.arrival_index,
+            request_id,
+            parent.prompt_token_ids,
+            parent.block_table.fork(),
+            parent.max_tokens,
+            priority=parent.priority,
+            arrival_index=parent.arrival_index,
             output_token_ids=list(parent.output_token_ids),
             num_computed_tokens=parent.num_computed_tokens,
             prefix_chain=parent.prefix_chain.copy(),
@@ -252,32 +308,20 @@ class LLMEngine:
 
     def _fork_beam(self, parent: Request) -> Request:
         child = self._fork_request(parent, f"{parent.request_id}+")
-        child.payload = parent.payload
+        self._seqs[child] = self._seqs[parent]
         return child
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor, rows: list[int]) -> list[RequestOutput]:
-        states: list[RequestState] = [r.payload for r in reqs]
+    def _release(self, req: Request) -> None:
+        """A sequence is done (finished, dropped or aborted): free its blocks, forget it."""
+        self.scheduler.finish(req)
+        del self._seqs[req]
+
+    def _sample(self, samples: list[RequestState], logits: torch.Tensor, rows: list[int]) -> SamplerOutput:
         if rows != list(range(logits.shape[0])):
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        sampled = self.sampler.sample(logits, [s.params for s in states], [s.generator for s in states])
-        self.stats.num_generated_tokens += len(states)
-        outputs: list[RequestOutput] = []
-        for i, (req, state) in enumerate(zip(reqs, states)):
-            token = sampled.token_ids[i]
-            req.output_token_ids.append(token)
-            state.append_token(token, sampled.logprobs[i], sampled.top_logprobs[i], self.tokenizer)
-            group = state.group
-            if state.finished:
-                self.scheduler.finish(req)
-                group.members.remove(req)
-                group.done.append((state.index, req))
-                if group.finished:
-                    del self._groups[group.request_id]
-                    outputs.append(state.to_output(delta=True) if state.stream
-                                   else group.to_output(self.tokenizer))
-            elif state.stream:
-                outputs.append(state.to_output(delta=True))
-        return outputs
+        sampled = self.sampler.sample(logits, [s.params for s in samples], [s.generator for s in samples])
+        self.stats.num_generated_tokens += len(samples)
+        return sampled
 
     # ------------------------------------------------------------ inspection
     def memory_stats(self) -> dict[str, int | float]:
@@ -305,9 +349,13 @@ class LLMEngine:
         self.scheduler.check_invariants()
         live = {id(r) for r in self.scheduler.requests()}
         members = {id(r) for g in self._groups.values() for r in g.members}
-        assert live == members, (
-            f"scheduler holds {len(live)} sequences, request groups {len(members)}"
-        )
+        assert live == members, f"scheduler holds {len(live)} sequences, request groups {len(members)}"
+        tracked = {id(r) for r in self._seqs}
+        assert tracked == live, f"engine tracks {len(tracked)} sequences, scheduler holds {len(live)}"
+        for req, state in self._seqs.items():
+            assert isinstance(state, BeamGroup) or state.seq is req, (
+                f"sequence {req.request_id} maps to sample {state.seq.request_id}"
+            )
         if not live:
             assert self.allocator.num_free_blocks == self.allocator.num_blocks, (
                 f"idle engine leaked {self.allocator.num_used_blocks} blocks"

@@ -1,48 +1,50 @@
-"""Per-request engine state beyond scheduling: sampling params, RNG, text,
-log-probs, and the stop rules applied to every new token."""
+"""One sampled sequence's engine state beyond scheduling: sampling params, RNG,
+text, log-probs, and the stop rules applied to every new token. Its tokens are
+its `Request`'s output_token_ids (the scheduler counts them there)."""
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from paged_attention.outputs import CompletionOutput, RequestOutput
+from paged_attention.core.request import Request
+from paged_attention.outputs import CompletionOutput
 from paged_attention.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from paged_attention.engine.sequence_group import SampleGroup
     from paged_attention.tokenizer import Tokenizer
 
 
 @dataclass(eq=False)
 class RequestState:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
+    seq: Request  # the scheduler's sequence; holds this sample's tokens
+    group: SampleGroup  # the user request this sample belongs to
     params: SamplingParams
     generator: torch.Generator | None
     stop_ids: frozenset[int]  # eos (unless ignore_eos) + stop_token_ids
     max_total_tokens: int  # max_model_len: generation stops there
     stream: bool = False
-    index: int = 0  # which of the request's n samples this sequence is
-    group: Any = None  # the SampleGroup this sequence belongs to
-    output_token_ids: list[int] = field(default_factory=list)
+    index: int = 0  # which of the request's best_of samples this sequence is
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
     text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
     _streamed_upto: int = 0  # text already sent as stream deltas
     _searched_upto: int = 0  # text already searched for stop strings
     _prefix_offset: int = 0  # incremental decoding window: [prefix, read) already in text
     _read_offset: int = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids
 
     @property
     def finished(self) -> bool:
@@ -55,7 +57,7 @@ class RequestState:
     def append_token(
         self, token_id: int, logprob: float, top_logprobs: dict[int, float] | None, tokenizer: Tokenizer
     ) -> None:
-        """Record one sampled token and decide whether the request is done."""
+        """Append one sampled token to the sequence and decide whether it is done."""
         now = time.perf_counter()
         if self.first_token_time is None:
             self.first_token_time = now
@@ -74,17 +76,21 @@ class RequestState:
             self.finish_time = now
         elif len(self.output_token_ids) >= params.max_tokens:
             self._finish("length", None, now)
-        elif len(self.prompt_token_ids) + len(self.output_token_ids) >= self.max_total_tokens:
+        elif self.seq.num_tokens >= self.max_total_tokens:
             self._finish("length", None, now)
         if self.finished and not params.stop:
             self.text = self._decode(tokenizer)
 
-    def fork(self, index: int, generator: torch.Generator | None) -> RequestState:
-        """The state of a sibling sample that has produced what this one has."""
+    def fork(self, seq: Request, index: int, generator: torch.Generator | None) -> RequestState:
+        """The state of sibling sample `index` running as `seq` (forked from this
+        one's sequence, so it has produced what this one has)."""
+        assert seq.output_token_ids == self.output_token_ids, (
+            f"sample {index} forked from {self.seq.request_id} with other tokens"
+        )
         child = copy.copy(self)
+        child.seq = seq
         child.index = index
         child.generator = generator
-        child.output_token_ids = list(self.output_token_ids)
         child.logprobs = None if self.logprobs is None else list(self.logprobs)
         return child
 
@@ -113,9 +119,7 @@ class RequestState:
             self._read_offset = len(ids)
 
     def _decode(self, tokenizer: Tokenizer) -> str:
-        return tokenizer.decode(
-            self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens
-        )
+        return tokenizer.decode(self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens)
 
     def _cut_at_stop_string(self) -> bool:
         """Cut the text at the first stop string; True when one was found."""
@@ -149,33 +153,13 @@ class RequestState:
             stop_reason=self.stop_reason,
         )
 
-    def metrics(self) -> dict[str, float]:
-        metrics: dict[str, float] = {"arrival_time": self.arrival_time}
-        if self.first_token_time is not None:
-            metrics["time_to_first_token"] = self.first_token_time - self.arrival_time
-        if self.finish_time is not None:
-            metrics["latency"] = self.finish_time - self.arrival_time
-        return metrics
-
-    def to_output(self, delta: bool = False) -> RequestOutput:
-        """This sequence as a RequestOutput; with delta=True only the text new
-        since the last delta (for streaming)."""
-        text = self.text
-        if not self.needs_text_each_step and not self.finished:
-            text = ""
-        if delta:
-            end = len(text)
-            if not self.finished and self.params.stop:
-                # Hold back what could be the start of a stop string.
-                end = max(self._streamed_upto, end - max(len(s) for s in self.params.stop) + 1)
-            text = text[self._streamed_upto : end]
-            self._streamed_upto = end
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            outputs=[self.completion(text=text)],
-            finished=self.finished,
-            num_cached_tokens=self.num_cached_tokens,
-            metrics=self.metrics(),
-        )
+    def delta(self) -> CompletionOutput:
+        """This sequence with only the text new since its last delta (streaming);
+        token ids and log-probs are all of them so far."""
+        end = len(self.text)
+        if not self.finished and self.params.stop:
+            # Hold back what could be the start of a stop string.
+            end = max(self._streamed_upto, end - max(len(s) for s in self.params.stop) + 1)
+        text = self.text[self._streamed_upto : end]
+        self._streamed_upto = end
+        return self.completion(text=text)

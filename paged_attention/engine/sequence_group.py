@@ -3,7 +3,9 @@
 * `SampleGroup`: n / best_of independent samples. The prompt is prefilled once
   by the first sequence; when its first logits arrive it forks into best_of
   sequences whose tables share every prompt block (copy-on-write happens on
-  each sample's first write to the shared, partly filled last block).
+  each sample's first write to the shared, partly filled last block). With
+  best_of > n the n most likely samples are returned (`SampleGroup.best`, the
+  one ranking rule of the engine and the server alike).
 * `BeamGroup`: beam search with the semantics of transformers'
   `generate(num_beams=k, do_sample=False)`: each round every live beam yields
   log-probs; the best 2k (beam, token) continuations are ranked by total
@@ -16,6 +18,7 @@ The engine owns the scheduler; groups only decide which sequences exist.
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from paged_attention.core.request import Request
+from paged_attention.engine.request_state import RequestState
 from paged_attention.outputs import CompletionOutput, RequestOutput
 from paged_attention.sampling_params import SamplingParams
 
@@ -40,6 +44,7 @@ class GroupBase:
     params: SamplingParams
     members: list[Request] = field(default_factory=list)  # live sequences
     num_cached_tokens: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
 
     @property
     def finished(self) -> bool:
@@ -50,23 +55,58 @@ class GroupBase:
 class SampleGroup(GroupBase):
     """n = best_of = 1 is a plain request."""
 
+    stream: bool = False  # emit per-sample deltas every step, not one final output
+    samples: list[RequestState] = field(default_factory=list)  # by index; one until fan-out
     fanned_out: bool = False
-    done: list[tuple[int, Request]] = field(default_factory=list)  # (index, finished seq)
 
     @property
     def finished(self) -> bool:
-        return not self.members and self.fanned_out
+        return self.fanned_out and not self.members
 
-    def to_output(self, tokenizer: Tokenizer) -> RequestOutput:
+    def best(self) -> list[RequestState]:
+        """The samples a finished request returns: all of them in index order
+        when best_of == n, else the n with the highest cumulative log-probability
+        (vLLM's rule), most likely first, ties in index order."""
+        n = self.params.n
+        if self.params.best_of == n:
+            return list(self.samples)
+        return sorted(self.samples, key=lambda s: -s.cumulative_logprob)[:n]
+
+    def to_output(self) -> RequestOutput:
+        """The finished request: its chosen samples, renumbered 0..n-1 in `best` order."""
         assert self.finished, f"group {self.request_id} still has live sequences"
-        done = sorted(self.done, key=lambda item: item[0])
-        if self.params.best_of > self.params.n:
-            # Keep the n samples the model found most likely.
-            done = sorted(done, key=lambda item: -item[1].payload.cumulative_logprob)[: self.params.n]
-        completions = [req.payload.completion(i) for i, (_, req) in enumerate(done)]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions,
-                             finished=True, num_cached_tokens=self.num_cached_tokens,
-                             metrics=done[0][1].payload.metrics())
+        completions = [sample.completion(index) for index, sample in enumerate(self.best())]
+        return self._output(completions)
+
+    def stream_output(self, stepped: list[RequestState]) -> RequestOutput:
+        """A streaming step: the new text of each sample that got a token, by `index`."""
+        assert self.stream, f"group {self.request_id} does not stream"
+        assert self.params.best_of == self.params.n, (
+            f"group {self.request_id} streams best_of {self.params.best_of} > n {self.params.n}"
+        )
+        return self._output([s.delta() for s in sorted(stepped, key=lambda s: s.index)])
+
+    def _output(self, completions: list[CompletionOutput]) -> RequestOutput:
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            completions,
+            finished=self.finished,
+            num_cached_tokens=self.num_cached_tokens,
+            metrics=self.metrics(),
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """Times of the request as a whole: its first sampled token, its last sample's end."""
+        metrics: dict[str, float] = {"arrival_time": self.arrival_time}
+        firsts = [s.first_token_time for s in self.samples if s.first_token_time is not None]
+        if firsts:
+            metrics["time_to_first_token"] = min(firsts) - self.arrival_time
+        ends = [s.finish_time for s in self.samples]
+        if self.finished and all(t is not None for t in ends):
+            metrics["latency"] = max(t for t in ends if t is not None) - self.arrival_time
+        return metrics
 
 
 @dataclass
@@ -89,6 +129,7 @@ class BeamGroup(GroupBase):
 
     @property
     def width(self) -> int:
+        assert self.params.best_of is not None, "SamplingParams sets best_of"
         return self.params.best_of
 
     @property
@@ -110,8 +151,7 @@ class BeamGroup(GroupBase):
         top_scores, top_idx = torch.topk(totals.view(-1), k=min(keep, totals.numel()))
         at_limit = gen_len >= self.max_new_tokens
         candidates = [
-            (float(s), beams[i // vocab], i % vocab)
-            for s, i in zip(top_scores.tolist(), top_idx.tolist())
+            (float(s), beams[i // vocab], i % vocab) for s, i in zip(top_scores.tolist(), top_idx.tolist())
         ]
         stops = [at_limit or tok in self.eos_token_ids for _, _, tok in candidates]
 
@@ -133,9 +173,8 @@ class BeamGroup(GroupBase):
         ):
             self._finish(drop)
 
-    def _add_hypothesis(self, score: float, beam: Request, tok: int, gen_len: int,
-                        at_limit: bool) -> None:
-        normed = score / (gen_len ** self.params.length_penalty)
+    def _add_hypothesis(self, score: float, beam: Request, tok: int, gen_len: int, at_limit: bool) -> None:
+        normed = score / (gen_len**self.params.length_penalty)
         reason = "stop" if tok in self.eos_token_ids else "length"
         hyp = Hypothesis(normed, score, [*beam.output_token_ids, tok], reason)
         # Keep the best `width`; earlier entries win ties, as in transformers' merge.
@@ -143,13 +182,17 @@ class BeamGroup(GroupBase):
         order = sorted(range(len(merged)), key=lambda i: (-merged[i].score, i))
         self.hypotheses = [merged[i] for i in order[: self.width]]
 
-    def _next_beams(self, going_on: list[tuple[float, Request, int]],
-                    fork: Callable[[Request], Request], drop: Callable[[Request], None]) -> None:
+    def _next_beams(
+        self,
+        going_on: list[tuple[float, Request, int]],
+        fork: Callable[[Request], Request],
+        drop: Callable[[Request], None],
+    ) -> None:
         used: set[int] = set()
         new_beams: list[Request] = []
         new_scores: dict[int, float] = {}
         # Forks first, so a parent's blocks are shared before any parent is dropped.
-        for score, parent, tok in going_on:
+        for score, parent, _ in going_on:
             child = parent if id(parent) not in used else fork(parent)
             used.add(id(parent))
             new_beams.append(child)
@@ -171,7 +214,7 @@ class BeamGroup(GroupBase):
             best_len = self.max_new_tokens
         else:
             best_len = gen_len
-        best_running = max(self.scores.values()) / (best_len ** lp)
+        best_running = max(self.scores.values()) / (best_len**lp)
         worst_finished = min(h.score for h in self.hypotheses)
         self.heuristic_unsatisfied = best_running > worst_finished
 
@@ -183,8 +226,9 @@ class BeamGroup(GroupBase):
 
     def to_output(self, tokenizer: Tokenizer) -> RequestOutput:
         assert self.is_done, f"beam group {self.request_id} is still running"
-        best = heapq.nsmallest(self.params.n, enumerate(self.hypotheses),
-                               key=lambda item: (-item[1].score, item[0]))
+        best = heapq.nsmallest(
+            self.params.n, enumerate(self.hypotheses), key=lambda item: (-item[1].score, item[0])
+        )
         completions = [
             CompletionOutput(
                 index=i,
@@ -196,5 +240,11 @@ class BeamGroup(GroupBase):
             )
             for i, (_, h) in enumerate(best)
         ]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions,
-                             finished=True, num_cached_tokens=self.num_cached_tokens)
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            completions,
+            finished=True,
+            num_cached_tokens=self.num_cached_tokens,
+        )
