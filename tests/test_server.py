@@ -20,7 +20,13 @@ from paged_attention import LLM, SamplingParams
 from paged_attention.engine.builder import STORIES260K
 from paged_attention.entrypoints.server import create_app
 from tests.server_utils import (
-    CHAT_TEMPLATE, Served, gate_steps, memory, metric_value, serve_in_thread, wait_until,
+    CHAT_TEMPLATE,
+    Served,
+    gate_steps,
+    memory,
+    metric_value,
+    serve_in_thread,
+    wait_until,
 )
 
 MODEL = "stories260K"
@@ -87,10 +93,16 @@ def test_completion_greedy_equals_llm_generate(client, reference):
     assert got.usage.completion_tokens == len(want.token_ids) == 24
     assert got.usage.prompt_tokens == len(reference.get_tokenizer().encode(PROMPT))
 
-    chunks = list(client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == want.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -108,7 +120,8 @@ def test_token_id_prompts_and_prompt_lists(client, reference):
     ]
     got = client.completions.create(model=MODEL, prompt=[PROMPT, other], max_tokens=8, temperature=0)
     assert [(c.index, c.text) for c in got.choices] == [
-        (0, _expected(reference, PROMPT, params).text), (1, _expected(reference, other, params).text),
+        (0, _expected(reference, PROMPT, params).text),
+        (1, _expected(reference, other, params).text),
     ]
 
 
@@ -126,10 +139,16 @@ def test_chat_greedy_equals_llm_generate(client, reference):
     assert got.choices[0].message.content == want.text
     assert got.usage.prompt_tokens == len(reference.chat_prompt(messages)["prompt_token_ids"])
 
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=messages, max_completion_tokens=20, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_completion_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
@@ -148,13 +167,18 @@ def test_n_choices_and_seed_reproducibility(client):
 
     # Streaming interleaves the choices; each one assembles to the same text.
     texts = ["", "", ""]
-    for chunk in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0,
-                                           n=3, seed=7, stream=True):
+    for chunk in client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, n=3, seed=7, stream=True
+    ):
         texts[chunk.choices[0].index] += chunk.choices[0].text
     assert texts == three
 
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2, seed=3, max_tokens=12,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        n=2,
+        seed=3,
+        max_tokens=12,
         temperature=1.0,
     )
     assert [c.index for c in chat.choices] == [0, 1]
@@ -166,22 +190,52 @@ def test_best_of_keeps_the_most_likely_candidate(client):
     for i in range(3):
         c = client.completions.create(seed=11 + i, logprobs=0, **kw).choices[0]
         lps = c.logprobs.token_logprobs
-        candidates.append((sum(lps) / len(lps), c.text))
+        candidates.append((sum(lps), c.text))  # cumulative log-prob: the engine's (and vLLM's) rule
     best = client.completions.create(seed=11, n=1, best_of=3, **kw)
     assert len(best.choices) == 1
     assert best.choices[0].text == max(candidates)[1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_n_and_best_of_choose_as_llm_generate_does(client, reference, temperature):
+    """One request, one ranking (cumulative log-prob): HTTP returns the choices
+    LLM.generate does. With seed 7 the samples stop at '.' after different
+    lengths, so ranking per token would choose otherwise."""
+    kw = dict(n=2, best_of=3, seed=7, temperature=temperature, max_tokens=16, stop=["."])
+    want = reference.generate(PROMPT, SamplingParams(**kw), use_tqdm=False)[0].outputs
+    got = client.completions.create(model=MODEL, prompt=PROMPT, **kw)
+    assert [(c.index, c.text, c.finish_reason) for c in got.choices] == [
+        (o.index, o.text, o.finish_reason) for o in want
+    ]
+    assert got.usage.completion_tokens == sum(len(o.token_ids) for o in want)
+    if temperature:
+        every = reference.generate(PROMPT, SamplingParams(**{**kw, "n": 3}), use_tqdm=False)[0].outputs
+        per_token = sorted(every, key=lambda o: -o.cumulative_logprob / len(o.token_ids))[:2]
+        assert [o.text for o in per_token] != [c.text for c in got.choices]
+
+    # Streamed (best_of = n): every choice assembles to LLM.generate's text.
+    kw["best_of"] = 2
+    want = reference.generate(PROMPT, SamplingParams(**kw), use_tqdm=False)[0].outputs
+    texts = ["", ""]
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPT, stream=True, **kw):
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [o.text for o in want]
 
 
 def test_stop_strings(client, reference):
     full = _expected(reference, PROMPT).text
     stop = "Lily"
     assert stop in full
-    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop, "zzz"])
+    got = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop, "zzz"]
+    )
     assert got.choices[0].text == full[: full.index(stop)]
     assert got.choices[0].finish_reason == "stop"
     streamed = "".join(
-        c.choices[0].text for c in client.completions.create(
-            model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stop=stop, stream=True)
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stop=stop, stream=True
+        )
     )
     assert streamed == full[: full.index(stop)]
 
@@ -200,14 +254,20 @@ def test_logprobs(client, reference):
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(12)]
 
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0,
-        logprobs=True, top_logprobs=2,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
     )
     content = chat.choices[0].logprobs.content
     # The tokenizer drops the space that starts a decoded text; each token keeps its own.
     assert "".join(t.token for t in content).lstrip() == chat.choices[0].message.content.lstrip()
     for t in content:
-        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+        assert [a.logprob for a in t.top_logprobs] == sorted(
+            (a.logprob for a in t.top_logprobs), reverse=True
+        )
         assert len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token
         assert bytes(t.bytes).decode() == t.token
 
@@ -215,8 +275,16 @@ def test_logprobs(client, reference):
 # -------------------------------------------------------------- concurrency
 def test_64_concurrent_streams_complete_correctly_and_free_everything(server, reference):
     names = ["Lily", "Tom", "Sue", "Ben", "Max", "Anna", "Sam", "Mia"]
-    things = ["a red ball", "a big tree", "a little cat", "a shiny coin", "a blue boat", "a funny hat",
-              "an old book", "a sad dog"]
+    things = [
+        "a red ball",
+        "a big tree",
+        "a little cat",
+        "a shiny coin",
+        "a blue boat",
+        "a funny hat",
+        "an old book",
+        "a sad dog",
+    ]
     prompts = [f"{n} saw {t}. {n}" for n in names for t in things]
     # Seeded sampling: reproducible like greedy, and every client's text differs.
     params = [SamplingParams(temperature=0.8, seed=100 + i, max_tokens=16) for i in range(len(prompts))]
@@ -226,16 +294,18 @@ def test_64_concurrent_streams_complete_correctly_and_free_everything(server, re
 
     async def one(aclient: openai.AsyncOpenAI, i: int) -> tuple[str, str | None]:
         text, finish = "", None
-        stream = await aclient.completions.create(model=MODEL, prompt=prompts[i], max_tokens=16,
-                                                  temperature=0.8, seed=100 + i, stream=True)
+        stream = await aclient.completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=16, temperature=0.8, seed=100 + i, stream=True
+        )
         async for chunk in stream:
             text += chunk.choices[0].text
             finish = chunk.choices[0].finish_reason or finish
         return text, finish
 
     async def run_all():
-        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0,
-                                      timeout=120) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120
+        ) as aclient:
             return await asyncio.gather(*(one(aclient, i) for i in range(len(prompts))))
 
     results = asyncio.run(run_all())
@@ -254,7 +324,8 @@ def _raw_request(server: str, body: dict) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])), timeout=60)
     sock.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
     )
     return sock
 
@@ -296,8 +367,9 @@ def test_disconnected_stream_is_aborted_and_its_blocks_freed(served):
 def test_disconnected_non_streaming_request_is_aborted(served):
     server = served.url
     aborted_before = memory(server)["num_aborted"]
-    sock = _raw_request(server, {"model": MODEL, "prompt": PROMPT, "max_tokens": 480,
-                                    "ignore_eos": True, "temperature": 0})
+    sock = _raw_request(
+        server, {"model": MODEL, "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+    )
     wait_until(lambda: memory(server)["num_running"] == 1)
     served.steps.clear()
     try:
@@ -326,7 +398,7 @@ def _error(response: httpx.Response, status: int, param: str | None = None) -> s
     "body,param,words",
     [
         ('{"model": "stories260K", "prompt": "x", ', None, "not valid JSON"),
-        ('[1, 2]', None, "JSON object"),
+        ("[1, 2]", None, "JSON object"),
         ('{"prompt": "x", "max_tokens": "ten"}', "max_tokens", "integer"),
         ('{"prompt": 5}', "prompt", "a string, a list of strings"),
         ('{"prompt": "x", "temperature": "hot"}', "temperature", "number"),
@@ -356,9 +428,12 @@ def test_bad_chat_requests_get_400(server):
     assert "at least 1" in _error(chat({"messages": []}), 400, "messages")
     assert "role" in _error(chat({"messages": [{"role": "wizard", "content": "x"}]}), 400, "messages.0.role")
     assert "max_completion_tokens must be an int >= 1" in _error(
-        chat({"messages": hi, "max_completion_tokens": 0}), 400, "max_completion_tokens")
+        chat({"messages": hi, "max_completion_tokens": 0}), 400, "max_completion_tokens"
+    )
     assert "needs logprobs" in _error(chat({"messages": hi, "top_logprobs": 2}), 400, "top_logprobs")
-    assert "<= 20" in _error(chat({"messages": hi, "logprobs": True, "top_logprobs": 50}), 400, "top_logprobs")
+    assert "<= 20" in _error(
+        chat({"messages": hi, "logprobs": True, "top_logprobs": 50}), 400, "top_logprobs"
+    )
 
 
 def test_prompt_over_the_context_length(client, server):
@@ -404,13 +479,22 @@ def test_server_keeps_serving_after_errors(client, server, reference):
 def test_metrics_after_traffic(client, server):
     client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0)
     assert httpx.get(f"{server}/health", timeout=30).json() == {"status": "ok"}
-    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+    for name in (
+        "time_to_first_token_seconds",
+        "time_per_output_token_seconds",
+        "e2e_request_latency_seconds",
+    ):
         assert metric_value(server, f"paged_attention_{name}_count") > 0
     assert metric_value(server, "paged_attention_generation_tokens_total") >= 5
     assert metric_value(server, "paged_attention_prompt_tokens_total") > 0
     assert metric_value(server, "paged_attention_request_success_total", {"finished_reason": "length"}) > 0
     assert metric_value(server, "paged_attention_kv_cache_usage_perc") == 0
-    for name in ("num_requests_waiting", "num_requests_swapped", "num_preemptions_total", "prefix_cache_hit_rate"):
+    for name in (
+        "num_requests_waiting",
+        "num_requests_swapped",
+        "num_preemptions_total",
+        "prefix_cache_hit_rate",
+    ):
         assert metric_value(server, f"paged_attention_{name}") >= 0
 
 
@@ -437,7 +521,8 @@ def test_api_key_is_required(guarded):
     body = json.dumps({"prompt": PROMPT, "max_tokens": 2})
     assert "missing API key" in _error(_post(guarded, "/v1/completions", body), 401)
     assert "invalid API key" in _error(
-        _post(guarded, "/v1/completions", body, {"Authorization": "Bearer nope"}), 401)
+        _post(guarded, "/v1/completions", body, {"Authorization": "Bearer nope"}), 401
+    )
     assert _post(guarded, "/v1/completions", body, KEY).status_code == 200
     assert httpx.get(f"{guarded}/v1/models", timeout=30).status_code == 401
     # Health and metrics stay open to probes and scrapers.
@@ -474,7 +559,10 @@ def test_full_waiting_queue_answers_503_with_retry_after(guarded_server):
                 guarded_server.steps.set()
     # Both streams were closed: aborted, and the server serves again.
     wait_until(lambda: memory(guarded, KEY)["num_free_blocks"] == memory(guarded, KEY)["num_blocks"])
-    assert _post(guarded, "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2}), KEY).status_code == 200
+    assert (
+        _post(guarded, "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2}), KEY).status_code
+        == 200
+    )
 
 
 # ---------------------------------------------------------------------- CLI
@@ -497,9 +585,24 @@ def test_serve_command_runs_and_stops_cleanly(tmp_path):
     template = tmp_path / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "paged_attention.entrypoints.server", "--model", str(STORIES260K),
-         "--port", "0", "--dtype", "float32", "--num-kv-blocks", "64", "--chat-template", str(template)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "paged_attention.entrypoints.server",
+            "--model",
+            str(STORIES260K),
+            "--port",
+            "0",
+            "--dtype",
+            "float32",
+            "--num-kv-blocks",
+            "64",
+            "--chat-template",
+            str(template),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         pool = proc.stdout.readline()
@@ -507,8 +610,11 @@ def test_serve_command_runs_and_stops_cleanly(tmp_path):
         assert pool.startswith("KV pool: 64 blocks x 16 tokens = 1024 tokens"), pool
         assert "http://127.0.0.1:" in listening, listening
         url = listening.split(" at ")[1].split("/v1")[0]
-        answer = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        )
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
     finally:
         proc.send_signal(signal.SIGINT)
@@ -543,8 +649,9 @@ def test_bad_serve_options_are_clear_errors():
 def test_shutdown_with_a_stream_in_flight_frees_every_block():
     llm = _llm()
     with serve_in_thread(create_app(llm, served_model_name=MODEL), graceful_timeout=0.5) as url:
-        sock = _raw_request(url, {"prompt": PROMPT, "max_tokens": 480, "ignore_eos": True,
-                                  "temperature": 0, "stream": True})
+        sock = _raw_request(
+            url, {"prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "temperature": 0, "stream": True}
+        )
         _read_until(sock, b"data: ")
     sock.close()
     stats = llm.memory_stats()
@@ -578,10 +685,25 @@ def test_bench_serve_against_a_live_server(server, tmp_path):
 
     parser = argparse.ArgumentParser()
     bench_serve.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
-        "serve", "--url", server, "--num-requests", "6", "--request-rate", "inf,50",
-        "--input-words", "4,8", "--output-len", "4,8", "--output-dir", str(tmp_path), "--tag", "t",
-    ])
+    args = parser.parse_args(
+        [
+            "serve",
+            "--url",
+            server,
+            "--num-requests",
+            "6",
+            "--request-rate",
+            "inf,50",
+            "--input-words",
+            "4,8",
+            "--output-len",
+            "4,8",
+            "--output-dir",
+            str(tmp_path),
+            "--tag",
+            "t",
+        ]
+    )
     results = args.func(args)
     assert [r["request_rate"] for r in results["runs"]] == [float("inf"), 50.0]
     for run in results["runs"]:

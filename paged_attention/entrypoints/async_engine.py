@@ -9,8 +9,8 @@ condition variable, and gets results back through `loop.call_soon_threadsafe`,
 which puts each output into its request's asyncio queue. When there is no work
 the engine thread sleeps on the condition: no busy loop.
 
-`generate_choices` turns OpenAI's n / best_of into engine requests; it is the
-one place to change when the engine gets native n.
+`generate_choices` turns an OpenAI request into one engine request per prompt
+(the engine samples n / best_of itself) and numbers the choices.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from paged_attention.engine.llm_engine import LLMEngine
@@ -236,8 +236,12 @@ class AsyncEngine:
                 num_adds += 1
                 try:
                     self._engine.add_request(
-                        cmd.prompt_token_ids, cmd.params, prompt=cmd.prompt,
-                        request_id=cmd.request_id, priority=cmd.priority, stream=cmd.stream,
+                        cmd.prompt_token_ids,
+                        cmd.params,
+                        prompt=cmd.prompt,
+                        request_id=cmd.request_id,
+                        priority=cmd.priority,
+                        stream=cmd.stream,
                     )
                     self._live.add(cmd.request_id)
                 except Exception as err:
@@ -319,18 +323,7 @@ class ChoiceUpdate:
     index: int  # prompt_index * n + choice number, as OpenAI numbers choices
     prompt_index: int
     output: CompletionOutput
-    finished: bool
-
-
-@dataclass
-class _Candidate:
-    prompt_index: int
-    number: int  # 0 .. best_of - 1
-    final: RequestOutput | None = field(default=None)
-
-
-def _mean_logprob(out: CompletionOutput) -> float:
-    return (out.cumulative_logprob or 0.0) / max(1, len(out.token_ids))
+    finished: bool  # this choice is complete (its siblings may still run)
 
 
 def _join(prev: RequestOutput, new: RequestOutput) -> RequestOutput:
@@ -358,27 +351,6 @@ async def _next_batch(sink: asyncio.Queue) -> list[RequestOutput]:
     return list(merged.values())
 
 
-def _updates(item: RequestOutput, cand: _Candidate, candidates: dict[str, _Candidate],
-             n: int, best_of: int) -> list[ChoiceUpdate]:
-    """The choice updates one engine output makes; with best_of > n, none until
-    every candidate of its prompt has finished, then the best n."""
-    out = item.outputs[0]
-    if best_of == n:
-        return [ChoiceUpdate(cand.prompt_index * n + cand.number, cand.prompt_index,
-                             dataclasses.replace(out, index=cand.number), item.finished)]
-    cand.final = item
-    group = [c for c in candidates.values() if c.prompt_index == cand.prompt_index]
-    if not all(c.final is not None for c in group):
-        return []
-    finals = [c.final.outputs[0] for c in group if c.final is not None]
-    best = sorted(finals, key=_mean_logprob, reverse=True)[:n]
-    return [
-        ChoiceUpdate(cand.prompt_index * n + number, cand.prompt_index,
-                     dataclasses.replace(chosen, index=number), True)
-        for number, chosen in enumerate(best)
-    ]
-
-
 async def generate_choices(
     engine: AsyncEngine,
     prompts: Sequence[PromptInput],
@@ -389,43 +361,38 @@ async def generate_choices(
 ) -> AsyncIterator[ChoiceUpdate]:
     """All n choices of every prompt, as they are produced.
 
-    The engine runs one sequence per request (no native n yet), so each of the
-    best_of candidates is its own engine request, seeded seed + i when the
-    request has a seed (so choice i is reproducible on its own). With best_of
-    > n only the n candidates with the highest mean token log-probability are
-    returned (OpenAI's "best"), so that needs stream=False.
-    When the engine supports n / best_of natively, this becomes: one engine
-    request per prompt with `params` as given, yielding its CompletionOutputs
-    by their `index`.
+    Each prompt is one engine request with `params` as given: the engine
+    prefills the prompt once, samples best_of sequences on shared blocks
+    (sample i seeded seed + i when the request has a seed), and with best_of > n
+    returns the n most likely, so a request gets the same choices here as from
+    `LLM.generate`. The engine refuses best_of > n with `stream` (ValueError).
 
     Leaving the iterator early (client gone, error) aborts every request that
     is still running.
     """
-    n, best_of = params.n, params.best_of or params.n
-    if stream and best_of != n:
-        raise ValueError(f"best_of ({best_of}) must equal n ({n}) when streaming")
-    single = [
-        dataclasses.replace(params, n=1, best_of=None, seed=None if params.seed is None else params.seed + i)
-        for i in range(best_of)
-    ]
+    n = params.n
     sink: asyncio.Queue = asyncio.Queue()
-    candidates: dict[str, _Candidate] = {}
+    prompt_of: dict[str, int] = {}  # engine request id -> prompt index
     remaining: set[str] = set()
     try:
         for prompt_index, prompt in enumerate(prompts):
-            for number, candidate_params in enumerate(single):
-                request_id = engine.add(
-                    prompt.token_ids, candidate_params, sink,
-                    prompt=prompt.text, stream=stream, priority=priority,
-                )
-                candidates[request_id] = _Candidate(prompt_index, number)
-                remaining.add(request_id)
+            request_id = engine.add(
+                prompt.token_ids,
+                params,
+                sink,
+                prompt=prompt.text,
+                stream=stream,
+                priority=priority,
+            )
+            prompt_of[request_id] = prompt_index
+            remaining.add(request_id)
         while remaining:
             for item in await _next_batch(sink):
                 if item.finished:
                     remaining.discard(item.request_id)
-                for update in _updates(item, candidates[item.request_id], candidates, n, best_of):
-                    yield update
+                prompt_index = prompt_of[item.request_id]
+                for out in item.outputs:
+                    yield ChoiceUpdate(prompt_index * n + out.index, prompt_index, out, out.finished())
     finally:
         for request_id in remaining:
             engine.abort(request_id)
