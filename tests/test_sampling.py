@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from paged_attention.sampler import Sampler, SamplerOutput, make_generator
 from paged_attention.sampling_params import SamplingParams
+from tests.profiles import examples
 
-FAST = settings(max_examples=40, deadline=None)
+FAST = settings(max_examples=examples(40))
 
 
 # ---------------------------------------------------------------------------
@@ -181,9 +182,7 @@ def _allowed_tokens(logits: torch.Tensor, p: SamplingParams) -> set[int]:
     if p.top_p < 1.0:
         keep = torch.tensor([j in allowed for j in range(vocab)])
         probs = torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
-        allowed &= {
-            j for j in allowed if probs[probs > probs[j]].sum().item() < p.top_p + 1e-5
-        }
+        allowed &= {j for j in allowed if probs[probs > probs[j]].sum().item() < p.top_p + 1e-5}
     if p.min_p > 0.0:
         probs = torch.softmax(scaled, dim=-1)
         limit = p.min_p * probs.max().item() * (1 - 1e-5)
@@ -242,8 +241,7 @@ def _seeded_run(position: int, companions: list[SamplingParams], seed: int) -> l
     target = SamplingParams(temperature=0.8, seed=seed)
     target_gen = make_generator(target.seed, fallback_seed=0)
     companion_gens = [
-        make_generator(None, fallback_seed=100 + i) if i % 2 else None
-        for i in range(len(companions))
+        make_generator(None, fallback_seed=100 + i) if i % 2 else None for i in range(len(companions))
     ]
     tokens = []
     for _ in range(10):

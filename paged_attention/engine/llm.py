@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from paged_attention.config import EngineConfig, describe_options, engine_options
 from paged_attention.engine.builder import build_engine
@@ -22,10 +22,14 @@ Message = dict[str, str]
 def _options_signature() -> inspect.Signature:
     """`(self, model=None, *, <every engine option>=<its default>)`."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    params = [inspect.Parameter("self", kind),
-              inspect.Parameter("model", kind, default=None, annotation="str | None")]
-    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-               for f in engine_options()]
+    params = [
+        inspect.Parameter("self", kind),
+        inspect.Parameter("model", kind, default=None, annotation="str | None"),
+    ]
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in engine_options()
+    ]
     return inspect.Signature(params, return_annotation="None")
 
 
@@ -171,8 +175,11 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.chat_prompt(conv) for conv in conversations]
+        conversations = cast(
+            "Sequence[Sequence[Message]]",
+            [messages] if messages and isinstance(messages[0], dict) else messages,
+        )
+        prompts: list[PromptType] = [self.chat_prompt(conv) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def chat_prompt(self, conversation: Sequence[Message]) -> dict[str, Any]:
