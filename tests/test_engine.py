@@ -15,9 +15,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    return [
-        {"prompt_token_ids": torch.randint(3, vocab, (n,), generator=g).tolist()} for n in lengths
-    ]
+    return [{"prompt_token_ids": torch.randint(3, vocab, (n,), generator=g).tolist()} for n in lengths]
 
 
 LENGTHS = [5, 17, 1, 33, 8, 12, 40, 3, 21]
@@ -27,8 +25,15 @@ LENGTHS = [5, 17, 1, 33, 8, 12, 40, 3, 21]
     "arch,overrides",
     [
         ("llama", {"num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}),
-        ("llama", {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 24,
-                   "tie_word_embeddings": False}),
+        (
+            "llama",
+            {
+                "num_attention_heads": 4,
+                "num_key_value_heads": 1,
+                "head_dim": 24,
+                "tie_word_embeddings": False,
+            },
+        ),
         ("mistral", {"num_attention_heads": 4, "num_key_value_heads": 2}),
         ("qwen2", {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 12}),
     ],
@@ -39,8 +44,7 @@ def test_greedy_matches_transformers_under_batching_and_preemption(tmp_path, arc
     expected = [hf_greedy(hf, p["prompt_token_ids"], GREEDY.max_tokens) for p in prompts]
 
     # 9 prompts, at most 4 running, and a pool too small for them all: preemption must happen.
-    llm = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=24, max_num_seqs=4,
-              max_model_len=64)
+    llm = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=24, max_num_seqs=4, max_model_len=64)
     outputs = drive(llm, prompts, GREEDY)
     assert llm.memory_stats()["num_preemptions"] > 0
     assert [o.outputs[0].token_ids for o in outputs] == expected
@@ -63,9 +67,10 @@ def test_stories260k_text_matches_transformers(stories):
     hf = AutoModelForCausalLM.from_pretrained(str(STORIES260K), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(STORIES260K))
     ids = tok("Once upon a time", return_tensors="pt").input_ids
-    want = hf.generate(ids, do_sample=False, max_new_tokens=40)[0, ids.shape[1]:]
-    out = stories.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=40),
-                           use_tqdm=False)[0]
+    want = hf.generate(ids, do_sample=False, max_new_tokens=40)[0, ids.shape[1] :]
+    out = stories.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[
+        0
+    ]
     assert out.outputs[0].token_ids == want.tolist()
     assert out.outputs[0].text == tok.decode(want, skip_special_tokens=True)
     assert out.outputs[0].text.startswith(", there was a little girl named Lily")
@@ -95,11 +100,13 @@ def test_top_k_one_equals_greedy(stories):
 
 
 def test_stop_strings_cut_the_text(stories):
-    full = stories.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=40),
-                            use_tqdm=False)[0].outputs[0]
+    full = stories.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert "Lily" in full.text
-    cut = stories.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=40,
-                                                              stop=["Lily"]), use_tqdm=False)
+    cut = stories.generate(
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=40, stop=["Lily"]), use_tqdm=False
+    )
     out = cut[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == "Lily"
     assert out.text == full.text[: full.text.index("Lily")]
@@ -118,9 +125,11 @@ def test_logprobs_are_log_probabilities(stories):
 
 def test_finish_reasons_and_max_model_len(tmp_path):
     llm = LLM(str(STORIES260K), dtype="float32", num_kv_blocks=8, block_size=4, max_model_len=24)
-    out = llm.generate({"prompt_token_ids": [1] + [300] * 20},
-                       SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        {"prompt_token_ids": [1] + [300] * 20},
+        SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 3  # 21 + 3 = max_model_len
 
 
@@ -139,6 +148,36 @@ def test_bad_prompts_raise_and_the_engine_keeps_going(stories, prompt, params, m
     assert not stories.engine.has_unfinished()
     ok = stories.generate("Once upon a time", GREEDY, use_tqdm=False)[0]
     assert len(ok.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize(
+    "prompts,params,priority,error,match",
+    [
+        # A bad entry late in a list queues none of the earlier ones.
+        (["a", "b", "c"], [GREEDY, GREEDY, None], None, TypeError, "SamplingParams"),
+        (["a", "b"], GREEDY, [0, "high"], TypeError, "priority must be an int"),
+        (["a", "b"], GREEDY, [0, True], TypeError, "priority must be an int"),
+        (["a", {"prompt_token_ids": [1, 2.7]}], GREEDY, None, TypeError, "must be ints, got 2.7"),
+        (["a", {"prompt_token_ids": [1, True]}], GREEDY, None, TypeError, "must be ints, got True"),
+        (["a", {"prompt_token_ids": "123"}], GREEDY, None, TypeError, "list of ints, got str"),
+        (["a", 42], GREEDY, None, TypeError, "a prompt must be a string or a dict"),
+    ],
+)
+def test_bad_request_in_a_batch_queues_nothing_and_leaves_the_llm_usable(
+    stories, prompts, params, priority, error, match
+):
+    with pytest.raises(error, match=match):
+        stories.generate(prompts, params, use_tqdm=False, priority=priority)
+    assert not stories.engine.has_unfinished()
+    assert stories.memory_stats()["num_free_blocks"] == stories.memory_stats()["num_blocks"]
+    ok = stories.generate(["Once upon a time", "A dog"], GREEDY, use_tqdm=False, priority=[1, 0])
+    assert [len(o.outputs[0].token_ids) for o in ok] == [GREEDY.max_tokens] * 2
+
+
+def test_streaming_checks_run_before_anything_is_queued(stories):
+    with pytest.raises(ValueError, match="must equal n"):
+        next(iter(stories.generate_stream("Once upon a time", SamplingParams(n=1, best_of=2))))
+    assert not stories.engine.has_unfinished()
 
 
 def test_bad_model_paths(tmp_path):
@@ -176,7 +215,10 @@ def test_chat_uses_the_template():
     llm = LLM(str(STORIES260K), dtype="float32", num_kv_blocks=64)
     tok = llm.get_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    out = llm.chat([{"role": "user", "content": "Once upon a time"}],
-                   SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
+    out = llm.chat(
+        [{"role": "user", "content": "Once upon a time"}],
+        SamplingParams(temperature=0, max_tokens=5),
+        use_tqdm=False,
+    )[0]
     assert out.prompt == "Once upon a time "
     assert len(out.outputs[0].token_ids) == 5

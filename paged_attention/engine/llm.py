@@ -67,11 +67,17 @@ class LLM:
                 raise ValueError("prompt is empty: give at least one character")
             return prompt, self.engine.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            ids = prompt["prompt_token_ids"]
+            # A string or a tensor here is a caller's mistake, not a list of ids:
+            # iterating "123" would silently give [1, 2, 3].
+            if not isinstance(ids, (list, tuple)):
+                raise TypeError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
+            return prompt.get("prompt"), list(ids)
         if isinstance(prompt, dict) and "prompt" in prompt:
             return prompt["prompt"], self.engine.tokenizer.encode(prompt["prompt"])
-        raise ValueError(
-            f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}"
+        raise TypeError(
+            f"a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', "
+            f"got {type(prompt).__name__}"
         )
 
     def add_requests(
@@ -103,8 +109,8 @@ class LLM:
             raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         # Validate everything before queueing anything, so bad input leaves the engine untouched.
         encoded = [self._tokenize(p) for p in prompts]
-        for (_, ids), params in zip(encoded, params_list):
-            self.engine.validate_prompt(ids, params)
+        for (_, ids), params, prio in zip(encoded, params_list, priorities):
+            self.engine.validate_request(ids, params, prio, stream)
         return [
             self.engine.add_request(ids, params, prompt=text, priority=prio, stream=stream)
             for (text, ids), params, prio in zip(encoded, params_list, priorities)

@@ -77,7 +77,29 @@ class LLMEngine:
         self._ids = itertools.count()
 
     # --------------------------------------------------------------- requests
+    def validate_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0, stream: bool = False
+    ) -> None:
+        """Every check `add_request` makes, without queueing anything: callers
+        validate a whole batch first so that bad input queues none of it.
+        TypeError for a wrong type, ValueError for a bad value."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        if stream and params.use_beam_search:
+            raise ValueError("beam search cannot stream: beams are ranked only when the search ends")
+        if stream and params.best_of != params.n:
+            raise ValueError(
+                f"best_of ({params.best_of}) must equal n ({params.n}) when streaming: "
+                "the best samples are known only when all have finished"
+            )
+        self.validate_prompt(prompt_token_ids, params)
+
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        bad_type = next((t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool)), None)
+        if bad_type is not None:
+            raise TypeError(f"prompt token ids must be ints, got {bad_type!r} ({type(bad_type).__name__})")
         if not prompt_token_ids:
             raise ValueError("prompt is empty: it must have at least 1 token")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -100,18 +122,11 @@ class LLMEngine:
         priority: int = 0,
         stream: bool = False,
     ) -> str:
-        """Queue a request. Raises ValueError (queueing nothing) on bad input."""
-        self.validate_prompt(prompt_token_ids, params)
+        """Queue a request. Raises TypeError/ValueError (queueing nothing) on bad input."""
+        self.validate_request(prompt_token_ids, params, priority, stream)
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if stream and params.use_beam_search:
-            raise ValueError("beam search cannot stream: beams are ranked only when the search ends")
-        if stream and params.best_of != params.n:
-            raise ValueError(
-                f"best_of ({params.best_of}) must equal n ({params.n}) when streaming: "
-                "the best samples are known only when all have finished"
-            )
         arrival = next(self._arrivals)
         prompt_ids = list(prompt_token_ids)
         req = Request.create(
