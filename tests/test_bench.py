@@ -121,6 +121,7 @@ def test_waste_summary_by_hand():
 
 
 # ------------------------------------------------------------------ memory
+@pytest.mark.slow
 def test_bench_memory_quick(tmp_path):
     result = run(["memory", "--quick", "--draw", "--output-dir", str(tmp_path)], memory)
     data = json.loads((tmp_path / "memory.json").read_text())
@@ -166,6 +167,7 @@ def test_orca_fit_by_hand():
     assert capacity.orca_fit(reqs, 48, 12) == 3  # each capped at max_model_len 12: 12 + 12 + 8
 
 
+@pytest.mark.slow
 def test_bench_capacity_quick(tmp_path):
     run(["capacity", "--quick", "--output-dir", str(tmp_path)], capacity)
     data = json.loads((tmp_path / "capacity.json").read_text())
@@ -186,6 +188,7 @@ def test_bench_capacity_quick(tmp_path):
 
 
 # ------------------------------------------------------------------ block size
+@pytest.mark.slow
 def test_bench_block_size_quick(tmp_path):
     run(["block-size", "--quick", "--output-dir", str(tmp_path)], block_size)
     data = json.loads((tmp_path / "block_size.json").read_text())
@@ -232,6 +235,7 @@ def test_timed_restores_classmethods():
 
 
 # ------------------------------------------------------------------ scaling
+@pytest.mark.slow
 def test_bench_scaling_quick(tmp_path):
     run(["scaling", "--quick", "--output-dir", str(tmp_path)], scaling)
     data = json.loads((tmp_path / "scaling.json").read_text())
@@ -249,6 +253,7 @@ def test_bench_scaling_quick(tmp_path):
 
 
 # ------------------------------------------------------------------ all + report
+@pytest.mark.slow
 def test_bench_all_runs_every_registered_subcommand_and_reports(tmp_path):
     parser, _ = bench_parser(memory, report, bench_all)
     args = parser.parse_args(["all", "--quick", "--output-dir", str(tmp_path)])
@@ -260,6 +265,7 @@ def test_bench_all_runs_every_registered_subcommand_and_reports(tmp_path):
     assert "## KV memory waste" in text and "](memory.png)" in text and "## Run summary" in text
 
 
+@pytest.mark.slow
 def test_bench_all_records_a_failing_benchmark_and_goes_on(tmp_path):
     parser, sub = bench_parser(bench_all)
     broken = sub.add_parser("broken")
@@ -344,6 +350,7 @@ def test_pool_snapshot_marks_shared_blocks(tmp_path):
 
 
 # ------------------------------------------------------------------ peers
+@pytest.mark.slow
 def test_transformers_continuous_batching_peer():
     from transformers import AutoModelForCausalLM
 

@@ -17,6 +17,9 @@ from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.request import Request, RequestStatus
 from paged_attention.core.scheduler import Scheduler
 
+# Real benchmark runs (--quick) on tiny models: seconds each.
+pytestmark = pytest.mark.slow
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

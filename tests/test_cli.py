@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from paged_attention.engine.builder import STORIES260K
 
 
@@ -18,6 +20,7 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.slow
 def test_generate_prints_text_and_a_summary():
     result = run_cli(
         "generate",
@@ -35,6 +38,7 @@ def test_generate_prints_text_and_a_summary():
     assert "KV blocks used: 2 of 64" in result.stderr  # 5 + 20 tokens at block size 16
 
 
+@pytest.mark.slow
 def test_generate_stream_gives_the_same_text():
     plain = run_cli(
         "generate",
@@ -61,6 +65,7 @@ def test_generate_stream_gives_the_same_text():
     assert streamed.stdout == plain.stdout
 
 
+@pytest.mark.slow
 def test_chat_reads_stdin_when_not_a_terminal(tmp_path):
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
@@ -80,6 +85,7 @@ def test_chat_reads_stdin_when_not_a_terminal(tmp_path):
     assert result.stdout.strip() and "8 tokens" in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line():
     result = run_cli("generate", "hi", "--model", "/no/such/model")
     assert result.returncode == 2
@@ -88,6 +94,7 @@ def test_bad_input_is_one_clear_line():
     assert result.returncode == 2 and "temperature" in result.stderr
 
 
+@pytest.mark.slow
 def test_help_reads_well():
     result = run_cli("--help")
     assert result.returncode == 0
@@ -100,6 +107,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_help_and_a_mistyped_flag_do_not_import_torch():
     """Arguments are parsed before torch loads: --help and a typo answer at once."""
     result = run_python(
@@ -227,6 +235,7 @@ def test_llm_keywords_are_the_engine_options():
         LLM("/no/such/model", enforce_eager="no")
 
 
+@pytest.mark.slow
 def test_bad_engine_option_on_the_command_line_is_one_clear_line():
     result = run_cli("generate", "hi", "--model", str(STORIES260K), "--block-size", "3")
     assert result.returncode == 2
