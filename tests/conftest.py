@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from tests.profiles import register_profiles
@@ -16,3 +17,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 register_profiles()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in a tests/test_server*.py file drives the HTTP server: mark it
+    `server`, so `-m "not server"` skips them all, including files added later."""
+    for item in items:
+        if item.path.name.startswith("test_server"):
+            item.add_marker(pytest.mark.server)
