@@ -1,6 +1,6 @@
 """paged_attention: an LLM inference engine built around PagedAttention.
 
-Low-level pieces (the original project's API): `BlockAllocator`, `PagedKVCache`,
+Low-level pieces (the seed API): `BlockAllocator`, `PagedKVCache`,
 `PagedAttention`. The engine: `LLM`, `SamplingParams`. Whatever needs torch
 (or transformers) is imported on first use, so that the command line can parse
 its arguments, and answer --help, without loading torch.

@@ -1,4 +1,4 @@
-"""The original project's low-level API, exactly as its README showed it."""
+"""The seed's low-level API, exactly as its README showed it."""
 
 from __future__ import annotations
 

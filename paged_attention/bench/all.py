@@ -3,7 +3,7 @@
 It runs whatever subcommands the `bench` group has (except itself and
 `report`), so benchmarks added later (sharing, preemption) join without a
 change here. Each one runs with its own defaults plus the few arguments in
-`_all_args`, which keep the whole suite within 15 minutes on this 2-core machine,
+`_all_args`, which keep the whole suite within 15 minutes on a 2-core machine,
 and with one torch intra-op thread (`--threads`): on 2 cores shared with
 other work, two threads made engine steps ~6x slower (bench/monitor.py);
 each run is wrapped in a MemoryMonitor, and a failure is recorded and the rest
@@ -33,7 +33,7 @@ SKIP = {"all", "report"}
 
 # Arguments `bench all` adds to a subcommand's defaults (not with --quick), as
 # (option, value or None for a flag); an option the subcommand does not have is
-# left out. They keep the suite within 15 minutes on this 2-core machine:
+# left out. They keep the suite within 15 minutes on a 2-core machine:
 #   throughput: its full default (2 models x 2 dtypes x 128 requests, each also
 #     through transformers) took 17 minutes alone for the bfloat16 half with 64
 #     requests here, so `all` runs bfloat16 with 16 requests;

@@ -6,7 +6,7 @@ every request, so nothing is preempted and every run does the same work).
 Attention time is the wall time spent in the model's paged-attention calls,
 metadata time the time spent building the step's slot tables (both grow with
 the number of blocks a step touches); the best block size is the one with the
-highest throughput per CPU second on this machine (wall-clock throughput is
+highest throughput per CPU second on the measuring machine (wall-clock throughput is
 reported too, but other processes on a shared machine move it).
 
     paged-attention bench block-size [--quick] [--block-sizes 1,2,4,8,16,32,64,128]
@@ -228,7 +228,7 @@ def print_block_size(result: dict) -> None:
         )
     )
     print(
-        f"best block size on this machine (tokens per CPU second): {result['best_block_size']}; within "
+        f"best block size here (tokens per CPU second): {result['best_block_size']}; within "
         f"{result['near_best_fraction']:.0%} of it: {result['near_best_block_sizes']}"
     )
     print(format_monitor(result["monitor"]))

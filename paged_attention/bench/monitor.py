@@ -146,10 +146,10 @@ def format_monitor(summary: dict) -> str:
 def torch_threads(num_threads: int | None) -> Iterator[None]:
     """Run with `num_threads` intra-op threads, then restore the previous count.
 
-    The benchmarks default to 1: on this 2-core machine, shared with other
-    work, a tiny decode SDPA call measured 0.05 ms with one thread and 1-3 ms
-    with two (the threads wait on each other), so two threads made whole
-    engine steps about 6x slower. None leaves PyTorch's setting alone."""
+    The benchmarks default to 1: on a 2-core machine shared with other work,
+    a tiny decode SDPA call measured 0.05 ms with one thread and 1-3 ms with
+    two (the threads wait on each other for a time slice), so two threads
+    made whole engine steps about 6x slower. None leaves PyTorch's setting alone."""
     if num_threads is None:
         yield
         return
@@ -179,7 +179,7 @@ CPU_FLAGS_OF_INTEREST = (
 
 
 def cpu_flags() -> list[str]:
-    """The CPU flags of interest this machine has (from /proc/cpuinfo; empty where unreadable)."""
+    """The CPU flags of interest the CPU has (from /proc/cpuinfo; empty where unreadable)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

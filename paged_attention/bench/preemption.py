@@ -1,4 +1,4 @@
-"""Preemption (issue 5): swap against recompute, measured.
+"""Preemption: swap against recompute, measured.
 
 (a) The cost of preempting and resuming one sequence of L tokens, for L in
     64..4096 and block sizes 8..128, on the engine's own pools:

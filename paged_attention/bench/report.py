@@ -193,7 +193,7 @@ def _block_size(d: dict) -> str:
     c = d["config"]
     return (
         f"The memory workload ({c['num_requests']} requests, {c['model']}) per block size, KV pool of "
-        f"{c['pool_tokens']:,} token slots each time. Best block size on this machine (most output tokens per "
+        f"{c['pool_tokens']:,} token slots each time. Best block size on the measuring machine (most output tokens per "
         "CPU second; wall-clock throughput also moves with other processes' load): "
         f"**{d['best_block_size']}**; within {d.get('near_best_fraction', 0.1):.0%} of its throughput "
         f"(noise here): {d.get('near_best_block_sizes', [d['best_block_size']])}. Waste grows "

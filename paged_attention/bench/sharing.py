@@ -1,4 +1,4 @@
-"""KV sharing (issue 4), measured in the engine's allocator.
+"""KV sharing, measured in the engine's allocator.
 
 (a) Parallel sampling (n samples) and beam search (width k) share the prompt's
     blocks by fork + copy-on-write. Each request runs once as one n-sample (or

@@ -1,4 +1,4 @@
-"""The original project's name for the block pool.
+"""The seed API's name for the block pool.
 
 `BlockAllocator(total_blocks=128, block_size=16, hidden_dim=512)` is the seed
 API; it is `BlockPool` (core/block_pool.py), which owns the free list,

@@ -80,7 +80,7 @@ class BlockPool:
     `enable_prefix_caching=False` caches nothing: nothing is ever evictable
     and the pool is a plain FIFO free list.
 
-    `total_blocks` and `hidden_dim` are the original project's spelling
+    `total_blocks` and `hidden_dim` are the seed API's spelling
     (`BlockAllocator(total_blocks=128, block_size=16, hidden_dim=512)`);
     `hidden_dim` is only recorded, for `PagedKVCache` to size its pool.
     """
