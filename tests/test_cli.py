@@ -240,3 +240,18 @@ def test_bad_engine_option_on_the_command_line_is_one_clear_line():
     result = run_cli("generate", "hi", "--model", str(STORIES260K), "--block-size", "3")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: block_size must be a power of two")
+
+
+def test_one_user_commands_size_the_pool_for_one_sequence():
+    """generate and chat default to one sequence and no swap space; serve keeps
+    the engine's serving defaults. Flags still override."""
+    from paged_attention.config import EngineConfig
+    from paged_attention.entrypoints.cli import build_parser
+
+    parser = build_parser()
+    for command in (["generate", "hi"], ["chat"]):
+        args = parser.parse_args(command)
+        assert (args.max_num_seqs, args.swap_space) == (1, 0.0)
+    serve = parser.parse_args(["serve"])
+    assert (serve.max_num_seqs, serve.swap_space) == (EngineConfig.max_num_seqs, EngineConfig.swap_space)
+    assert parser.parse_args(["generate", "hi", "--max-num-seqs", "4"]).max_num_seqs == 4

@@ -55,6 +55,12 @@ def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
 
 
+# generate and chat run one sequence at a time: a pool for one full-length
+# sequence and no host swap space (one sequence is never preempted), instead of
+# the engine's defaults, sized for serving (a share of RAM plus 4 GiB of swap).
+ONE_USER_DEFAULTS = {"max_num_seqs": 1, "swap_space": 0.0}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paged-attention",
@@ -66,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt.")
     gen.add_argument("prompt", help="the text to continue")
-    add_engine_args(gen)
+    add_engine_args(gen, defaults=ONE_USER_DEFAULTS)
     _add_sampling_args(gen, max_tokens=64)
     gen.set_defaults(func=cmd_generate)
 
@@ -76,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Interactive chat with the model's chat template. When stdin is not a "
         "terminal, reads one message from it, answers, and exits.",
     )
-    add_engine_args(chat)
+    add_engine_args(chat, defaults=ONE_USER_DEFAULTS)
     _add_sampling_args(chat, max_tokens=256)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument(
