@@ -131,7 +131,7 @@ def test_help_and_a_mistyped_flag_do_not_import_torch():
 
 def test_every_engine_option_is_a_flag_of_every_engine_command():
     from paged_attention.config import EngineConfig, engine_options
-    from paged_attention.entrypoints.cli import build_parser, engine_kwargs
+    from paged_attention.entrypoints.cli import ONE_USER_DEFAULTS, build_parser, engine_kwargs
     from paged_attention.entrypoints.engine_args import cli_options
 
     parser = build_parser()
@@ -139,7 +139,8 @@ def test_every_engine_option_is_a_flag_of_every_engine_command():
     assert {f.name for f in engine_options()} - set(defaults) == {"record_step_stats"}  # programmatic only
     for argv in (["generate", "hi"], ["chat"], ["serve"], ["bench", "serve"]):
         args = parser.parse_args(argv)
-        assert engine_kwargs(args) == defaults, argv
+        one_user = argv[0] in ("generate", "chat")
+        assert engine_kwargs(args) == ({**defaults, **ONE_USER_DEFAULTS} if one_user else defaults), argv
         assert args.model is None
     EngineConfig(**defaults)  # the flags' defaults are a valid configuration
     args = parser.parse_args(
