@@ -162,6 +162,7 @@ def test_every_engine_option_is_a_flag_of_every_engine_command():
     )
     assert engine_kwargs(args) == {
         **defaults,
+        **ONE_USER_DEFAULTS,
         "block_size": 32,
         "kv_cache_memory": "1GiB",
         "enable_prefix_caching": False,
