@@ -5,7 +5,9 @@ its `Request`'s output_token_ids (the scheduler counts them there)."""
 from __future__ import annotations
 
 import copy
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,21 @@ from paged_attention.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from paged_attention.engine.sequence_group import SampleGroup
     from paged_attention.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class StopStrings:
+    """A request's stop strings as one regex alternation, built once per request.
+
+    A search finds the leftmost match and, among stops matching at that position,
+    the first in the request's list: the rule the per-string search had."""
+
+    pattern: re.Pattern[str]
+    max_len: int
+
+    @classmethod
+    def of(cls, stops: Sequence[str]) -> StopStrings:
+        return cls(re.compile("|".join(re.escape(s) for s in stops)), max(len(s) for s in stops))
 
 
 @dataclass(eq=False)
@@ -41,6 +58,7 @@ class RequestState:
     _searched_upto: int = 0  # text already searched for stop strings
     _prefix_offset: int = 0  # incremental decoding window: [prefix, read) already in text
     _read_offset: int = 0
+    _stops: StopStrings | None = None  # built on first use; shared by forks (immutable)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -121,21 +139,25 @@ class RequestState:
     def _decode(self, tokenizer: Tokenizer) -> str:
         return tokenizer.decode(self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens)
 
+    def _stop_strings(self) -> StopStrings:
+        if self._stops is None:
+            self._stops = StopStrings.of(self.params.stop or [])
+        return self._stops
+
     def _cut_at_stop_string(self) -> bool:
-        """Cut the text at the first stop string; True when one was found."""
-        stops = self.params.stop or []
-        # Only the newly decoded tail can hold a new match.
-        horizon = max(len(s) for s in stops) + 16
-        search_from = max(0, self._searched_upto - horizon)
+        """Cut the text at the first stop string; True when one was found.
+
+        The text only grows, and an earlier search found nothing, so a match
+        must end in the newly decoded tail: it starts at most max_len - 1
+        characters before it. One regex search over that window costs
+        O(new text + longest stop) per step, whatever the number of stops."""
+        stops = self._stop_strings()
+        search_from = max(0, self._searched_upto - stops.max_len + 1)
         self._searched_upto = len(self.text)
-        best: tuple[int, str] | None = None
-        for stop in stops:
-            idx = self.text.find(stop, search_from)
-            if idx != -1 and (best is None or idx < best[0]):
-                best = (idx, stop)
-        if best is None:
+        match = stops.pattern.search(self.text, search_from)
+        if match is None:
             return False
-        idx, stop = best
+        idx, stop = match.start(), match.group()
         end = idx + len(stop) if self.params.include_stop_str_in_output else idx
         self.text = self.text[:end]
         self.finish_reason = "stop"
@@ -159,7 +181,7 @@ class RequestState:
         end = len(self.text)
         if not self.finished and self.params.stop:
             # Hold back what could be the start of a stop string.
-            end = max(self._streamed_upto, end - max(len(s) for s in self.params.stop) + 1)
+            end = max(self._streamed_upto, end - self._stop_strings().max_len + 1)
         text = self.text[self._streamed_upto : end]
         self._streamed_upto = end
         return self.completion(text=text)
