@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,68 @@ STORIES15M_CONFIG = dict(
     eos_token_id=2,
     tie_word_embeddings=True,
 )
+
+
+# ------------------------------------------------------------ HTTP serving
+@dataclass(frozen=True)
+class LoadRequest:
+    """One request of `bench serve`: token ids, so every server (ours,
+    llama-server) sees the same prompt whatever its tokenizer would make of text."""
+
+    prompt: tuple[int, ...]
+    max_tokens: int
+
+
+def make_workload(
+    num_requests: int,
+    input_len: tuple[int, int],
+    output_len: tuple[int, int],
+    seed: int = 0,
+    token_pool: Sequence[int] = range(3, 256),
+) -> list[LoadRequest]:
+    """Distinct prompts of random ids drawn from `token_pool`, lengths uniform in
+    the inclusive ranges. Distinct, so no request hits another's prefix cache."""
+    if num_requests < 1:
+        raise ValueError(f"--num-requests must be >= 1, got {num_requests}")
+    if len(token_pool) < 2:
+        raise ValueError(f"need at least 2 token ids to draw prompts from, got {len(token_pool)}")
+    rng = random.Random(seed)
+    seen: set[tuple[int, ...]] = set()
+    out: list[LoadRequest] = []
+    for _ in range(100 * num_requests):  # only short prompts from a small pool ever repeat
+        prompt = tuple(rng.choice(token_pool) for _ in range(rng.randint(*input_len)))
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(LoadRequest(prompt, rng.randint(*output_len)))
+            if len(out) == num_requests:
+                return out
+    raise ValueError(
+        f"cannot draw {num_requests} distinct prompts of {input_len} tokens from {len(token_pool)} ids"
+    )
+
+
+def model_token_pool(model: str | Path | None) -> list[int]:
+    """Ids a random prompt may use for `model` (a .gguf file, a Hugging Face
+    folder, None for the default GGUF): a GGUF's normal tokens (its control
+    tokens left out), else 3..vocab_size-1 (past the usual <unk>/<s>/</s>)."""
+    if model is None:
+        from paged_attention.model.gguf.default_model import default_gguf_path
+
+        model = default_gguf_path()
+    path = Path(model)
+    if path.suffix == ".gguf":
+        from paged_attention.model.gguf.reader import read_gguf_header
+
+        meta = read_gguf_header(path).metadata
+        types = meta.get("tokenizer.ggml.token_type")
+        if isinstance(types, list):
+            return [i for i, kind in enumerate(types) if kind == _GGUF_NORMAL_TOKEN]
+        from paged_attention.model.gguf.reader import SkippedStrings
+
+        tokens = meta["tokenizer.ggml.tokens"]
+        return list(range(3, tokens.count if isinstance(tokens, SkippedStrings) else len(tokens)))
+    config = json.loads((path / "config.json").read_text())
+    return list(range(3, int(config["vocab_size"])))
+
+
+_GGUF_NORMAL_TOKEN = 1  # llama.cpp's LLAMA_TOKEN_TYPE_NORMAL; 3 is CONTROL
