@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from paged_attention.core.block_allocator import BlockAllocator
-from paged_attention.core.request import Request
+from paged_attention.core.request import Request, RequestStatus
 from paged_attention.core.scheduler import ScheduledBatch, Scheduler
 from paged_attention.engine.model_runner import ModelRunner, StepResult
 from paged_attention.engine.preemption_cost import PreemptionCostModel
@@ -30,6 +30,21 @@ from paged_attention.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from paged_attention.tokenizer import Tokenizer
+
+
+class StepError(RuntimeError):
+    """A step raised, and the engine has already aborted (and freed) the requests
+    it blames: `failures` maps each to the exception. A fault in one request's
+    own processing (its detokenizing, stop rules, grammar) blames that request;
+    a fault in the forward pass or in batch-wide work blames the step's batch.
+    Every other request is intact and the engine can keep stepping; `outputs`
+    holds what the step produced for them."""
+
+    def __init__(self, failures: dict[str, Exception], outputs: list[RequestOutput]) -> None:
+        first = next(iter(failures.values()))
+        super().__init__(f"{type(first).__name__}: {first} (requests {', '.join(sorted(failures))})")
+        self.failures = failures
+        self.outputs = outputs
 
 
 @dataclass
@@ -209,13 +224,23 @@ class LLMEngine:
             return []
         prompt_tokens = count_prompt_tokens(batch) if self.step_stats is not None else 0
         start = time.perf_counter()
-        result = self.runner.execute(batch)
-        executed = time.perf_counter()
-        if self.cost_model is not None:  # learn the prefill speed recompute would run at
-            self.cost_model.observe_step(batch.num_tokens, time.perf_counter() - start)
-        self.stats.num_steps += 1
-        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.allocator.num_used_blocks)
-        outputs = self.update_from_output(batch, result)
+        try:
+            result = self.runner.execute(batch)
+            executed = time.perf_counter()
+            if self.cost_model is not None:  # learn the prefill speed recompute would run at
+                self.cost_model.observe_step(batch.num_tokens, time.perf_counter() - start)
+            self.stats.num_steps += 1
+            self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.allocator.num_used_blocks)
+            outputs = self.update_from_output(batch, result)
+        except StepError as err:
+            self._abort_all(err.failures)
+            raise
+        except Exception as err:
+            # Half-applied: the batch's KV and counts no longer agree. Its
+            # requests go; the others never entered this step.
+            failures = dict.fromkeys(self._batch_request_ids(batch), err)
+            self._abort_all(failures)
+            raise StepError(failures, []) from err
         if self.step_stats is not None:
             self.step_stats.append(
                 step_record(batch, prompt_tokens, began, start, executed, time.perf_counter())
@@ -257,31 +282,66 @@ class LLMEngine:
             rows += [row] * len(forked)
 
         stepped: dict[SampleGroup, list[RequestState]] = {}
+        faults: dict[str, Exception] = {}  # request id -> what its own processing raised
         if samples:
             sampled = self._sample(samples, result.logits, rows)
             for i, sample in enumerate(samples):
-                sample.append_token(
-                    sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i], self.tokenizer
-                )
-                if sample.finished:
-                    sample.group.members.remove(sample.seq)
-                    self._release(sample.seq)
+                if sample.group.request_id in faults:
+                    continue
+                try:
+                    sample.append_token(
+                        sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i], self.tokenizer
+                    )
+                    if sample.finished:
+                        sample.group.members.remove(sample.seq)
+                        self._release(sample.seq)
+                except Exception as err:  # this request's own rules: it alone fails
+                    faults[sample.group.request_id] = err
+                    continue
                 stepped.setdefault(sample.group, []).append(sample)
 
         outputs: list[RequestOutput] = []
         for group, stepped_samples in stepped.items():
+            if group.request_id in faults:
+                continue
+            try:
+                if group.stream:
+                    outputs.append(group.stream_output(stepped_samples))
+                elif group.finished:
+                    outputs.append(group.to_output())
+            except Exception as err:
+                faults[group.request_id] = err
+                continue
             if group.finished:
                 del self._groups[group.request_id]
-            if group.stream:
-                outputs.append(group.stream_output(stepped_samples))
-            elif group.finished:
-                outputs.append(group.to_output())
         for beams in beam_groups:
-            beams.advance(self._fork_beam, self._release)
+            try:
+                beams.advance(self._fork_beam, self._release)
+                if beams.finished:
+                    outputs.append(beams.to_output(self.tokenizer))
+            except Exception as err:
+                faults[beams.request_id] = err
+                continue
             if beams.finished:
                 del self._groups[beams.request_id]
-                outputs.append(beams.to_output(self.tokenizer))
+        if faults:
+            raise StepError(faults, outputs)
         return outputs
+
+    def _batch_request_ids(self, batch: ScheduledBatch) -> list[str]:
+        """The requests a failed step touched: those it ran, and those it
+        swapped out (their host copy was to happen in this step)."""
+        touched = batch.requests + [r for r in batch.preempted if r.status is RequestStatus.SWAPPED]
+        ids: dict[str, None] = {}
+        for req in touched:
+            state = self._seqs.get(req)
+            if state is not None:
+                ids[state.request_id if isinstance(state, BeamGroup) else state.group.request_id] = None
+        return list(ids)
+
+    def _abort_all(self, failures: dict[str, Exception]) -> None:
+        for request_id in failures:
+            self.abort(request_id)
 
     def _note_cached(self, req: Request) -> None:
         """Report prefix-cache reuse on the request's output (first admission)."""
@@ -358,6 +418,20 @@ class LLMEngine:
             "peak_used_blocks": self.stats.peak_used_blocks,
             "num_cached_blocks": self.allocator.num_cached_blocks,
             "prefix_cache_hit_rate": self.allocator.hit_rate,
+            **self._host_pool_stats(),
+        }
+
+    def _host_pool_stats(self) -> dict[str, int | float]:
+        """The host swap pool: its size, the blocks swapped sequences hold, and
+        the blocks it has ever handed out (the host pages it has committed)."""
+        swapper = self.scheduler.swapper
+        if swapper is None:
+            return {"num_host_blocks": 0, "num_host_used_blocks": 0, "num_host_touched_blocks": 0}
+        host = swapper.host
+        return {
+            "num_host_blocks": host.num_blocks,
+            "num_host_used_blocks": host.num_used_blocks,
+            "num_host_touched_blocks": host.num_touched_blocks,
         }
 
     def check_invariants(self) -> None:
