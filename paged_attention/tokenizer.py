@@ -36,13 +36,16 @@ CACHE_FORMAT = "paged_attention.tokenizer/1"
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt")
 
 
-def load_auto_tokenizer(folder: Path) -> Any:
-    """AutoTokenizer from a local folder. Handing it an empty model config skips
-    AutoConfig, whose model-module imports cost about 2 s of start-up here; the
-    tokenizer class still comes from tokenizer_config.json."""
+def load_auto_tokenizer(folder: Path, gguf_file: str | None = None) -> Any:
+    """AutoTokenizer from a local folder, or from the metadata of the GGUF file
+    `gguf_file` in it. Handing it an empty model config skips AutoConfig, whose
+    model-module imports cost about 2 s of start-up; the tokenizer class still
+    comes from tokenizer_config.json (or the GGUF)."""
     from transformers import AutoTokenizer
     from transformers.configuration_utils import PretrainedConfig
 
+    if gguf_file is not None:
+        return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
     return AutoTokenizer.from_pretrained(str(folder), config=PretrainedConfig())
 
 
@@ -50,18 +53,29 @@ class Tokenizer:
     """encode/decode/eos_token_id for the engine; `hf` is the AutoTokenizer."""
 
     def __init__(
-        self, folder: Path, backend: tokenizers.Tokenizer | None, eos_token_id: int | None, hf: Any = None
+        self,
+        folder: Path,
+        backend: tokenizers.Tokenizer | None,
+        eos_token_id: int | None,
+        hf: Any = None,
+        gguf_file: str | None = None,
     ) -> None:
         assert backend is not None or hf is not None, "a tokenizer needs a backend or an AutoTokenizer"
         self.folder = folder
+        self.gguf_file = gguf_file
         self.eos_token_id = eos_token_id
         self._backend = backend
         self._hf = hf
 
     @classmethod
-    def load(cls, folder: str | Path, cache_dir: Path | None = None) -> Tokenizer:
+    def load(
+        cls, folder: str | Path, cache_dir: Path | None = None, *, gguf_file: str | None = None
+    ) -> Tokenizer:
+        """The tokenizer of `folder`, or of the GGUF file `gguf_file` in it."""
         folder = Path(folder)
-        cache_file = _cache_file(folder, cache_dir if cache_dir is not None else default_cache_dir())
+        cache_file = _cache_file(
+            folder, cache_dir if cache_dir is not None else default_cache_dir(), gguf_file
+        )
         try:
             text = cache_file.read_text()
         except OSError:
@@ -69,10 +83,13 @@ class Tokenizer:
         if text is not None:
             try:
                 saved = json.loads(text)
-                return cls(folder, tokenizers.Tokenizer.from_str(saved["backend"]), saved["eos_token_id"])
+                backend = tokenizers.Tokenizer.from_str(saved["backend"])
+                return cls(folder, backend, saved["eos_token_id"], gguf_file=gguf_file)
             except Exception as exc:  # tokenizers raises bare Exception; a bad file is a miss
                 logger.warning("ignoring the tokenizer cache %s (%s)", cache_file, exc)
-        hf = load_auto_tokenizer(folder)
+        if gguf_file is not None:
+            logger.warning("reading the tokenizer from %s (once; then cached)", folder / gguf_file)
+        hf = load_auto_tokenizer(folder, gguf_file)
         backend = _plain_backend(hf)
         if backend is not None:
             saved = {"format": CACHE_FORMAT, "backend": backend.to_str(), "eos_token_id": hf.eos_token_id}
@@ -80,13 +97,13 @@ class Tokenizer:
                 _write_atomic(cache_file, json.dumps(saved))
             except OSError as exc:
                 logger.warning("not caching the tokenizer of %s (%s)", folder, exc)
-        return cls(folder, backend, hf.eos_token_id, hf)
+        return cls(folder, backend, hf.eos_token_id, hf, gguf_file)
 
     @property
     def hf(self) -> Any:
         """The transformers AutoTokenizer (loaded on first use)."""
         if self._hf is None:
-            self._hf = load_auto_tokenizer(self.folder)
+            self._hf = load_auto_tokenizer(self.folder, self.gguf_file)
         return self._hf
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -111,14 +128,20 @@ def _plain_backend(hf: Any) -> tokenizers.Tokenizer | None:
     return backend
 
 
-def _cache_file(folder: Path, cache_dir: Path) -> Path:
+def _cache_file(folder: Path, cache_dir: Path, gguf_file: str | None = None) -> Path:
     """Cache file for the tokenizer in `folder`: named by a hash of its files'
-    contents and of the transformers version that built it."""
+    contents and of the transformers version that built it. A GGUF's tokenizer
+    is named by the file's path, size and modification time (hashing a
+    multi-gigabyte file would cost more than reading the tokenizer again)."""
     digest = hashlib.sha256(CACHE_FORMAT.encode())
     try:
         digest.update(importlib.metadata.version("transformers").encode())
     except importlib.metadata.PackageNotFoundError:
         pass  # load_auto_tokenizer will say transformers is missing
+    if gguf_file is not None:
+        stat = (folder / gguf_file).stat()
+        digest.update(f"{(folder / gguf_file).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        return cache_dir / f"tokenizer-{digest.hexdigest()[:16]}.json"
     files = sorted({f for pattern in _TOKENIZER_FILES for f in folder.glob(pattern) if f.is_file()})
     for f in files:
         digest.update(f.name.encode() + b"\0" + f.read_bytes())

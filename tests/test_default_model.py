@@ -51,3 +51,32 @@ def test_default_model_greedy_tokens_equal_transformers_on_the_same_gguf():
         )
         assert out.outputs[0].token_ids == want[0, ids.shape[1] :].tolist(), prompt
     assert ours[0].outputs[0].text.startswith(", the city of Nova Haven was a thriving metropolis")
+
+
+@pytest.mark.slow
+def test_a_bare_gguf_runs_with_its_own_config_and_tokenizer(tmp_path, monkeypatch):
+    """A .gguf with nothing beside it (as llama.cpp users have it): the config
+    comes from its metadata and the tokenizer from its vocabulary, and greedy
+    tokens equal the default model's (shipped config and tokenizer)."""
+    from paged_attention.model.gguf import default_gguf_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a first run: nothing cached
+    bare = tmp_path / "bare" / "model.gguf"
+    bare.parent.mkdir()
+    bare.symlink_to(default_gguf_path())
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kwargs = dict(dtype="float32", num_kv_blocks=32, max_model_len=256, swap_space=0)
+    ours = LLM(str(bare), **kwargs)
+    reference = LLM(**kwargs)
+    for prompt in PROMPTS[:2]:
+        got = ours.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        want = reference.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        assert got.token_ids == want.token_ids and got.text == want.text
+    assert ours.engine.eos_token_ids == reference.engine.eos_token_ids
+    assert ours.engine.tokenizer.encode("Once upon a time") == reference.engine.tokenizer.encode(
+        "Once upon a time"
+    )
+    again = LLM(str(bare), **kwargs)  # the tokenizer now comes from the cache
+    assert again.engine.tokenizer.encode("def fibonacci(n):") == reference.engine.tokenizer.encode(
+        "def fibonacci(n):"
+    )

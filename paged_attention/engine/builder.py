@@ -36,6 +36,10 @@ DEFAULT_MODEL_ASSETS = ASSETS / "smollm2-135m-instruct"
 class ModelSource:
     weights: Path  # a folder with safetensors, or a .gguf file
     tokenizer_dir: Path  # where config.json and the tokenizer files live
+    # A bare .gguf (no config.json / tokenizer files beside it) carries both in
+    # its metadata: None here means "read it from the GGUF".
+    config_dir: Path | None = None
+    tokenizer_gguf: str | None = None  # file name in tokenizer_dir to read the tokenizer from
 
 
 def resolve_model(model: str | Path | None) -> ModelSource:
@@ -43,15 +47,18 @@ def resolve_model(model: str | Path | None) -> ModelSource:
     if model is None:
         from paged_attention.model.gguf import default_gguf_path
 
-        return ModelSource(default_gguf_path(), DEFAULT_MODEL_ASSETS)
+        return ModelSource(default_gguf_path(), DEFAULT_MODEL_ASSETS, DEFAULT_MODEL_ASSETS)
     path = Path(model).expanduser()
     if not path.exists():
         raise ValueError(f"model path {str(path)!r} does not exist")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model file {str(path)!r} is not a .gguf file; pass a model folder")
-        return ModelSource(path, path.parent)
-    return ModelSource(path, path)
+        folder = path.parent
+        config_dir = folder if (folder / "config.json").is_file() else None
+        has_tokenizer = any(folder.glob("tokenizer*.json")) or (folder / "tokenizer.model").is_file()
+        return ModelSource(path, folder, config_dir, None if has_tokenizer else path.name)
+    return ModelSource(path, path, path)
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,8 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
-    net, model_config = load_model(source.weights, dtype=dtype, device=device, config=source.tokenizer_dir)
-    tokenizer = Tokenizer.load(source.tokenizer_dir)
+    net, model_config = load_model(source.weights, dtype=dtype, device=device, config=source.config_dir)
+    tokenizer = Tokenizer.load(source.tokenizer_dir, gguf_file=source.tokenizer_gguf)
     plan = plan_pool(config, model_config, dtype, device)
     allocator = BlockPool(
         plan.num_blocks, plan.block_size, enable_prefix_caching=config.enable_prefix_caching
