@@ -1,4 +1,5 @@
-"""Batched next-token sampling: greedy, temperature, top-k, top-p, min-p.
+"""Batched next-token sampling: greedy, temperature, top-k, top-p, min-p, and
+grammar masks for structured output.
 
 One `Sampler.sample` call handles a whole decode step. Everything that touches
 the vocabulary dimension is a tensor op over the batch; the only Python loops
@@ -13,6 +14,12 @@ in the batch or where the row sits. That is why
     order whether or not some other row made us build a mask), and
   * each seeded row draws exactly V exponentials from its own generator per
     step.
+
+Grammar masks (`TokenMask`, one packed bitmask for the step's guided rows)
+remove tokens before everything else, greedy included, and before log-probs are
+taken, as in vLLM: a guided row's log-probs are the log-softmax of its raw
+logits over the tokens its grammar allows (the rest are left out of
+`top_logprobs`). Temperature and the filters never change log-probs.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from paged_attention.guided.bitmask import TokenMask, unpack_bitmask
 from paged_attention.sampling_params import SamplingParams
 
 # torch generators take seeds in [0, 2**64); Python seeds (as vLLM accepts)
@@ -52,7 +60,8 @@ class SamplerOutput:
     """One sampled token per row, with its log-probability.
 
     `logprobs[i]` and the values in `top_logprobs[i]` are log_softmax of the
-    row's RAW logits (before temperature and filtering), as vLLM reports them.
+    row's RAW logits (before temperature and filtering; after a grammar mask),
+    as vLLM reports them.
     `top_logprobs[i]` is None unless that row asked for logprobs; otherwise it
     holds the top-N tokens in descending order followed by the sampled token if
     it was not among them (so N or N + 1 entries).
@@ -71,7 +80,10 @@ class Sampler:
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        mask: TokenMask | None = None,
     ) -> SamplerOutput:
+        """One token per row; `mask` (optional) limits some rows to the tokens
+        their grammar allows."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be 2-D [batch, vocab], got shape {tuple(logits.shape)}")
         batch, vocab = logits.shape
@@ -86,6 +98,8 @@ class Sampler:
             raise ValueError("logits must have vocab size >= 1, got 0")
 
         logits = logits.float()
+        if mask is not None and mask.rows:
+            logits = self._apply_mask(logits, mask)
         raw_logprobs = torch.log_softmax(logits, dim=-1)
 
         # Greedy rows take the argmax of the raw logits; the random rows
@@ -109,6 +123,20 @@ class Sampler:
         )
 
     __call__ = sample
+
+    def _apply_mask(self, logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+        """A copy of `logits` with the disallowed tokens of the masked rows at -inf."""
+        batch, vocab = logits.shape
+        bad = [r for r in mask.rows if not 0 <= r < batch]
+        if bad:
+            raise ValueError(f"mask row {bad[0]} is outside the batch (0..{batch - 1})")
+        allowed = unpack_bitmask(mask.bitmask, vocab).to(logits.device)
+        if not bool(allowed.any(dim=-1).all()):
+            raise ValueError("a grammar mask allows no token: its grammar has already ended")
+        rows = torch.tensor(mask.rows, device=logits.device)
+        masked = logits.clone()
+        masked[rows] = logits[rows].masked_fill(~allowed, -math.inf)
+        return masked
 
     # -- random rows ---------------------------------------------------------
 
@@ -232,7 +260,8 @@ class Sampler:
             if n is None:
                 out.append(None)
                 continue
-            entry = dict(zip(indices_list[row][:n], values_list[row][:n]))
+            # -inf: a token the row's grammar forbids (and not JSON-serialisable).
+            entry = {t: v for t, v in zip(indices_list[row][:n], values_list[row][:n]) if v > -math.inf}
             entry.setdefault(sampled[row], sampled_lp[row])
             out.append(entry)
         return out

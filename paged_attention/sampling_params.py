@@ -11,13 +11,16 @@ Normalisations done at construction (so downstream code has one spelling):
   * `top_k=0`               -> -1 (both mean "no limit")
   * `stop=None | str`       -> list[str]
   * `stop_token_ids=None`   -> []
+  * `guided_decoding=dict`  -> GuidedDecodingParams(**dict)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from paged_attention.guided.params import GuidedDecodingParams
 
 # Temperatures below this are treated as greedy: dividing logits by such a
 # value overflows float32 for ordinary logit magnitudes, and the distribution
@@ -62,12 +65,18 @@ class SamplingParams:
     early_stopping: bool | Literal["never"] = True
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Log-probs of every prompt token after the first (vLLM's): the top N plus
+    # the prompt's own token; RequestOutput.prompt_logprobs holds them.
+    prompt_logprobs: int | None = None
+    # Constrain the output to a JSON schema, regex, choice or grammar.
+    guided_decoding: GuidedDecodingParams | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._check_counts()
         self._check_distribution()
         self._check_stopping()
         self._check_output()
+        self._check_guided()
         if self.use_beam_search:
             self._check_beam_search()
 
@@ -126,10 +135,25 @@ class SamplingParams:
     def _check_output(self) -> None:
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs must be None or an int >= 0, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0
+        ):
+            raise ValueError(f"prompt_logprobs must be None or an int >= 0, got {self.prompt_logprobs!r}")
         if not _is_real(self.length_penalty) or not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+
+    def _check_guided(self) -> None:
+        if isinstance(self.guided_decoding, dict):
+            self.guided_decoding = GuidedDecodingParams(**self.guided_decoding)
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
+            raise ValueError(
+                f"guided_decoding must be a GuidedDecodingParams or a dict, got {self.guided_decoding!r}"
+            )
+        if self.guided_decoding is not None and self.use_beam_search:
+            # Beams are ranked over the whole vocabulary's log-probs, outside the sampler.
+            raise ValueError("guided_decoding cannot be combined with use_beam_search")
 
     def _check_beam_search(self) -> None:
         # Beam search keeps the best_of highest-scoring continuations; it is a
@@ -158,6 +182,12 @@ class SamplingParams:
             )
 
     # -- derived -----------------------------------------------------------
+
+    @property
+    def guided(self) -> GuidedDecodingParams | None:
+        """`guided_decoding` as its one type (a dict was converted on construction)."""
+        assert not isinstance(self.guided_decoding, dict), "SamplingParams converts the dict"
+        return self.guided_decoding
 
     @property
     def is_greedy(self) -> bool:

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from paged_attention.guided.bitmask import TokenMask
 from paged_attention.sampler import Sampler, SamplerOutput, make_generator
 from paged_attention.sampling_params import SamplingParams
 from tests.profiles import examples
@@ -432,6 +433,91 @@ def test_top_logprobs_has_n_sorted_entries_plus_sampled(n: int) -> None:
             assert value == pytest.approx(raw[row, tok].item(), abs=1e-6)
     if 0 < n < 10:
         assert outside_seen  # the "plus the sampled token" case was exercised
+
+
+# ---------------------------------------------------------------------------
+# Sampler: grammar masks
+# ---------------------------------------------------------------------------
+
+
+def _pack(allowed: list[list[bool]]) -> torch.Tensor:
+    """Pack [rows][vocab] booleans into the int32 bitmask layout (bit j of word w: token 32w + j)."""
+    vocab = len(allowed[0])
+    words = torch.zeros(len(allowed), (vocab + 31) // 32, dtype=torch.int64)
+    for r, row in enumerate(allowed):
+        for t, ok in enumerate(row):
+            if ok:
+                words[r, t // 32] |= 1 << (t % 32)
+    return (words - (words >= 2**31).long() * 2**32).to(torch.int32)  # two's complement
+
+
+@st.composite
+def _masked_batch(draw: st.DrawFn) -> tuple[torch.Tensor, list[SamplingParams], list[int], list[list[bool]]]:
+    vocab = draw(st.integers(2, 70))
+    rows = draw(st.integers(1, 5))
+    logits = torch.stack([_spaced_logits(draw, vocab) for _ in range(rows)])
+    params = [
+        draw(
+            st.sampled_from(
+                [
+                    SamplingParams(temperature=0),
+                    SamplingParams(temperature=1.0),
+                    SamplingParams(temperature=0.5, top_k=3),
+                    SamplingParams(temperature=1.5, top_p=0.6, min_p=0.1),
+                ]
+            )
+        )
+        for _ in range(rows)
+    ]
+    masked = sorted(draw(st.sets(st.integers(0, rows - 1), min_size=1)))
+    allowed = [draw(st.lists(st.booleans(), min_size=vocab, max_size=vocab).filter(any)) for _ in masked]
+    return logits, params, masked, allowed
+
+
+@FAST
+@given(case=_masked_batch(), seed=st.integers(0, 2**32))
+def test_masked_rows_only_draw_allowed_tokens_and_others_are_untouched(
+    case: tuple[torch.Tensor, list[SamplingParams], list[int], list[list[bool]]], seed: int
+) -> None:
+    logits, params, masked, allowed = case
+    gens = lambda: [make_generator(seed + i, 0) for i in range(len(params))]  # noqa: E731
+    out = Sampler().sample(logits, params, gens(), TokenMask(masked, _pack(allowed)))
+    plain = Sampler().sample(logits, params, gens())
+    for j, row in enumerate(masked):
+        token = out.token_ids[row]
+        assert allowed[j][token]
+        if params[row].is_greedy:  # greedy is the argmax among the allowed tokens
+            best = max(
+                (t for t in range(logits.shape[1]) if allowed[j][t]), key=lambda t: logits[row, t].item()
+            )
+            assert token == best
+        # Log-probs: log-softmax of the raw logits over the allowed tokens.
+        keep = torch.tensor(allowed[j])
+        expected = torch.log_softmax(logits[row].masked_fill(~keep, -math.inf), dim=-1)[token]
+        assert out.logprobs[row] == pytest.approx(expected.item(), abs=1e-5)
+    for row in set(range(len(params))) - set(masked):
+        assert out.token_ids[row] == plain.token_ids[row]
+        assert out.logprobs[row] == plain.logprobs[row]
+
+
+def test_top_logprobs_of_a_masked_row_list_only_allowed_tokens() -> None:
+    logits = torch.arange(40, dtype=torch.float32).unsqueeze(0)
+    allowed = [[t in (3, 5, 7) for t in range(40)]]
+    out = Sampler().sample(
+        logits, [SamplingParams(temperature=0, logprobs=10)], [None], TokenMask([0], _pack(allowed))
+    )
+    assert out.token_ids == [7]
+    assert list(out.top_logprobs[0] or {}) == [7, 5, 3]
+
+
+def test_mask_input_checks() -> None:
+    full = _pack([[True] * 8])
+    with pytest.raises(ValueError, match="outside the batch"):
+        Sampler().sample(torch.zeros(1, 8), [SamplingParams()], [None], TokenMask([1], full))
+    with pytest.raises(ValueError, match="allows no token"):
+        Sampler().sample(torch.zeros(1, 8), [SamplingParams()], [None], TokenMask([0], _pack([[False] * 8])))
+    with pytest.raises(ValueError, match="one row per masked batch row"):
+        TokenMask([0, 1], full)
 
 
 # ---------------------------------------------------------------------------

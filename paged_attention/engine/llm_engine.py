@@ -9,6 +9,7 @@ the beam group a beam belongs to) and each request's group in `_groups`."""
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ from paged_attention.engine.preemption_cost import PreemptionCostModel
 from paged_attention.engine.request_state import RequestState
 from paged_attention.engine.sequence_group import BeamGroup, SampleGroup
 from paged_attention.engine.step_stats import StepStats, count_prompt_tokens, step_record
+from paged_attention.guided.bitmask import TokenMask, allocate_bitmask
+from paged_attention.guided.grammar import GrammarCompiler, SequenceGrammar
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.outputs import RequestOutput
 from paged_attention.sampler import Sampler, SamplerOutput, make_generator
@@ -90,6 +93,13 @@ class LLMEngine:
         self._seqs: dict[Request, RequestState | BeamGroup] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
+        # Structured output: each guided sample's grammar state, by sequence.
+        # The compiler is built on the first guided request (it loads xgrammar
+        # and reads the vocabulary); the lock because the server validates
+        # requests on its event loop while the engine thread runs.
+        self._grammars: dict[Request, SequenceGrammar] = {}
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     # --------------------------------------------------------------- requests
     def validate_request(
@@ -126,6 +136,14 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if params.guided is not None:
+            self.grammar_compiler().compile(params.guided)  # a bad spec fails here, before queueing
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            return self._grammar_compiler
 
     def add_request(
         self,
@@ -167,7 +185,9 @@ class LLMEngine:
             self._seqs[req] = group
         else:
             stop_ids = set(params.stop_token_ids or ())
-            if not params.ignore_eos:
+            # A grammar allows EOS only once it is complete: ending there is
+            # the grammar's own stop, ignore_eos or not.
+            if not params.ignore_eos or params.guided is not None:
                 stop_ids |= self.eos_token_ids
             group = SampleGroup(request_id, prompt, prompt_ids, params, [req], stream=stream)
             state = RequestState(
@@ -181,6 +201,8 @@ class LLMEngine:
             )
             group.samples.append(state)
             self._seqs[req] = state
+            if params.guided is not None:
+                self._grammars[req] = self.grammar_compiler().matcher(params.guided)
         self._groups[request_id] = group
         self.scheduler.add(req)
         return request_id
@@ -292,6 +314,9 @@ class LLMEngine:
                     sample.append_token(
                         sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i], self.tokenizer
                     )
+                    grammar = self._grammars.get(sample.seq)
+                    if grammar is not None:
+                        grammar.accept(sampled.token_ids[i])
                     if sample.finished:
                         sample.group.members.remove(sample.seq)
                         self._release(sample.seq)
@@ -358,10 +383,13 @@ class LLMEngine:
         assert group.samples == [first], f"request {group.request_id} fanned out twice"
         assert group.params.best_of is not None, "SamplingParams sets best_of"
         group.fanned_out = True
+        grammar = self._grammars.get(first.seq)
         for index in range(1, group.params.best_of):
             child = self._fork_request(first.seq, f"{first.seq.request_id}#{index}")
             sample = first.fork(child, index, self._generator(group.params, child.arrival_index, index))
             self._seqs[child] = sample
+            if grammar is not None:
+                self._grammars[child] = grammar.fork()
             group.members.append(child)
             group.samples.append(sample)
         return list(group.samples)
@@ -390,13 +418,29 @@ class LLMEngine:
         """A sequence is done (finished, dropped or aborted): free its blocks, forget it."""
         self.scheduler.finish(req)
         del self._seqs[req]
+        self._grammars.pop(req, None)
 
     def _sample(self, samples: list[RequestState], logits: torch.Tensor, rows: list[int]) -> SamplerOutput:
         if rows != list(range(logits.shape[0])):
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        sampled = self.sampler.sample(logits, [s.params for s in samples], [s.generator for s in samples])
+        sampled = self.sampler.sample(
+            logits,
+            [s.params for s in samples],
+            [s.generator for s in samples],
+            self._token_mask(samples, logits),
+        )
         self.stats.num_generated_tokens += len(samples)
         return sampled
+
+    def _token_mask(self, samples: list[RequestState], logits: torch.Tensor) -> TokenMask | None:
+        """One bitmask for the step's guided samples, each row filled by its grammar."""
+        rows = [i for i, s in enumerate(samples) if s.seq in self._grammars]
+        if not rows:
+            return None
+        bitmask = allocate_bitmask(len(rows), logits.shape[1])
+        for j, i in enumerate(rows):
+            self._grammars[samples[i].seq].fill(bitmask, j)
+        return TokenMask(rows, bitmask)
 
     # ------------------------------------------------------------ inspection
     def memory_stats(self) -> dict[str, int | float]:
@@ -444,6 +488,14 @@ class LLMEngine:
         for req, state in self._seqs.items():
             assert isinstance(state, BeamGroup) or state.seq is req, (
                 f"sequence {req.request_id} maps to sample {state.seq.request_id}"
+            )
+        for req, grammar in self._grammars.items():
+            # Recompute preemption keeps a sequence's outputs, so its grammar
+            # state stays valid; it must always have seen exactly those tokens.
+            assert req in self._seqs, f"grammar kept for released sequence {req.request_id}"
+            assert grammar.num_accepted == req.num_output_tokens, (
+                f"sequence {req.request_id}: grammar saw {grammar.num_accepted} of "
+                f"{req.num_output_tokens} output tokens"
             )
         if not live:
             assert self.allocator.num_free_blocks == self.allocator.num_blocks, (
