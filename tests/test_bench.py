@@ -400,3 +400,16 @@ def test_engine_step_stats_count_what_each_step_ran():
     assert all(min(r.schedule_s, r.execute_s, r.update_s) >= 0 for r in records)
     assert all(r.step_s == r.schedule_s + r.execute_s + r.update_s for r in records)
     assert LLM(str(STORIES260K), num_kv_blocks=32).engine.step_stats is None  # off by default
+
+
+@pytest.mark.slow
+def test_decode_step_breakdown_adds_up(tmp_path):
+    from paged_attention.bench import decode_step
+    from paged_attention.engine.builder import STORIES260K
+
+    result = decode_step.run(str(STORIES260K), "float32", [1, 3], steps=3)
+    assert [r["num_seqs"] for r in result["rows"]] == [1, 3]
+    for row in result["rows"]:
+        parts = row["attention_ms"] + row["kv_write_ms"] + row["model_other_ms"] + row["update_ms"]
+        assert 0 < parts <= row["step_ms"] + 1e-6
+        assert row["num_ops"] > 0 and row["op_ms"] > 0 and row["python_ms"] >= 0

@@ -31,6 +31,7 @@ folder (config.json + safetensors) or a .gguf file.
 # with an `add_parser(subparsers)`. Each imports torch only when it runs.
 BENCHMARKS = (
     "throughput",
+    "decode_step",
     "sharing",
     "preemption",
     "serve",
