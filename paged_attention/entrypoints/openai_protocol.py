@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from paged_attention.guided import GuidedDecodingParams
 from paged_attention.outputs import CompletionOutput
 from paged_attention.sampling_params import SamplingParams
 
@@ -64,6 +65,15 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+    # Structured output (entrypoints/guided_request.py reads these).
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -72,6 +82,7 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     suffix: str | None = None
 
 
@@ -103,7 +114,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -336,6 +346,7 @@ _PARAM_NAMES = (
     "stop",
     "stop_token_ids",
     "logprobs",
+    "prompt_logprobs",
 )
 
 
@@ -357,6 +368,8 @@ def build_sampling_params(
     logprobs: int | None,
     best_of: int | None = None,
     renames: dict[str, str] | None = None,
+    guided_decoding: GuidedDecodingParams | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """SamplingParams from a request; its ValueErrors become 400s naming the
     API's parameter (e.g. max_completion_tokens rather than max_tokens)."""
@@ -367,6 +380,10 @@ def build_sampling_params(
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         name = renames.get("logprobs", "logprobs")
         raise RequestError(f"{name} must be <= {MAX_LOGPROBS}, got {logprobs}", param=name)
+    if prompt_logprobs is not None and prompt_logprobs > MAX_LOGPROBS:
+        raise RequestError(
+            f"prompt_logprobs must be <= {MAX_LOGPROBS}, got {prompt_logprobs}", param="prompt_logprobs"
+        )
     try:
         return SamplingParams(
             n=req.n,
@@ -383,6 +400,8 @@ def build_sampling_params(
             logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
+            guided_decoding=guided_decoding,
+            prompt_logprobs=prompt_logprobs,
         )
     except ValueError as err:
         message = str(err)

@@ -42,6 +42,7 @@ from paged_attention.entrypoints.async_engine import (
     PromptInput,
     generate_choices,
 )
+from paged_attention.entrypoints.guided_request import guided_decoding_params
 from paged_attention.entrypoints.metrics import ServerMetrics
 from paged_attention.entrypoints.openai_protocol import (
     ChatChoice,
@@ -69,6 +70,7 @@ from paged_attention.entrypoints.openai_protocol import (
     parse_request,
     reject_unsupported,
 )
+from paged_attention.entrypoints.tokenize_routes import TokenizeRoutes
 from paged_attention.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -264,7 +266,8 @@ class _Handlers:
             )
         prompts = ctx.completion_prompts(req.prompt)
         max_tokens = ctx.engine.max_model_len if req.max_tokens is None else req.max_tokens
-        params = build_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, best_of=req.best_of)
+        params = build_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, best_of=req.best_of,
+                                       guided_decoding=guided_decoding_params(req))
         for prompt in prompts:
             ctx.check_prompt(prompt, params, "prompt", None if req.max_tokens is None else "max_tokens")
         ctx.check_capacity()
@@ -353,11 +356,6 @@ class _Handlers:
             raise RequestError("tools are not supported by this server", param="tools")
         if req.tool_choice not in (None, "none"):
             raise RequestError("tool_choice is not supported by this server", param="tool_choice")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise RequestError(
-                f"response_format {req.response_format.get('type')!r} is not supported (only 'text')",
-                param="response_format",
-            )
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         prompt = ctx.chat_prompt(req)
@@ -371,6 +369,7 @@ class _Handlers:
         params = build_sampling_params(
             req, max_tokens=max_tokens, logprobs=num_top,
             renames={"max_tokens": limit_name or "max_tokens", "logprobs": "top_logprobs"},
+            guided_decoding=guided_decoding_params(req),
         )
         ctx.check_prompt(prompt, params, "messages", limit_name)
         ctx.check_capacity()
@@ -624,6 +623,7 @@ def create_app(
         ("/v1/completions", handlers.completions, "POST"),
         ("/v1/chat/completions", handlers.chat, "POST"),
         ("/debug/memory", handlers.debug_memory, "GET"),
+        *TokenizeRoutes(ctx).routes(),  # /tokenize, /detokenize, /version
     ):
         app.add_route(path, _require_api_key(config, endpoint), methods=[method])
     # Health checks and Prometheus scrapers usually carry no key.
