@@ -204,3 +204,36 @@ def test_json_object_on_completions(server: str) -> None:
 def test_bad_structured_output_requests_get_400(server: str, body: dict, param: str, words: str) -> None:
     message = _error(_post(server, "/v1/completions", {"prompt": "Once", "max_tokens": 4, **body}), param)
     assert words in message, message
+
+
+# ------------------------------------------------------------------ logprobs
+def test_streamed_logprobs_equal_the_full_response(client: openai.OpenAI, server: str) -> None:
+    messages = [{"role": "user", "content": "Tell a story"}]
+    args = dict(model=MODEL, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+    full = client.chat.completions.create(messages=messages, **args).choices[0].logprobs.content
+    streamed = [
+        t
+        for chunk in client.chat.completions.create(messages=messages, stream=True, **args)
+        if chunk.choices and chunk.choices[0].logprobs
+        for t in chunk.choices[0].logprobs.content
+    ]
+    # Equal up to float noise: the two requests may run in batches of other shapes.
+    assert [(t.token, t.bytes) for t in streamed] == [(t.token, t.bytes) for t in full]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in full], abs=1e-4)
+    assert [[a.token for a in t.top_logprobs] for t in streamed] == [
+        [a.token for a in t.top_logprobs] for t in full
+    ]
+
+    legacy = dict(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0, logprobs=2)
+    whole = client.completions.create(**legacy).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **legacy) if c.choices]
+    tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert tokens == whole.logprobs.tokens and offsets == whole.logprobs.text_offset
+    assert "".join(tokens) == whole.text == "".join(c.text for c in chunks)
+    _idle(server)
+
+
+def test_prompt_logprobs_is_an_unknown_argument_for_now(server: str) -> None:
+    body = {"prompt": "Once", "max_tokens": 2, "prompt_logprobs": 1}
+    assert "unrecognized" in _error(_post(server, "/v1/completions", body), "prompt_logprobs")

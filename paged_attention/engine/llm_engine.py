@@ -136,6 +136,9 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if params.prompt_logprobs is not None:
+            # The model runner computes logits for the last position only.
+            raise ValueError("prompt_logprobs is not supported yet: set it to None")
         if params.guided is not None:
             self.grammar_compiler().compile(params.guided)  # a bad spec fails here, before queueing
 

@@ -82,7 +82,6 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = None
-    prompt_logprobs: int | None = None
     suffix: str | None = None
 
 
@@ -346,7 +345,6 @@ _PARAM_NAMES = (
     "stop",
     "stop_token_ids",
     "logprobs",
-    "prompt_logprobs",
 )
 
 
@@ -369,7 +367,6 @@ def build_sampling_params(
     best_of: int | None = None,
     renames: dict[str, str] | None = None,
     guided_decoding: GuidedDecodingParams | None = None,
-    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """SamplingParams from a request; its ValueErrors become 400s naming the
     API's parameter (e.g. max_completion_tokens rather than max_tokens)."""
@@ -380,10 +377,6 @@ def build_sampling_params(
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         name = renames.get("logprobs", "logprobs")
         raise RequestError(f"{name} must be <= {MAX_LOGPROBS}, got {logprobs}", param=name)
-    if prompt_logprobs is not None and prompt_logprobs > MAX_LOGPROBS:
-        raise RequestError(
-            f"prompt_logprobs must be <= {MAX_LOGPROBS}, got {prompt_logprobs}", param="prompt_logprobs"
-        )
     try:
         return SamplingParams(
             n=req.n,
@@ -401,7 +394,6 @@ def build_sampling_params(
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
             guided_decoding=guided_decoding,
-            prompt_logprobs=prompt_logprobs,
         )
     except ValueError as err:
         message = str(err)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import ConfigDict, Field
 from starlette.requests import Request
@@ -25,9 +25,6 @@ from paged_attention.entrypoints.openai_protocol import (
     _Strict,
     parse_request,
 )
-
-if TYPE_CHECKING:
-    from paged_attention.entrypoints.server import ServerContext
 
 # A guard against one request asking to tokenize or decode without bound.
 MAX_DETOKENIZE_TOKENS = 1_000_000
@@ -87,8 +84,17 @@ def _has_key(body: bytes, key: str) -> bool:
     return isinstance(data, dict) and key in data
 
 
+class RouteContext(Protocol):
+    """What these routes use of the server's context."""
+
+    tokenizer: Any  # the server's AutoTokenizer copy
+    engine: Any  # has max_model_len and vocab_size
+
+    def check_model(self, model: str | None) -> None: ...
+
+
 class TokenizeRoutes:
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: RouteContext) -> None:
         self.ctx = ctx
 
     def routes(self) -> list[tuple[str, Any, str]]:
