@@ -1,7 +1,8 @@
 """Log-probs are the log-softmax of the model's raw logits (vLLM's documented
 meaning): checked against a direct transformers forward over prompt + output
 on stories260K, for greedy and for sampled rows whose temperature and filters
-must not change them."""
+must not change them; prompt log-probs likewise, through chunked prefill,
+prefix-cache hits, forks, streaming and recompute preemption."""
 
 from __future__ import annotations
 
@@ -73,8 +74,77 @@ def test_n_samples_each_report_their_own_tokens(llm: LLM, hf_model) -> None:
             assert c.logprobs[pos][token] == pytest.approx(ref[pos, token].item(), abs=1e-4)
 
 
-def test_prompt_logprobs_is_refused_until_supported(llm: LLM) -> None:
-    with pytest.raises(ValueError, match="prompt_logprobs"):
-        llm.generate(PROMPT, SamplingParams(prompt_logprobs=1), use_tqdm=False)
+@torch.inference_mode()
+def _reference_prompt_logprobs(hf_model, prompt_ids: list[int]) -> torch.Tensor:
+    """[len(prompt_ids) - 1, vocab]: row p predicts prompt token p + 1."""
+    logits = hf_model(torch.tensor([prompt_ids])).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _assert_prompt_logprobs(out, hf_model, num_top: int) -> None:
+    ids = out.prompt_token_ids
+    entries = out.prompt_logprobs
+    assert entries is not None and len(entries) == len(ids) and entries[0] is None
+    ref = _reference_prompt_logprobs(hf_model, ids)
+    for pos, entry in enumerate(entries[1:]):
+        top = ref[pos].topk(num_top)
+        want = dict(zip(top.indices.tolist(), top.values.tolist()))
+        want[ids[pos + 1]] = ref[pos, ids[pos + 1]].item()
+        assert entry is not None and entry.keys() == want.keys()
+        for t, value in entry.items():
+            assert value == pytest.approx(want[t], abs=1e-4)
+
+
+LONG_PROMPT = (
+    "Once upon a time there was a little girl named Lily. She liked to play in the park with her dog"
+)
+
+
+def test_prompt_logprobs_equal_a_direct_forward(llm: LLM, hf_model) -> None:
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=3)
+    outs = llm.generate([PROMPT, LONG_PROMPT], params, use_tqdm=False)
+    for out in outs:
+        _assert_prompt_logprobs(out, hf_model, 3)
+    # A prompt already in the prefix cache is computed again in full for them.
+    (again,) = llm.generate(LONG_PROMPT, SamplingParams(max_tokens=2, prompt_logprobs=0), use_tqdm=False)
+    _assert_prompt_logprobs(again, hf_model, 0)
+    (plain,) = llm.generate(PROMPT, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert plain.prompt_logprobs is None
+
+
+def test_prompt_logprobs_over_chunked_prefill_forks_and_streams(hf_model) -> None:
+    chunked = LLM(
+        str(STORIES260K), dtype="float32", num_kv_blocks=128, block_size=4, max_num_batched_tokens=8
+    )
+    params = SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=4, prompt_logprobs=2)
+    (out,) = chunked.generate(LONG_PROMPT, params, use_tqdm=False)
+    assert len(out.prompt_token_ids) > 8  # the prompt took several steps
+    _assert_prompt_logprobs(out, hf_model, 2)
+    deltas = list(chunked.generate_stream(LONG_PROMPT, SamplingParams(max_tokens=3, prompt_logprobs=1)))
+    assert all(d.prompt_logprobs is deltas[0].prompt_logprobs for d in deltas)
+    _assert_prompt_logprobs(deltas[-1], hf_model, 1)
+
+
+def test_prompt_logprobs_survive_recompute_preemption(hf_model) -> None:
+    from tests.engine_utils import drain
+
+    small = LLM(
+        str(STORIES260K),
+        dtype="float32",
+        num_kv_blocks=24,
+        block_size=4,
+        max_model_len=96,
+        max_num_batched_tokens=16,
+        preemption_mode="recompute",
+    )
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
+    ids = small.add_requests([LONG_PROMPT, PROMPT, LONG_PROMPT], params)
+    done = drain(small.engine)
+    assert small.memory_stats()["num_preemptions"] > 0
+    for request_id in ids:
+        _assert_prompt_logprobs(done[request_id], hf_model, 1)
+
+
+def test_prompt_logprobs_validation() -> None:
     with pytest.raises(ValueError, match="prompt_logprobs must be None or an int >= 0"):
         SamplingParams(prompt_logprobs=-1)

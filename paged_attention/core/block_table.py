@@ -140,13 +140,15 @@ class BlockTable:
         self.num_tokens = 0
 
     # ------------------------------------------------------------- admission
-    def admit(self, token_ids: Sequence[int], max_new_tokens: int, chain: PrefixChain) -> Admission | None:
+    def admit(
+        self, token_ids: Sequence[int], max_new_tokens: int, chain: PrefixChain, use_cache: bool = True
+    ) -> Admission | None:
         """Make room for up to `max_new_tokens` more of `token_ids` (the whole
         sequence; the table holds its first `num_tokens`). An empty table first
         takes the longest cached full-block prefix, and `chain` (the owner's
         hash chain, fresh with the empty table) starts after it. Returns None
         -- taking nothing and counting no cache query -- when the pool cannot
-        hold it."""
+        hold it. `use_cache=False` skips the lookup (every token is computed)."""
         assert max_new_tokens >= 0, f"cannot append {max_new_tokens} tokens"
         assert len(token_ids) >= self.num_tokens, f"{self}: token_ids has only {len(token_ids)} tokens"
         if self.block_ids:  # e.g. a forked sample: nothing to look up
@@ -157,7 +159,7 @@ class BlockTable:
             f"{self}: an empty table's hash chain must start over, got {chain}"
         )
         pool = self.pool
-        caching = pool.enable_prefix_caching
+        caching = pool.enable_prefix_caching and use_cache
         hits = pool.lookup(token_ids) if caching else []
         num_cached = len(hits) * self.block_size
         n = min(len(token_ids) - num_cached, max_new_tokens)

@@ -40,6 +40,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on admission
+    # False: admission never reuses cached blocks (prompt log-probs need every
+    # prompt position computed); the request's own full blocks are still cached.
+    use_prefix_cache: bool = True
     # How far the prefix cache's hash chain has got along the table's blocks.
     prefix_chain: PrefixChain = field(default_factory=PrefixChain)
 

@@ -251,7 +251,9 @@ class Scheduler:
         while self._waiting and budget > 0 and len(batch.requests) < self.max_num_seqs:
             req = self._waiting.peek()
             # An empty table first reuses the longest cached full-block prefix.
-            admitted = req.block_table.admit(req.token_ids(0, req.num_tokens), budget, req.prefix_chain)
+            admitted = req.block_table.admit(
+                req.token_ids(0, req.num_tokens), budget, req.prefix_chain, use_cache=req.use_prefix_cache
+            )
             if admitted is None:
                 break  # no room: never preempt running work to admit new work
             if admitted.cow is not None:  # a forked sample or beam writing its first token

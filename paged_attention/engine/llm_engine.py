@@ -21,6 +21,7 @@ from paged_attention.core.request import Request, RequestStatus
 from paged_attention.core.scheduler import ScheduledBatch, Scheduler
 from paged_attention.engine.model_runner import ModelRunner, StepResult
 from paged_attention.engine.preemption_cost import PreemptionCostModel
+from paged_attention.engine.prompt_logprobs import PromptLogprobsCollector
 from paged_attention.engine.request_state import RequestState
 from paged_attention.engine.sequence_group import BeamGroup, SampleGroup
 from paged_attention.engine.step_stats import StepStats, count_prompt_tokens, step_record
@@ -100,6 +101,7 @@ class LLMEngine:
         self._grammars: dict[Request, SequenceGrammar] = {}
         self._grammar_compiler: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
+        self._prompt_logprobs = PromptLogprobsCollector(runner.model)
 
     # --------------------------------------------------------------- requests
     def validate_request(
@@ -136,9 +138,6 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        if params.prompt_logprobs is not None:
-            # The model runner computes logits for the last position only.
-            raise ValueError("prompt_logprobs is not supported yet: set it to None")
         if params.guided is not None:
             self.grammar_compiler().compile(params.guided)  # a bad spec fails here, before queueing
 
@@ -172,6 +171,7 @@ class LLMEngine:
             params.max_tokens,
             priority=priority,
             arrival_index=arrival,
+            use_prefix_cache=params.prompt_logprobs is None,
         )
         group: SampleGroup | BeamGroup
         if params.use_beam_search:
@@ -207,6 +207,8 @@ class LLMEngine:
             if params.guided is not None:
                 self._grammars[req] = self.grammar_compiler().matcher(params.guided)
         self._groups[request_id] = group
+        if params.prompt_logprobs is not None:
+            self._prompt_logprobs.add(req, request_id, params.prompt_logprobs)
         self.scheduler.add(req)
         return request_id
 
@@ -222,6 +224,7 @@ class LLMEngine:
         group = self._groups.pop(request_id, None)
         if group is None:
             return False
+        self._prompt_logprobs.forget(request_id)
         if isinstance(group, SampleGroup):
             for sample in group.samples:
                 if not sample.finished:
@@ -278,6 +281,7 @@ class LLMEngine:
         tokens appended (a request's samples forked once its prompt is done),
         stop rules, finished sequences freed, beam rounds advanced; returns the
         step's outputs."""
+        self._prompt_logprobs.collect(batch)  # before the computed counts move on
         caching = self.allocator.enable_prefix_caching
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
@@ -352,6 +356,7 @@ class LLMEngine:
                 continue
             if beams.finished:
                 del self._groups[beams.request_id]
+        self._prompt_logprobs.attach(outputs)
         if faults:
             raise StepError(faults, outputs)
         return outputs
@@ -422,6 +427,7 @@ class LLMEngine:
         self.scheduler.finish(req)
         del self._seqs[req]
         self._grammars.pop(req, None)
+        self._prompt_logprobs.release(req)
 
     def _sample(self, samples: list[RequestState], logits: torch.Tensor, rows: list[int]) -> SamplerOutput:
         if rows != list(range(logits.shape[0])):
@@ -500,6 +506,7 @@ class LLMEngine:
                 f"sequence {req.request_id}: grammar saw {grammar.num_accepted} of "
                 f"{req.num_output_tokens} output tokens"
             )
+        self._prompt_logprobs.check_invariants(live)
         if not live:
             assert self.allocator.num_free_blocks == self.allocator.num_blocks, (
                 f"idle engine leaked {self.allocator.num_used_blocks} blocks"
