@@ -148,3 +148,29 @@ def test_prompt_logprobs_survive_recompute_preemption(hf_model) -> None:
 def test_prompt_logprobs_validation() -> None:
     with pytest.raises(ValueError, match="prompt_logprobs must be None or an int >= 0"):
         SamplingParams(prompt_logprobs=-1)
+
+
+def test_echo_logprobs_put_the_prompt_first(llm: LLM) -> None:
+    from paged_attention.entrypoints.logprobs import join_logprobs, prompt_logprobs_for_echo
+    from paged_attention.entrypoints.openai_protocol import TokenText, completion_logprobs
+
+    (out,) = llm.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=4, logprobs=2, prompt_logprobs=2), use_tqdm=False
+    )
+    tokenizer = llm.get_tokenizer()
+    token_text = TokenText(tokenizer)
+    assert out.prompt_logprobs is not None
+    special = frozenset(tokenizer.all_special_ids)
+    prompt_part = prompt_logprobs_for_echo(out.prompt_token_ids, out.prompt_logprobs, token_text, special)
+    joined = join_logprobs(prompt_part, completion_logprobs(out.outputs[0], token_text, 0))
+    n_prompt = len(out.prompt_token_ids)
+    assert len(joined.tokens) == n_prompt + 4
+    assert joined.token_logprobs[0] is None and joined.top_logprobs[0] is None  # BOS: nothing predicts it
+    assert joined.tokens[0] == ""  # a special token is not part of the echoed text
+    for i in range(1, n_prompt):
+        token = out.prompt_token_ids[i]
+        assert joined.token_logprobs[i] == out.prompt_logprobs[i][token]
+    assert "".join(joined.tokens) == "".join(joined.tokens[:n_prompt]) + out.outputs[0].text
+    assert joined.text_offset == [sum(len(t) for t in joined.tokens[:i]) for i in range(len(joined.tokens))]
+    with pytest.raises(ValueError, match="one prompt log-prob entry per prompt token"):
+        prompt_logprobs_for_echo(out.prompt_token_ids, out.prompt_logprobs[1:], token_text)
