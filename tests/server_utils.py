@@ -1,13 +1,16 @@
 """Run a server app on loopback for tests: uvicorn in a background thread on a
-free port, always shut down (engine thread included) on exit."""
+free port, always shut down (engine thread included) on exit; and helpers to
+post raw bodies and read OpenAI-shaped errors."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -21,6 +24,7 @@ CHAT_TEMPLATE = (
 class Served:
     url: str
     steps: threading.Event  # cleared: the engine thread holds before its next step
+    app: Any = None  # the app served (its ServerContext is app.state.ctx)
 
 
 def gate_steps(llm) -> threading.Event:
@@ -39,18 +43,39 @@ def gate_steps(llm) -> threading.Event:
     return steps
 
 
-@contextmanager
-def serve_in_thread(app, startup_timeout: float = 60.0, graceful_timeout: float = 5.0) -> Iterator[str]:
-    """Yields the base URL (http://127.0.0.1:PORT) of `app` served by uvicorn.
-    On exit, requests still open after `graceful_timeout` s are cancelled."""
-    import uvicorn
+@dataclass
+class RunningServer:
+    """A server app on loopback, run by uvicorn (as `serve` runs it: the same
+    limits, header deadline and graceful shutdown) in a background thread."""
 
+    url: str
+    server: object  # lifecycle.GracefulServer
+    thread: threading.Thread
+    sock: socket.socket
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def begin_shutdown(self) -> None:
+        """What SIGTERM does: stop accepting, drain, then end what remains."""
+        self.server.should_exit = True  # type: ignore[attr-defined]
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.begin_shutdown()
+        self.thread.join(timeout)
+        self.sock.close()
+        assert not self.thread.is_alive(), "server thread did not stop"
+
+
+def start_server(app, startup_timeout: float = 60.0) -> RunningServer:
+    from paged_attention.entrypoints.lifecycle import make_server
     from paged_attention.entrypoints.server import bind_socket
 
     # Bind first (port 0: the OS picks a free port) so there is no race for the port.
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", timeout_graceful_shutdown=graceful_timeout))
+    server = make_server(app, log_level="error")
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -72,13 +97,39 @@ def serve_in_thread(app, startup_timeout: float = 60.0, graceful_timeout: float 
             sock.close()
             raise RuntimeError("server did not start in time")
         time.sleep(0.02)
+    return RunningServer(f"http://127.0.0.1:{port}", server, thread, sock)
+
+
+@contextmanager
+def serve_in_thread(app, startup_timeout: float = 60.0) -> Iterator[str]:
+    """Yields the base URL (http://127.0.0.1:PORT) of `app`; shuts it down on
+    exit (requests still open after the app's --shutdown-timeout end with an
+    error)."""
+    running = start_server(app, startup_timeout)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield running.url
     finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive(), "server thread did not stop"
+        running.stop()
+
+
+def raw_connection(base_url: str) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", int(base_url.rsplit(":", 1)[1])), timeout=60)
+
+
+def post(base_url: str, path: str, content: str | bytes, headers: dict | None = None) -> httpx.Response:
+    """POST a raw body as JSON (the Content-Type a client sends; without an
+    API key the server refuses any other)."""
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    return httpx.post(f"{base_url}{path}", content=content, headers=sent, timeout=60)
+
+
+def error_of(response: httpx.Response, status: int, param: str | None = None) -> str:
+    """The message of an OpenAI-shaped error answer with this status and param."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    return error["message"]
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):

@@ -18,13 +18,16 @@ import pytest
 
 from paged_attention import LLM, SamplingParams
 from paged_attention.engine.builder import STORIES260K
+from paged_attention.entrypoints.limits import ServerLimits
 from paged_attention.entrypoints.server import create_app
 from tests.server_utils import (
     CHAT_TEMPLATE,
     Served,
+    error_of,
     gate_steps,
     memory,
     metric_value,
+    post,
     serve_in_thread,
     wait_until,
 )
@@ -323,7 +326,7 @@ def _raw_request(server: str, body: dict) -> socket.socket:
     payload = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])), timeout=60)
     sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )
@@ -382,16 +385,8 @@ def test_disconnected_non_streaming_request_is_aborted(served):
 
 
 # ---------------------------------------------------------------- bad input
-def _post(server: str, path: str, content: str | bytes, headers: dict | None = None) -> httpx.Response:
-    return httpx.post(f"{server}{path}", content=content, headers=headers, timeout=60)
-
-
-def _error(response: httpx.Response, status: int, param: str | None = None) -> str:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param
-    return error["message"]
+_post = post
+_error = error_of
 
 
 @pytest.mark.parametrize(
@@ -648,7 +643,8 @@ def test_bad_serve_options_are_clear_errors():
 
 def test_shutdown_with_a_stream_in_flight_frees_every_block():
     llm = _llm()
-    with serve_in_thread(create_app(llm, served_model_name=MODEL), graceful_timeout=0.5) as url:
+    app = create_app(llm, served_model_name=MODEL, limits=ServerLimits(shutdown_timeout_s=0.5))
+    with serve_in_thread(app) as url:
         sock = _raw_request(
             url, {"prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "temperature": 0, "stream": True}
         )

@@ -47,7 +47,6 @@ class _EngineCollector(Collector):
 
         yield gauge("num_requests_running", "Requests in the running batch.", load.num_running)
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", load.num_waiting)
-        # Preempted requests are recomputed, not swapped, until swapping exists.
         yield gauge("num_requests_swapped", "Requests swapped out to CPU.", mem.get("num_swapped", 0))
         yield gauge(
             "kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", mem.get("kv_cache_usage", 0.0)
@@ -58,12 +57,28 @@ class _EngineCollector(Collector):
             mem.get("prefix_cache_hit_rate", 0.0),
         )
         yield gauge("num_kv_blocks", "KV blocks in the pool.", mem.get("num_blocks", 0))
+        # The host swap pool (0 without swapping). Touched blocks are the host
+        # pages it has committed: what swapping costs in resident memory.
+        yield gauge("num_host_kv_blocks", "Blocks in the host swap pool.", mem.get("num_host_blocks", 0))
+        yield gauge(
+            "num_host_kv_blocks_used",
+            "Host swap pool blocks held by swapped sequences.",
+            mem.get("num_host_used_blocks", 0),
+        )
+        yield gauge(
+            "num_host_kv_blocks_touched",
+            "Host swap pool blocks ever handed out (host pages committed).",
+            mem.get("num_host_touched_blocks", 0),
+        )
         yield counter(
             "num_preemptions", "Requests preempted to free KV blocks.", mem.get("num_preemptions", 0)
         )
         yield counter("prompt_tokens", "Prompt tokens computed (prefill).", load.num_prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", load.num_generation_tokens)
         yield counter("num_aborted_requests", "Requests aborted (client gone).", load.num_aborted)
+        yield counter(
+            "num_failed_requests", "Requests failed by an engine fault or shutdown.", load.num_failed
+        )
 
 
 class ServerMetrics:
@@ -98,6 +113,16 @@ class ServerMetrics:
             ["model_name", "finished_reason"],
             registry=self.registry,
         )
+
+        self.rejected = Counter(
+            f"{PREFIX}_rejected_requests",
+            "Requests refused before queueing (queue full, shutting down), by reason.",
+            ["model_name", "reason"],
+            registry=self.registry,
+        )
+
+    def observe_rejected(self, reason: str) -> None:
+        self.rejected.labels(self._model, reason).inc()
 
     def observe_finished(self, out: RequestOutput, submitted_at: float) -> None:
         """Record a finished engine request. Times are measured from

@@ -8,6 +8,7 @@ import argparse
 
 from paged_attention.config import API_KEY_ENV
 from paged_attention.entrypoints.engine_args import add_engine_args
+from paged_attention.entrypoints.limits import add_limit_args
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
@@ -25,7 +26,15 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key",
         default=None,
-        help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, else off)",
+        help=f"require 'Authorization: Bearer KEY' on /v1, /docs and /debug (default: ${API_KEY_ENV}, "
+        "which keeps the key out of the process list; else off)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="NAMES",
+        help="without an API key, Host header names answered besides localhost, 127.0.0.1, [::1] and "
+        "the bound address (comma-separated; '*': any). Blocks DNS rebinding",
     )
     p.add_argument(
         "--served-model-name", default=None, help="model name clients send (default: the folder name)"
@@ -36,6 +45,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         default=None,
         help="answer 503 + Retry-After once this many requests wait (default: no limit)",
     )
+    add_limit_args(p)
     p.add_argument("--chat-template", default=None, help="Jinja chat template: a file or the template text")
     p.add_argument(
         "--log-level",
