@@ -83,8 +83,8 @@ class Tokenizer:
         if text is not None:
             try:
                 saved = json.loads(text)
-                backend = tokenizers.Tokenizer.from_str(saved["backend"])
-                return cls(folder, backend, saved["eos_token_id"], gguf_file=gguf_file)
+                cached = tokenizers.Tokenizer.from_str(saved["backend"])
+                return cls(folder, cached, saved["eos_token_id"], gguf_file=gguf_file)
             except Exception as exc:  # tokenizers raises bare Exception; a bad file is a miss
                 logger.warning("ignoring the tokenizer cache %s (%s)", cache_file, exc)
         if gguf_file is not None:
