@@ -100,6 +100,34 @@ def start_server(app, startup_timeout: float = 60.0) -> RunningServer:
     return RunningServer(f"http://127.0.0.1:{port}", server, thread, sock)
 
 
+class StepBudget:
+    """Lets `llm`'s engine take exactly as many steps as a test allows: a step
+    waits for budget (none at first). For states that must not depend on how
+    fast the model runs: after `allow(6)`, a 6-token request has finished and
+    the one queued behind it has not begun."""
+
+    def __init__(self, llm) -> None:
+        self._cond = threading.Condition()
+        self._left: float = 0
+        step = llm.engine.step
+
+        def budgeted_step():
+            with self._cond:
+                self._cond.wait_for(lambda: self._left > 0)
+                self._left -= 1
+            return step()
+
+        llm.engine.step = budgeted_step
+
+    def allow(self, steps: float) -> None:
+        with self._cond:
+            self._left += steps
+            self._cond.notify_all()
+
+    def unlimited(self) -> None:
+        self.allow(float("inf"))
+
+
 @contextmanager
 def serve_in_thread(app, startup_timeout: float = 60.0) -> Iterator[str]:
     """Yields the base URL (http://127.0.0.1:PORT) of `app`; shuts it down on
