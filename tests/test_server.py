@@ -491,6 +491,13 @@ def test_metrics_after_traffic(client, server):
         "prefix_cache_hit_rate",
     ):
         assert metric_value(server, f"paged_attention_{name}") >= 0
+    # The host swap pool, as memory_stats reports it (capped at the device pool's size).
+    stats = memory(server)
+    assert stats["num_host_blocks"] == stats["num_blocks"] == 256
+    assert metric_value(server, "paged_attention_num_host_kv_blocks") == stats["num_host_blocks"]
+    for gauge, key in (("used", "num_host_used_blocks"), ("touched", "num_host_touched_blocks")):
+        assert metric_value(server, f"paged_attention_num_host_kv_blocks_{gauge}") == stats[key]
+    assert metric_value(server, "paged_attention_num_failed_requests_total") == 0
 
 
 # ------------------------------------------- API key, queue limit, no template
