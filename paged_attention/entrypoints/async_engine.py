@@ -28,7 +28,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -188,8 +188,8 @@ class AsyncEngine:
 
     # ------------------------------------------------------------- requests
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raises ValueError for a prompt the engine would refuse. Safe from the
-        event loop: the check reads only the engine's fixed limits."""
+        """Raises ValueError for a prompt the engine would refuse. Safe off the
+        engine thread: the check reads only the engine's fixed limits."""
         self._engine.validate_prompt(prompt_token_ids, params)
 
     def submit(
@@ -536,7 +536,7 @@ class Submission:
     deadline: float | None = None  # loop time
     timeout_s: float | None = None
 
-    async def choices(self) -> AsyncIterator[ChoiceUpdate]:
+    async def choices(self) -> AsyncGenerator[ChoiceUpdate, None]:
         """All n choices of every prompt, as they are produced. Raises
         EngineError (RequestTimeout past the deadline) and aborts the rest."""
         try:

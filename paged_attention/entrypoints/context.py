@@ -54,15 +54,15 @@ class ServerContext:
     # event loop: a large prompt must not stall /health or other clients,
     # and one tokenizer copy is not to be used by two threads at once.
     _prepare_limiter: Any = None
+    # The server's own AutoTokenizer copy (the engine thread decodes with the original).
+    tokenizer: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokenizer = self.prompts.tokenizer
 
     @property
     def limits(self) -> ServerLimits:
         return self.config.limits
-
-    @property
-    def tokenizer(self) -> Any:
-        """The server's own AutoTokenizer copy (the engine thread decodes with the original)."""
-        return self.prompts.tokenizer
 
     def check_model(self, model: str | None) -> None:
         name = self.config.served_model_name

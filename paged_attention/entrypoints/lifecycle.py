@@ -43,7 +43,7 @@ FLUSH_TIMEOUT_S = 5.0
 class _HeaderDeadlineH11(H11Protocol):
     header_timeout_s = 10.0  # set per server by `protocol_class`
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         self._header_timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         self._arm()

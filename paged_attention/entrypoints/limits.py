@@ -83,7 +83,7 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits", "what one client may ask of the server, and for how long")
     for f in dataclasses.fields(ServerLimits):
         kind = int if f.type == "int" else float
-        default = f.default
+        default: Any = f.default
         if default is None:
             shown = "none"
         elif f.name == "max_request_bytes":
