@@ -279,3 +279,14 @@ def test_limit_flags_name_their_fields():
         ServerLimits(max_seqs_per_request=0)
     with pytest.raises(ValueError, match=r"--request-timeout must be > 0, got -1"):
         ServerLimits(request_timeout_s=-1)
+
+
+def test_oversized_headers_are_refused_by_h11(limited):
+    """Incomplete headers are buffered up to 32 KiB (lifecycle.MAX_HEADER_BYTES),
+    then refused: a client cannot make the server hold an endless header."""
+    sock = raw_connection(limited.url)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 40_000)  # never ends
+    answer = _read_all(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert httpx.get(f"{limited.url}/health", timeout=30).status_code == 200
