@@ -52,6 +52,24 @@ DTYPE_NAMES = {
 }
 
 
+# Weight formats (`quantization`): auto, none (dense float weights), gguf (a
+# GGUF file's 4-bit blocks kept as they are), int8 (per output channel), int4
+# (groups of 32 along the input; -gN picks another group size), and the
+# reserved awq/gptq (pre-quantized checkpoints; loaders not written yet).
+QUANTIZATION_CHOICES = (
+    "auto",
+    "none",
+    "gguf",
+    "int8",
+    "int4",
+    "int4-g32",
+    "int4-g64",
+    "int4-g128",
+    "awq",
+    "gptq",
+)
+
+
 # The environment variable the HTTP server reads its API key from.
 API_KEY_ENV = "PAGED_ATTENTION_API_KEY"
 
@@ -146,6 +164,15 @@ class EngineConfig:
     gpu_memory_utilization: float = option(
         0.9, "CUDA, without a pool size: the share of free device memory the engine may use"
     )
+    quantization: str | None = option(
+        "auto",
+        "weight format of the linear layers: auto (gguf for a GGUF file on the CPU unless "
+        "float32/float16 is asked for, else none), none (dense, in --dtype), gguf (keep the "
+        "file's 4-bit blocks), int8 (per output channel), int4 (groups of 32; int4-g64, "
+        "int4-g128 for larger groups), awq/gptq (reserved)",
+        choices=QUANTIZATION_CHOICES,
+        metavar="FORMAT",
+    )
     record_step_stats: bool = option(
         False,
         "keep one StepStats record per engine step in LLMEngine.step_stats (token counts "
@@ -169,6 +196,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {self.dtype!r}; use 'auto' or one of {sorted(DTYPE_NAMES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(
+                f"unknown quantization {self.quantization!r}; use one of {', '.join(QUANTIZATION_CHOICES)}"
+            )
         if not self.swap_space >= 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         for name, allowed in (

@@ -121,7 +121,18 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
-    net, model_config = load_model(source.weights, dtype=dtype, device=device, config=source.config_dir)
+    from paged_attention.model.quant.scheme import quantization_for_engine
+
+    quantization = quantization_for_engine(
+        config.quantization,
+        weights=source.weights,
+        device_type=device.type,
+        dtype_option=config.dtype,
+        tensor_parallel=False,
+    )
+    net, model_config = load_model(
+        source.weights, dtype=dtype, device=device, config=source.config_dir, quantization=quantization
+    )
     tokenizer = Tokenizer.load(source.tokenizer_dir, gguf_file=source.tokenizer_gguf)
     plan = plan_pool(config, model_config, dtype, device)
     allocator = BlockPool(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paged_attention.model.config import RopeScaling
+from paged_attention.model.quant import NONE, QuantLinear, QuantScheme, Scratch
 
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -134,7 +135,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ------------------------------------------------------------------- SwiGLU
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul
-    (rows [0, I) are gate_proj, rows [I, 2I) up_proj)."""
+    (rows [0, I) are gate_proj, rows [I, 2I) up_proj). With a quantized
+    scheme both matmuls are `QuantLinear`s (`gate_up_proj`, `down_proj`)."""
 
     def __init__(
         self,
@@ -143,15 +145,44 @@ class GatedMLP(nn.Module):
         bias: bool,
         dtype: torch.dtype,
         device: torch.device | str,
+        scheme: QuantScheme = NONE,
+        scratch: Scratch | None = None,
+        name: str = "mlp",
     ) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
+        self.gate_up_proj: QuantLinear | None = None
+        self.down_proj: QuantLinear | None = None
+        if scheme.quantized:
+            assert scratch is not None, "quantized layers share a Scratch"
+            self.gate_up_proj = QuantLinear(
+                2 * intermediate_size,
+                hidden_size,
+                scheme,
+                bias=bias,
+                dtype=dtype,
+                scratch=scratch,
+                name=f"{name}.gate_up_proj",
+            )
+            self.down_proj = QuantLinear(
+                hidden_size,
+                intermediate_size,
+                scheme,
+                bias=bias,
+                dtype=dtype,
+                scratch=scratch,
+                name=f"{name}.down_proj",
+            )
+            return
         self.gate_up_weight = empty_param(2 * intermediate_size, hidden_size, dtype=dtype, device=device)
         self.down_weight = empty_param(hidden_size, intermediate_size, dtype=dtype, device=device)
         self.gate_up_bias = empty_param(2 * intermediate_size, dtype=dtype, device=device) if bias else None
         self.down_bias = empty_param(hidden_size, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None and self.down_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+            return self.down_proj(F.silu(gate).mul_(up))
         gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return F.linear(F.silu(gate).mul_(up), self.down_weight, self.down_bias)

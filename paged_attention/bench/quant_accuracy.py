@@ -1,0 +1,305 @@
+"""Accuracy and load cost of each weight format, on the default model.
+
+Accuracy: the default model reads a fixed public-domain text (the Declaration
+of Independence, `assets/texts/`, 1,703 tokens) teacher-forced, in one
+sequence; every format is compared with the float32 model over the GGUF's
+dequantized weights (the reference): top-1 agreement (share of positions
+whose most likely next token equals the reference's) and perplexity of the
+text. Quantized formats run their kernels at every row here (the engine
+switches to a dense matmul over dequantized weights for prompts; the "dense
+path" rows measure that one).
+
+Load: each format loaded in a fresh process (seconds, weight MiB, resident
+memory added by the load, and the cache it leaves on disk); the dense path's
+first load converts the GGUF into a float32 safetensors cache, later loads
+map it.
+
+    paged-attention bench quant-accuracy [--quick] [--skip-load]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+TEXT = Path(__file__).resolve().parent.parent / "assets" / "texts" / "declaration_of_independence.txt"
+REFERENCE = "none-fp32"
+# (format, dtype, path): path "kernel" forces the weight-only kernels at every
+# row. int4 on a GGUF takes its Q4_1 blocks as they are (the gguf rows);
+# "int4-rtn" quantizes the dequantized floats instead, as for a float checkpoint.
+FORMATS: tuple[tuple[str, str, str], ...] = (
+    ("none", "fp32", "dense"),
+    ("none", "bf16", "dense"),
+    ("gguf", "bf16", "kernel"),
+    ("gguf", "bf16", "dense"),
+    ("gguf", "fp32", "kernel"),
+    ("gguf", "fp32", "dense"),
+    ("int8", "bf16", "kernel"),
+    ("int8", "fp32", "dense"),
+    ("int4-rtn", "bf16", "kernel"),
+    ("int4-g64", "bf16", "kernel"),
+    ("int4-g64", "fp32", "dense"),
+    ("int4-g128", "bf16", "kernel"),
+)
+LOAD_FORMATS = (("none", "bf16"), ("none", "fp32"), ("gguf", "bf16"), ("int8", "bf16"), ("int4", "bf16"))
+_NEVER = 1 << 62
+
+
+@contextmanager
+def kernel_everywhere(model: Any):
+    """Run every QuantLinear of `model` on its kernel whatever the row count."""
+    layers = model.quant_layers()
+    saved = [layer.dense_rows for layer in layers]
+    for layer in layers:
+        if layer.kind != "dense":
+            layer.dense_rows = _NEVER
+    try:
+        yield
+    finally:
+        for layer, rows in zip(layers, saved):
+            layer.dense_rows = rows
+
+
+def teacher_forced(model: Any, tokens: list[int], chunk: int = 256) -> tuple[Any, Any]:
+    """(argmax next token [T-1], log-prob of the true next token [T-1]) of one
+    sequence run through the model in a single prefill."""
+    import torch
+
+    from paged_attention.attention.metadata import AttentionMetadata
+    from paged_attention.kv_cache import KVCachePool
+
+    cfg = model.config
+    block_size = 16
+    blocks = -(-len(tokens) // block_size)
+    pool = KVCachePool(cfg.num_layers, blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype)
+    meta = AttentionMetadata.build([list(range(blocks))], [0], [len(tokens)], block_size, blocks)
+    ids = torch.tensor(tokens)
+    torch.set_flush_denormal(True)
+    try:
+        with torch.inference_mode():
+            hidden = model(ids, torch.arange(len(tokens)), pool, meta)[:-1]
+            top1, logprob = [], []
+            target = ids[1:]
+            for start in range(0, hidden.shape[0], chunk):
+                logits = model.compute_logits(hidden[start : start + chunk])
+                top1.append(logits.argmax(dim=-1))
+                lp = torch.log_softmax(logits, dim=-1)
+                logprob.append(lp.gather(1, target[start : start + chunk, None]).squeeze(1))
+    finally:
+        torch.set_flush_denormal(False)
+    return torch.cat(top1), torch.cat(logprob)
+
+
+def run_accuracy(formats: tuple[tuple[str, str, str], ...] = FORMATS, max_tokens: int | None = None) -> dict:
+    import torch
+
+    from paged_attention.engine.builder import DEFAULT_MODEL_ASSETS
+    from paged_attention.model.gguf import default_gguf_path
+    from paged_attention.model.loader import load_model
+    from paged_attention.model.quant import QuantScheme
+    from paged_attention.tokenizer import Tokenizer
+
+    tokens = Tokenizer.load(DEFAULT_MODEL_ASSETS).encode(TEXT.read_text(encoding="utf-8"))
+    tokens = tokens[:max_tokens] if max_tokens else tokens
+    rows, ref_top1 = [], None
+    dense_top1: dict[str, Any] = {}  # per dtype: the dense model's choices
+    for quant, dtype_name, path in formats:
+        dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+        if quant == "int4-rtn":
+            model = _from_floats(QuantScheme("int4"), dtype)
+        else:
+            model, _ = load_model(default_gguf_path(), dtype, config=DEFAULT_MODEL_ASSETS, quantization=quant)
+        if path == "kernel":
+            with kernel_everywhere(model):
+                top1, logprob = teacher_forced(model, tokens)
+        else:
+            top1, logprob = teacher_forced(model, tokens)
+        if ref_top1 is None:
+            assert (quant, dtype_name) == ("none", "fp32"), "the reference runs first"
+            ref_top1, ref_nll = top1, -float(logprob.mean())
+        if quant == "none":
+            dense_top1[dtype_name] = top1
+        same_dtype = dense_top1.get(dtype_name)
+        nll = -float(logprob.mean())
+        kinds: dict[str, int] = {}
+        for layer in model.quant_layers():
+            label = f"{layer.kind}{'' if layer.exact else ' requantized'}"
+            kinds[label] = kinds.get(label, 0) + 1
+        rows.append(
+            {
+                "format": quant,
+                "dtype": dtype_name,
+                "path": path,
+                "top1_agreement": float((top1 == ref_top1).float().mean()),
+                # Against the dense model in the same dtype: the weights' own effect.
+                "top1_vs_dense_same_dtype": None
+                if same_dtype is None
+                else float((top1 == same_dtype).float().mean()),
+                "perplexity": math.exp(nll),
+                "perplexity_change": math.exp(nll) / math.exp(ref_nll) - 1,
+                "weight_mib": model.weight_bytes() / 2**20,
+                "layers": kinds,
+            }
+        )
+        print(_format_row(rows[-1]), flush=True)
+        del model
+    return {"text": TEXT.name, "tokens": len(tokens), "reference": REFERENCE, "formats": rows}
+
+
+def _from_floats(scheme: Any, dtype: Any) -> Any:
+    """The default model quantized from its dequantized float32 weights."""
+    from paged_attention.engine.builder import DEFAULT_MODEL_ASSETS
+    from paged_attention.model.gguf import default_gguf_path
+    from paged_attention.model.llama import CausalLM
+    from paged_attention.model.loader import load_model
+
+    dense, config = load_model(default_gguf_path(), config=DEFAULT_MODEL_ASSETS, quantization="none")
+    model = CausalLM(config, dtype, quantization=scheme)
+    model.load_weights(dense.hf_weights())
+    return model.eval()
+
+
+_LOAD_SCRIPT = """
+import json, os, sys, time, torch
+torch.set_num_threads(1)
+from paged_attention.engine.builder import DEFAULT_MODEL_ASSETS
+from paged_attention.model.gguf import default_gguf_path
+from paged_attention.model.loader import load_model
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+quant, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+path = default_gguf_path()
+before = rss()
+times = []
+for _ in range(2):
+    t = time.perf_counter()
+    model, _ = load_model(path, dtype, config=DEFAULT_MODEL_ASSETS, quantization=quant)
+    times.append(time.perf_counter() - t)
+    if len(times) == 1:
+        first_rss = rss() - before
+        del model
+print(json.dumps({"first_load_s": times[0], "second_load_s": times[1], "rss_added_mib": first_rss / 2**20,
+                  "weight_mib": model.weight_bytes() / 2**20, "gguf_mib": path.stat().st_size / 2**20}))
+"""
+
+
+def measure_loads(formats: tuple[tuple[str, str], ...] = LOAD_FORMATS) -> list[dict]:
+    """Each format in a fresh process with an empty cache directory: the first
+    load (the dense path writes its cache then), a second one, resident memory
+    added by the first, and the bytes left in the cache directory."""
+    out = []
+    for quant, dtype_name in formats:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "XDG_CACHE_HOME": cache, "OMP_NUM_THREADS": "1"}
+            dtype = "float32" if dtype_name == "fp32" else "bfloat16"
+            proc = subprocess.run(
+                [sys.executable, "-c", _LOAD_SCRIPT, quant, dtype],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            record = json.loads(proc.stdout.strip().splitlines()[-1])
+            record["cache_mib"] = sum(f.stat().st_size for f in Path(cache).rglob("*") if f.is_file()) / 2**20
+        out.append({"format": quant, "dtype": dtype_name, **record})
+        print(_format_load(out[-1]), flush=True)
+    return out
+
+
+def run_quant_accuracy(quick: bool = False, skip_load: bool = False) -> dict:
+    formats = FORMATS[:1] + (("gguf", "bf16", "kernel"),) if quick else FORMATS
+    result: dict = {"benchmark": "quant-accuracy"}
+    result.update(run_accuracy(formats, max_tokens=64 if quick else None))
+    result["loads"] = [] if skip_load or quick else measure_loads()
+    return result
+
+
+def _format_row(r: dict) -> str:
+    return (
+        f"{r['format']:>9} {r['dtype']} {r['path']:>6}: top-1 {100 * r['top1_agreement']:.2f}%, "
+        f"ppl {r['perplexity']:.4f} ({100 * r['perplexity_change']:+.2f}%), {r['weight_mib']:.1f} MiB"
+    )
+
+
+def _format_load(r: dict) -> str:
+    return (
+        f"{r['format']:>5} {r['dtype']}: load {r['first_load_s']:.2f} s first, {r['second_load_s']:.2f} s "
+        f"after; +{r['rss_added_mib']:.0f} MiB resident; weights {r['weight_mib']:.1f} MiB; "
+        f"cache {r['cache_mib']:.0f} MiB (GGUF {r['gguf_mib']:.0f} MiB)"
+    )
+
+
+def accuracy_markdown(result: dict) -> str:
+    """The lead's tables: accuracy per format, then load cost."""
+    from paged_attention.bench.report import markdown_table
+
+    rows = [
+        [
+            r["format"],
+            r["dtype"],
+            r["path"],
+            f"{100 * r['top1_agreement']:.2f}%",
+            "" if r["top1_vs_dense_same_dtype"] is None else f"{100 * r['top1_vs_dense_same_dtype']:.2f}%",
+            f"{r['perplexity']:.3f}",
+            f"{100 * r['perplexity_change']:+.2f}%",
+            f"{r['weight_mib']:.1f}",
+            ", ".join(f"{n} {k}" for k, n in sorted(r["layers"].items())) or "dense",
+        ]
+        for r in result["formats"]
+    ]
+    text = (
+        f"Teacher-forced over {result['tokens']} tokens of {result['text']}; reference: "
+        f"dense float32 over the GGUF's dequantized weights.\n\n"
+        + markdown_table(
+            [
+                "format",
+                "dtype",
+                "path",
+                "top-1 vs ref",
+                "top-1 vs dense same dtype",
+                "perplexity",
+                "vs ref",
+                "weights MiB",
+                "linear layers",
+            ],
+            rows,
+        )
+    )
+    if result.get("loads"):
+        loads = [
+            [
+                r["format"],
+                r["dtype"],
+                f"{r['first_load_s']:.2f}",
+                f"{r['second_load_s']:.2f}",
+                f"{r['rss_added_mib']:.0f}",
+                f"{r['weight_mib']:.1f}",
+                f"{r['cache_mib']:.0f}",
+            ]
+            for r in result["loads"]
+        ]
+        text += "\n\n" + markdown_table(
+            [
+                "format",
+                "dtype",
+                "first load s",
+                "next load s",
+                "RSS added MiB",
+                "weights MiB",
+                "cache on disk MiB",
+            ],
+            loads,
+        )
+    return text + "\n"
+
+
+def print_quant_accuracy(result: dict) -> None:
+    print(accuracy_markdown(result))

@@ -1,0 +1,203 @@
+"""PyTorch's CPU weight-only kernels, wrapped with the layouts they expect.
+
+* int4: `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)`
+  computes x @ W^T with W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n], g = k // group,
+  from 4-bit q packed by `aten._convert_weight_to_int4pack_for_cpu` and
+  scales_and_zeros [K // group, N, 2] in x's dtype.
+* int8: `aten._weight_int8pack_mm(x, q, s)` computes x @ (q * s[:, None])^T
+  from int8 q [N, K] and scales [N] in x's dtype.
+
+On x86 both are vectorised (AVX2 and AVX-512) only for bfloat16 activations;
+float32 ones take a scalar loop, measured 10-60x slower than a dense float32
+matmul. So every call here runs in bfloat16 (`KERNEL_DTYPE`) and casts at the
+edges. Both kernels dequantize their weights once per 4 activation rows, so
+at many rows a dense matmul over weights dequantized on the spot wins: the
+`dequantize_*_t` functions write W^T into caller-owned scratch buffers for
+that path.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+KERNEL_DTYPE = torch.bfloat16
+# The int8 kernel loads activations with aligned 32-byte AVX loads (a
+# misaligned row crashes the process), so rows must start on 32-byte
+# boundaries: K a multiple of 16 and a freshly allocated (64-byte aligned) x.
+INT8_K_MULTIPLE = 16
+_ALIGN = 64
+# The int4 kernel's output tiles are 16, 32, 48 or 64 rows of W.
+INT4_N_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class Int4PackLayout:
+    """How `_convert_weight_to_int4pack_for_cpu` arranges W [N, K] in its
+    [N, K / 2] bytes: in tiles of `block_n` rows, each stored k-major
+    ([K, block_n / 2] bytes); a byte holds rows d and d + block_n / 2 of its
+    tile (`split`) or rows 2d and 2d + 1 (pairs), low nibble first. A last,
+    partial tile is always in pairs. (The tile depends on the CPU: 64 rows
+    with AVX-512, 32 with AVX2.)"""
+
+    block_n: int
+    split: bool
+
+
+def _unpack_t(packed: torch.Tensor, n: int, k: int, layout: Int4PackLayout, out: torch.Tensor) -> None:
+    """q^T [K, N] (uint8, 0..15) of `packed` into `out`."""
+    bn = layout.block_n
+    full = n // bn * bn
+    flat = packed.view(-1)
+    if full:
+        tiles = flat[: full * k // 2].view(full // bn, k, bn // 2).permute(1, 0, 2)
+        dst = out[:, :full].view(k, full // bn, bn)
+        if layout.split:
+            torch.bitwise_and(tiles, 15, out=dst[:, :, : bn // 2])
+            torch.bitwise_right_shift(tiles, 4, out=dst[:, :, bn // 2 :])
+        else:
+            pairs = dst.view(k, full // bn, bn // 2, 2)
+            torch.bitwise_and(tiles, 15, out=pairs[..., 0])
+            torch.bitwise_right_shift(tiles, 4, out=pairs[..., 1])
+    if full < n:
+        tail = flat[full * k // 2 :].view(k, (n - full) // 2)
+        pairs = out[:, full:].view(k, (n - full) // 2, 2)
+        torch.bitwise_and(tail, 15, out=pairs[..., 0])
+        torch.bitwise_right_shift(tail, 4, out=pairs[..., 1])
+
+
+@functools.cache
+def int4_pack_layout() -> Int4PackLayout | None:
+    """The packing this process's kernel uses, found by packing a probe matrix
+    and recognising it (None if no known layout matches: then the int4 layer
+    runs the kernel at every batch size)."""
+    n, k = 64 * 2 + 32 + 16, 32
+    values = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+    out = torch.empty(k, n, dtype=torch.uint8)
+    for block_n in (64, 32, 16):
+        for split in (True, False):
+            layout = Int4PackLayout(block_n, split)
+            _unpack_t(packed, n, k, layout, out)
+            if torch.equal(out.t().to(torch.int32), values):
+                return layout
+    return None
+
+
+def int4_supported(n: int, k: int, group_size: int) -> bool:
+    return n % INT4_N_MULTIPLE == 0 and k % group_size == 0
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values [N, K] in 0..15 -> the kernel's packed uint8 [N, K / 2].
+
+    Whole tiles are packed here with uint8 ops, 3x faster than the op (which
+    takes int32 values, 4 bytes each); the op packs partial tiles, and
+    everything when the layout is not one this module knows."""
+    n, k = values.shape
+    layout = int4_pack_layout()
+    full = n // layout.block_n * layout.block_n if layout is not None and layout.split else 0
+    if full == n:
+        assert layout is not None
+        return _pack_tiles(values, layout.block_n)
+    tail = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values[full:].to(torch.int32).contiguous(), 1)
+    if not full:
+        return tail
+    assert layout is not None
+    return torch.cat((_pack_tiles(values[:full], layout.block_n).view(-1), tail.view(-1))).view(n, k // 2)
+
+
+def _pack_tiles(values: torch.Tensor, block_n: int) -> torch.Tensor:
+    """Whole `split` tiles: byte (tile, k, d) = row d | row d + block_n / 2 << 4."""
+    n, k = values.shape
+    tiles = values.view(n // block_n, block_n, k)
+    half = block_n // 2
+    packed = tiles[:, :half].bitwise_or(tiles[:, half:].bitwise_left_shift(4))
+    return packed.transpose(1, 2).contiguous().view(n, k // 2)
+
+
+def int4_scales_and_zeros(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 scales and offsets [N, G] of w = q * s + m -> the kernel's
+    [G, N, 2] (s, m + 8 s) in KERNEL_DTYPE, for w = (q - 8) * s + z."""
+    zeros = offsets + 8.0 * scales
+    return torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The kernel's packed bytes -> uint8 values [N, K] (the inverse of `pack_int4`)."""
+    layout = int4_pack_layout()
+    if layout is None:
+        raise RuntimeError("this PyTorch build packs int4 weights in a layout this module does not know")
+    out = torch.empty(k, n, dtype=torch.uint8)
+    _unpack_t(packed, n, k, layout, out)
+    return out.t().contiguous()
+
+
+def int4_mm(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor
+) -> torch.Tensor:
+    """x [M, K] (KERNEL_DTYPE) @ W^T -> [M, N] in KERNEL_DTYPE."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+
+
+def dequantize_int4_t(
+    packed: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    n: int,
+    k: int,
+    group_size: int,
+    codes: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """W^T [K, N] as the kernel sees it ((q - 8) s + z), written into `out`
+    ([K, N], the matmul dtype) through `codes` (uint8 scratch of N * K)."""
+    layout = int4_pack_layout()
+    assert layout is not None, "dense int4 path without a known pack layout"
+    bn = layout.block_n
+    full = n // bn * bn if layout.split else 0
+    if full:
+        # Nibbles into contiguous scratch first (fast), then one converting
+        # copy per half into W^T's strided columns: cheaper than writing
+        # strided uint8 and converting afterwards.
+        tiles = packed.view(-1)[: full * k // 2].view(full // bn, k, bn // 2)
+        lo = codes[: full * k // 2].view(full // bn, k, bn // 2)
+        hi = codes[full * k // 2 : full * k].view(full // bn, k, bn // 2)
+        torch.bitwise_and(tiles, 15, out=lo)
+        torch.bitwise_right_shift(tiles, 4, out=hi)
+        dst = out[:, :full].view(k, full // bn, bn)
+        dst[:, :, : bn // 2].copy_(lo.permute(1, 0, 2))
+        dst[:, :, bn // 2 :].copy_(hi.permute(1, 0, 2))
+    if full < n:
+        rest = codes[full * k :].view(k, n - full)
+        _unpack_t(packed.view(-1)[full * k // 2 :].view(n - full, k // 2), n - full, k, layout, rest)
+        out[:, full:].copy_(rest)
+    sz = scales_and_zeros.float()
+    s = sz[..., 0]
+    # (q - 8) s + z = q s + (z - 8 s): one multiply-add pass over the weights.
+    z = sz[..., 1] - 8.0 * s
+    grouped = out.view(k // group_size, group_size, n)
+    torch.addcmul(z.to(out.dtype).unsqueeze(1), grouped, s.to(out.dtype).unsqueeze(1), out=grouped)
+    return out
+
+
+@functools.cache
+def fast_bf16_matmul() -> bool:
+    """Whether dense bfloat16 matmuls run natively (AVX512-BF16/AMX); without,
+    oneDNN emulates them, measured 5-50x slower than float32 on AVX2."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def int8_supported(k: int) -> bool:
+    return k % INT8_K_MULTIPLE == 0
+
+
+def int8_mm(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (KERNEL_DTYPE) @ (values * scales[:, None])^T -> [M, N] in KERNEL_DTYPE."""
+    if not x.is_contiguous() or x.data_ptr() % _ALIGN:
+        x = x.clone(memory_format=torch.contiguous_format)
+    return torch.ops.aten._weight_int8pack_mm(x, values, scales)

@@ -1,0 +1,260 @@
+"""`QuantLinear`: y = x W^T + b with W kept quantized (int4 in groups, or int8
+per output channel) and multiplied by PyTorch's CPU weight-only kernels.
+
+A layer is filled a row block at a time (fused q|k|v and gate|up take three
+and two checkpoint tensors), from float tensors or quantized records, and
+settles its format once every row has arrived:
+
+* int4 when the scheme asks for it and the kernel takes the shape; under
+  "gguf" only if every block came as GGUF 4-bit data (exact), else int8;
+* int8 per output channel (the int8 scheme, and the fallback above);
+* dense in the model dtype when neither kernel takes the shape.
+
+Forward picks a path by the number of rows: the kernels (bfloat16 in and out)
+below `dense_rows`, else a dense matmul over weights dequantized on the spot
+into a scratch buffer shared by the model's layers. The kernels re-read and
+dequantize W once per 4 rows, so at large batches (prompts, many decodes)
+the dense matmul is faster; a weight read from memory costs 4-8x less than a
+dense one, which is what decode at small batches is bound by.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paged_attention.model.quant import kernels
+from paged_attention.model.quant.quantize import quantize_int4, quantize_int8
+from paged_attention.model.quant.records import ChannelQuantized, GroupQuantized
+from paged_attention.model.quant.scheme import QuantScheme
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("int4", "int8", "dense")
+# Rows from which the dense path (dequantize W, then a dense matmul) replaces
+# the kernel. Measured with `paged-attention bench quant-kernels` on SmolLM2
+# shapes, one thread: see DENSE_ROWS_NOTE in bench/quant.py.
+DENSE_ROWS = {"int4": 48, "int8": 16}
+_NEVER = 1 << 62
+# Largest weight slice the int8 dense path dequantizes at once (a 4 MiB bf16 block).
+_CHUNK_ELEMENTS = 1 << 21
+
+
+@dataclass
+class Scratch:
+    """Reusable buffers for the dense path, shared by every layer of a model
+    (layers run one at a time). Reuse matters: a fresh multi-megabyte tensor
+    per call is a fresh mmap, and its page faults cost more than the math."""
+
+    buffers: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype)
+            self.buffers[key] = buf
+        return buf[:numel]
+
+
+Piece = torch.Tensor | GroupQuantized | ChannelQuantized
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        scheme: QuantScheme,
+        *,
+        bias: bool,
+        dtype: torch.dtype,
+        scratch: Scratch,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        if not scheme.quantized:
+            raise ValueError("QuantLinear needs a quantized scheme; dense layers use plain parameters")
+        self.out_features = out_features
+        self.in_features = in_features
+        self.scheme = scheme
+        self.dtype = dtype  # activations in and out
+        # The dense path's matmul dtype: bfloat16 only where it runs natively.
+        self.dense_dtype = (
+            torch.bfloat16 if dtype == torch.bfloat16 and kernels.fast_bf16_matmul() else torch.float32
+        )
+        self.scratch = scratch
+        self.name = name
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        )
+        self.kind = "pending"
+        self.exact = True  # every value is the checkpoint's own (no rounding at load)
+        self.dense_rows = _NEVER
+        self._pieces: list[tuple[int, int, Piece]] = []
+        self._rows_loaded = 0
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.kind}, group={self.group_size}"
+
+    @property
+    def group_size(self) -> int | None:
+        return self.scheme.group_size if self.kind == "int4" else None
+
+    # ---------------------------------------------------------------- loading
+    def load_rows(self, start: int, end: int, weight: Piece) -> None:
+        """Rows [start, end) of W, as floats or a quantized record."""
+        shape = tuple(weight.shape)
+        if shape != (end - start, self.in_features):
+            raise ValueError(f"{self.name}: rows {start}:{end} got shape {shape}")
+        if self.kind != "pending":
+            raise ValueError(f"{self.name}: weights already loaded")
+        self._pieces.append((start, end, weight))
+        self._rows_loaded += end - start
+        if self._rows_loaded == self.out_features:
+            self._settle()
+
+    @property
+    def loaded(self) -> bool:
+        return self.kind != "pending"
+
+    def _settle(self) -> None:
+        pieces = sorted(self._pieces, key=lambda p: p[0])
+        self._pieces = []
+        n, k = self.out_features, self.in_features
+        group = self.scheme.group_size
+        all_groups = all(isinstance(p, GroupQuantized) and p.group_size == group for _, _, p in pieces)
+        wants_int4 = self.scheme.method == "int4" or (self.scheme.method == "gguf" and all_groups)
+        if wants_int4 and kernels.int4_supported(n, k, group):
+            records = [
+                p if isinstance(p, GroupQuantized) and p.group_size == group else _group(p, group)
+                for _, _, p in pieces
+            ]
+            self.exact = all_groups
+            self._set_int4(
+                torch.cat([r.values for r in records]),
+                torch.cat([r.scales for r in records]),
+                torch.cat([r.offsets for r in records]),
+            )
+        elif kernels.int8_supported(k):
+            records8 = [
+                p if isinstance(p, ChannelQuantized) else quantize_int8(_float(p)) for _, _, p in pieces
+            ]
+            self.exact = all(isinstance(p, ChannelQuantized) for _, _, p in pieces)
+            self._set_int8(torch.cat([r.values for r in records8]), torch.cat([r.scales for r in records8]))
+        else:
+            self.exact = all(isinstance(p, torch.Tensor) for _, _, p in pieces)
+            self._set_dense(torch.cat([_float(p) for _, _, p in pieces]))
+
+    def _set_int4(self, values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> None:
+        self.kind = "int4"
+        self.packed: torch.Tensor
+        self.scales_and_zeros: torch.Tensor
+        self.register_buffer("packed", kernels.pack_int4(values), persistent=False)
+        self.register_buffer(
+            "scales_and_zeros", kernels.int4_scales_and_zeros(scales, offsets), persistent=False
+        )
+        # The dense path unpacks the kernel's layout; without a known one the kernel runs always.
+        self.dense_rows = DENSE_ROWS["int4"] if kernels.int4_pack_layout() is not None else _NEVER
+
+    def _set_int8(self, values: torch.Tensor, scales: torch.Tensor) -> None:
+        self.kind = "int8"
+        self.values: torch.Tensor
+        self.scales: torch.Tensor
+        self.kernel_scales: torch.Tensor
+        self.register_buffer("values", values.contiguous(), persistent=False)
+        self.register_buffer("scales", scales.float(), persistent=False)
+        self.register_buffer("kernel_scales", scales.to(kernels.KERNEL_DTYPE), persistent=False)
+        self.dense_rows = DENSE_ROWS["int8"]
+
+    def _set_dense(self, weight: torch.Tensor) -> None:
+        self.kind = "dense"
+        self.weight: torch.Tensor
+        self.register_buffer("weight", weight.to(self.dtype).contiguous(), persistent=False)
+        self.dense_rows = 0
+
+    # ------------------------------------------------------------------- run
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < self.dense_rows:
+            y = self._kernel(x)
+        elif self.kind == "dense":
+            return F.linear(x, self.weight, self.bias)
+        else:
+            y = self._dense(x)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        xk = x if x.dtype == kernels.KERNEL_DTYPE else x.to(kernels.KERNEL_DTYPE)
+        if self.kind == "int4":
+            y = kernels.int4_mm(xk, self.packed, self.scheme.group_size, self.scales_and_zeros)
+        else:
+            y = kernels.int8_mm(xk, self.values, self.kernel_scales)
+        return y if y.dtype == self.dtype else y.to(self.dtype)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._dense_matmul(x if x.dtype == self.dense_dtype else x.to(self.dense_dtype))
+        return y if y.dtype == self.dtype else y.to(self.dtype)
+
+    def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        if self.kind == "int4":
+            weight = self.scratch.get("weight", n * k, x.dtype)
+            codes = self.scratch.get("codes", n * k, torch.uint8)
+            wt = kernels.dequantize_int4_t(
+                self.packed, self.scales_and_zeros, n, k, self.scheme.group_size, codes, weight.view(k, n)
+            )
+            return torch.mm(x, wt)
+        weight = self.scratch.get("weight", min(n * k, _CHUNK_ELEMENTS), x.dtype)
+        # int8 values are exact in bfloat16; the per-row scale moves to the
+        # output. Large matrices (a vocabulary head) go in row chunks so the
+        # scratch stays small and in cache.
+        chunk = max(1, min(n, _CHUNK_ELEMENTS // k))
+        outs = []
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            w = weight[: (end - start) * k].view(end - start, k)
+            w.copy_(self.values[start:end])
+            outs.append(F.linear(x, w))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return y.mul_(self.scales)
+
+    # --------------------------------------------------------------- inspect
+    def dequantize(self) -> torch.Tensor:
+        """float32 W [N, K] with the values the kernel computes with."""
+        if self.kind == "int4":
+            n, k, g = self.out_features, self.in_features, self.scheme.group_size
+            q = kernels.unpack_int4(self.packed, n, k).float().view(n, k // g, g)
+            sz = self.scales_and_zeros.float()
+            return (q - 8).mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1)).view(n, k)
+        if self.kind == "int8":
+            return self.values.float() * self.kernel_scales.float().unsqueeze(-1)
+        if self.kind == "dense":
+            return self.weight.float()
+        raise ValueError(f"{self.name}: weights not loaded yet")
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of W in the layer's dtype (a tied embedding's lookup)."""
+        if self.kind == "int8":
+            rows = F.embedding(ids, self.values).float().mul_(self.scales.float()[ids].unsqueeze(-1))
+            return rows.to(self.dtype)
+        if self.kind == "dense":
+            return F.embedding(ids, self.weight)
+        raise ValueError(f"{self.name}: an embedding lookup needs int8 or dense weights, not {self.kind}")
+
+    def nbytes(self) -> int:
+        """Bytes of the weight as stored (bias excluded)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def _float(piece: Piece) -> torch.Tensor:
+    return piece.dequantize() if isinstance(piece, (GroupQuantized, ChannelQuantized)) else piece.float()
+
+
+def _group(piece: Piece, group_size: int) -> GroupQuantized:
+    return quantize_int4(_float(piece), group_size)
