@@ -27,9 +27,17 @@ def save_random_model(tmp_path: Path, arch: str, seed: int = 0, **overrides):
 
     config_cls, model_cls = (getattr(transformers, n) for n in _CONFIGS[arch])
     kwargs = dict(
-        vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        initializer_range=0.25, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=256,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.25,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     kwargs.update(overrides)
     torch.manual_seed(seed)
@@ -54,10 +62,15 @@ def _copy_tokenizer(folder: Path) -> None:
 def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
     out = hf.generate(
-        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0,
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
     )
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def drain(engine, max_steps: int = 100_000) -> dict[str, RequestOutput]:
