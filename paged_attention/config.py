@@ -70,6 +70,9 @@ QUANTIZATION_CHOICES = (
 )
 
 
+# How tensor-parallel workers start (`distributed/executor.py`).
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
+
 # The environment variable the HTTP server reads its API key from.
 API_KEY_ENV = "PAGED_ATTENTION_API_KEY"
 
@@ -156,6 +159,17 @@ class EngineConfig:
     )
     enforce_eager: bool = option(False, "CUDA: never capture or replay decode CUDA graphs")
     enable_prefix_caching: bool = option(True, "reuse cached full KV blocks of earlier prompts")
+    tensor_parallel_size: int = option(
+        1,
+        "ranks to split the model over, Megatron-style (attention heads and MLP rows; one "
+        "all-reduce after each attention and MLP block); each rank holds its own KV heads",
+    )
+    distributed_executor_backend: str = option(
+        "mp",
+        "with tensor_parallel_size > 1, how the worker ranks start: mp (processes on this "
+        "machine) or ray (Ray actors; pip install paged-attention[ray])",
+        choices=DISTRIBUTED_EXECUTOR_BACKENDS,
+    )
     cpu_kv_memory_fraction: float = option(
         0.25,
         "CPU, without a pool size: the largest share of available RAM the KV pool takes "
@@ -215,6 +229,14 @@ class EngineConfig:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
+        if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(
+                f"distributed_executor_backend must be one of {DISTRIBUTED_EXECUTOR_BACKENDS}, "
+                f"got {self.distributed_executor_backend!r}"
+            )
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], caller: str = "EngineConfig") -> EngineConfig:

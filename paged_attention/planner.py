@@ -21,6 +21,13 @@ Assumptions (each one a flag):
     tokens after it. Its full blocks are stored once; its last, partly filled
     block is copied on write by every user, so each user's own tokens start in
     a private copy of that block.
+  * `--tensor-parallel-size N` (N devices of `--memory` each, Megatron-style):
+    each device holds 1/N of the attention (in whole KV-head groups: the
+    figures are the most loaded device's) and MLP matrices, ceil(V/N) rows of
+    the embedding and LM head, and all the norms; and, for every token, its
+    share of the KV heads (one head when there are fewer KV heads than
+    devices: those heads are replicated). Every device holds every token, so
+    KV tokens that fit = one device's budget / its bytes per token.
 
 The tutorial's V100-32GB example (Llama-2-7B-sized, 0.5 MiB of fp16 KV per
 token): "about 25 versus 100 users" is 51,200 KV tokens (25 GiB) split as
@@ -40,6 +47,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+from paged_attention.distributed.sharding import check_split, kv_heads_per_rank
 from paged_attention.entrypoints.engine_args import add_engine_args
 from paged_attention.planner_configs import (
     DTYPE_BYTES,
@@ -90,6 +98,27 @@ class Plan:
     shared_bytes_with_sharing: int
     paged_concurrency_with_shared_prompt: int
     fits: bool  # do the weights fit at all
+    tensor_parallel_size: int = 1
+    weight_bytes_per_device: int = 0  # with tensor parallelism: each device's shard
+    kv_bytes_per_token_per_device: int = 0  # each device's KV heads, for every token
+
+
+def params_per_device(model: ModelSpec, size: int) -> int:
+    """Parameters the most loaded of `size` tensor-parallel devices holds (the
+    whole model's for size 1): its share of q/k/v/o (whole KV-head groups) and
+    of the MLP, its KV heads, ceil(V / size) vocabulary rows, and every norm."""
+    check_split(model.num_heads, model.num_kv_heads, model.intermediate_size, size)
+    h, d = model.hidden_size, model.head_dim
+    kv_heads = kv_heads_per_rank(model.num_kv_heads, size)
+    if model.num_kv_heads < size:
+        q = model.num_heads // size * d
+    else:
+        q = kv_heads * (model.num_heads // model.num_kv_heads) * d
+    kv = kv_heads * d
+    attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if model.qkv_bias else 0)
+    mlp = 3 * h * -(-model.intermediate_size // size)
+    embed = -(-model.vocab_size // size) * h * (1 if model.tie_word_embeddings else 2)
+    return embed + model.num_layers * (attn + mlp + 2 * h) + h
 
 
 def plan(
@@ -100,7 +129,10 @@ def plan(
     kv_dtype: str | None = None,
     gpu_memory_utilization: float = 0.9,
     kv_memory_bytes: int | None = None,
+    tensor_parallel_size: int = 1,
 ) -> Plan:
+    """`device_bytes` and `kv_memory_bytes` are per device: with
+    `tensor_parallel_size` N the model spans N such devices."""
     for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype or dtype)):
         if value not in DTYPE_BYTES:
             raise ValueError(f"unknown {name} {value!r}; use one of {sorted(DTYPE_BYTES)}")
@@ -110,16 +142,21 @@ def plan(
     w, bs = workload, workload.block_size
     if bs < 1:
         raise ValueError(f"block_size must be >= 1, got {bs}")
+    n = tensor_parallel_size
     weight_bytes = math.ceil(model.num_params * DTYPE_BYTES[dtype])
+    device_weight_bytes = math.ceil(params_per_device(model, n) * DTYPE_BYTES[dtype])
     kv_elem = DTYPE_BYTES[kv_dtype]
     per_token = int(2 * model.num_layers * model.num_kv_heads * model.head_dim * kv_elem)
     per_token_mha = int(2 * model.num_layers * model.num_heads * model.head_dim * kv_elem)
+    device_per_token = int(
+        2 * model.num_layers * kv_heads_per_rank(model.num_kv_heads, n) * model.head_dim * kv_elem
+    )
     if kv_memory_bytes is not None:
         budget = kv_memory_bytes
     else:
-        budget = max(0, int(device_bytes * gpu_memory_utilization) - weight_bytes)
-    kv_tokens = budget // per_token
-    kv_blocks = budget // (per_token * bs)
+        budget = max(0, int(device_bytes * gpu_memory_utilization) - device_weight_bytes)
+    kv_tokens = budget // device_per_token
+    kv_blocks = budget // (device_per_token * bs)
     max_len = min(w.max_model_len or (w.prompt_max + w.output_max), model.max_position_embeddings)
     per_request = w.prompt_mean + w.output_mean + bs / 2  # mean final length + half a block
     orca_len = min(w.prompt_mean + w.output_max, max_len)
@@ -157,7 +194,10 @@ def plan(
         shared_bytes_without_sharing=without * per_token,
         shared_bytes_with_sharing=slots * per_token,
         paged_concurrency_with_shared_prompt=max(0, (kv_blocks - shared_full_blocks) // max(own_blocks, 1)),
-        fits=weight_bytes < device_bytes * gpu_memory_utilization or kv_memory_bytes is not None,
+        fits=device_weight_bytes < device_bytes * gpu_memory_utilization or kv_memory_bytes is not None,
+        tensor_parallel_size=n,
+        weight_bytes_per_device=device_weight_bytes,
+        kv_bytes_per_token_per_device=device_per_token,
     )
 
 
@@ -180,7 +220,16 @@ def format_plan(p: Plan) -> str:
             ),
         ],
         ["device memory", f"{_gib(p.device_bytes)} x {p.gpu_memory_utilization:.2f} usable"],
-        ["KV budget", _gib(p.kv_budget_bytes)],
+        *(
+            [
+                ["tensor parallel", f"{p.tensor_parallel_size} devices, each:"],
+                ["  weights per device", _gib(p.weight_bytes_per_device)],
+                ["  KV per token per device", f"{p.kv_bytes_per_token_per_device / 2**10:.0f} KiB"],
+            ]
+            if p.tensor_parallel_size > 1
+            else []
+        ),
+        ["KV budget" + (" per device" if p.tensor_parallel_size > 1 else ""), _gib(p.kv_budget_bytes)],
         ["KV tokens that fit", f"{p.kv_tokens:,} ({p.kv_blocks:,} blocks)"],
         ["max_model_len", f"{p.max_model_len:,}"],
         ["concurrent: static", f"{p.static_concurrency:,} (each reserves {p.max_model_len:,} tokens)"],
@@ -245,6 +294,7 @@ def main(args: argparse.Namespace) -> int:
         kv_dtype=args.kv_dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_memory_bytes=parse_bytes(args.kv_memory) if args.kv_memory else None,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     if args.json:
         print(json.dumps({"workload": asdict(workload), "plan": asdict(result)}, indent=2))
@@ -279,5 +329,5 @@ def add_parser(sub) -> None:
     p.add_argument("--shared-prompt", type=int, default=0, help="tokens of a system prompt all users share")
     p.add_argument("--users", type=int, default=100, help="users for the shared-prompt comparison")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_engine_args(p, only=("block_size", "gpu_memory_utilization"), model=False)
+    add_engine_args(p, only=("block_size", "gpu_memory_utilization", "tensor_parallel_size"), model=False)
     p.set_defaults(func=main)

@@ -98,3 +98,52 @@ def test_cli_json_and_table(capsys):
     _cli(["plan", "--model", str(DEFAULT_MODEL_ASSETS), "--memory", "8GiB", "--shared-prompt", "500"])
     out = capsys.readouterr().out
     assert "concurrent: paged" in out and "shared prompt" in out and "calculator" in out
+
+
+def test_llama2_13b_tensor_parallel_on_two_24gib_devices_by_hand():
+    """Too big for one 24 GiB card in fp16; split over two, each holds half
+    of every matrix, all the norms, and half the KV heads of every token."""
+    whole = 2 * 32000 * 5120 + 40 * (4 * 5120**2 + 3 * 5120 * 13824 + 2 * 5120) + 5120
+    assert whole == 13_015_864_320
+    one = plan(lookup_model("Llama-2-13B"), 24 * GIB, Workload(), dtype="float16")
+    assert not one.fits and one.weight_bytes_per_device == one.weight_bytes == 2 * whole
+    p = plan(lookup_model("Llama-2-13B"), 24 * GIB, Workload(), dtype="float16", tensor_parallel_size=2)
+    norms = 40 * 2 * 5120 + 5120  # replicated on both devices
+    per_device = (whole - norms) // 2 + norms
+    assert per_device == 6_508_139_520
+    assert p.fits and p.weight_bytes == 2 * whole and p.weight_bytes_per_device == 2 * per_device
+    assert p.kv_bytes_per_token == 2 * 40 * 40 * 128 * 2
+    assert p.kv_bytes_per_token_per_device == 2 * 40 * 20 * 128 * 2 == 409_600
+    budget = int(24 * GIB * 0.9) - 2 * per_device
+    assert p.kv_budget_bytes == budget  # on each device
+    assert p.kv_tokens == budget // 409_600 == 24_845
+    assert p.paged_concurrency == p.kv_blocks * 16 // 520 == 47
+
+
+def test_tensor_parallel_with_fewer_kv_heads_than_devices_replicates_them():
+    llama3 = lookup_model("Llama-3-70B")  # 64 query heads, 8 KV heads
+    p16 = plan(llama3, 80 * GIB, dtype="bfloat16", tensor_parallel_size=16)
+    p8 = plan(llama3, 80 * GIB, dtype="bfloat16", tensor_parallel_size=8)
+    # One KV head per device either way: 16 devices replicate each head twice.
+    assert p16.kv_bytes_per_token_per_device == p8.kv_bytes_per_token_per_device == 2 * 80 * 1 * 128 * 2
+    assert plan(llama3, 80 * GIB, dtype="bfloat16").kv_bytes_per_token_per_device == 2 * 80 * 8 * 128 * 2
+    with pytest.raises(
+        ValueError, match="tensor_parallel_size 12 is more than the model's num_key_value_heads"
+    ):
+        plan(llama3, 80 * GIB, tensor_parallel_size=12)
+    # Whole KV-head groups: SmolLM2-135M's 3 groups over 2 devices go 2 + 1;
+    # the figures are the fuller device's.
+    smol = plan(lookup_model("SmolLM2-135M"), 8 * GIB, dtype="bfloat16", tensor_parallel_size=2)
+    assert smol.kv_bytes_per_token_per_device == 2 * 30 * 2 * 64 * 2
+    h = 576
+    per_layer = h * 6 * 64 + 2 * h * 2 * 64 + 6 * 64 * h + 3 * h * 768 + 2 * h
+    assert smol.weight_bytes_per_device == 2 * (49152 // 2 * h + 30 * per_layer + h)
+
+
+def test_cli_tensor_parallel_flag(capsys):
+    _cli(["plan", "--model", "Llama-2-13B", "--memory", "24GiB", "--tensor-parallel-size", "2", "--json"])
+    data = json.loads(capsys.readouterr().out)["plan"]
+    assert (data["tensor_parallel_size"], data["kv_tokens"], data["fits"]) == (2, 24_845, True)
+    _cli(["plan", "--model", "Llama-2-13B", "--memory", "24GiB", "--tensor-parallel-size", "2"])
+    out = capsys.readouterr().out
+    assert "weights per device" in out and "KV budget per device" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from paged_attention.engine.resolve import available_memory_bytes, resolve_devic
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
 from paged_attention.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from paged_attention.distributed.executor import TPExecutor
 
 logger = logging.getLogger("paged_attention")
 
@@ -101,7 +105,8 @@ def plan_pool(
             # Headroom for activations and captured graphs, which come later.
             budget = int(available * config.gpu_memory_utilization) - 2**30
         else:
-            budget = int(available * config.cpu_kv_memory_fraction)
+            # Tensor-parallel ranks on one CPU share its RAM: each takes its part.
+            budget = int(available * config.cpu_kv_memory_fraction) // config.tensor_parallel_size
         # No more than max_num_seqs full-length sequences could ever use.
         num_blocks = min(budget // per_block, config.max_num_seqs * blocks_per_seq)
     if num_blocks < blocks_per_seq:
@@ -115,12 +120,33 @@ def plan_pool(
 
 
 def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
-    from paged_attention.model.loader import load_model
-
     source = resolve_model(model)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
+    if config.tensor_parallel_size == 1:
+        return _assemble(source, config, device, dtype, None)
+    # Tensor parallel: the workers load their shards while this process (rank 0) loads its own.
+    from paged_attention.distributed.driver import start_executor
+
+    executor = start_executor(config, source.weights, source.config_dir, device, dtype)
+    try:
+        return _assemble(source, config, device, dtype, executor)
+    except BaseException:
+        executor.shutdown()
+        raise
+
+
+def _assemble(
+    source: ModelSource,
+    config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    executor: TPExecutor | None,
+) -> LLMEngine:
+    from paged_attention.model.loader import load_model
+
+    tp = None if executor is None else executor.tp
     from paged_attention.model.quant.scheme import quantization_for_engine
 
     quantization = quantization_for_engine(
@@ -128,22 +154,23 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
         weights=source.weights,
         device_type=device.type,
         dtype_option=config.dtype,
-        tensor_parallel=False,
+        tensor_parallel=tp is not None,
     )
     net, model_config = load_model(
-        source.weights, dtype=dtype, device=device, config=source.config_dir, quantization=quantization
+        source.weights, dtype=dtype, device=device, config=source.config_dir, tp=tp, quantization=quantization
     )
+    shard_config = net.config  # under tensor parallelism: this rank's heads (its pool's)
     tokenizer = Tokenizer.load(source.tokenizer_dir, gguf_file=source.tokenizer_gguf)
-    plan = plan_pool(config, model_config, dtype, device)
+    plan = plan_pool(config, shard_config, dtype, device)
     allocator = BlockPool(
         plan.num_blocks, plan.block_size, enable_prefix_caching=config.enable_prefix_caching
     )
     kv_cache = KVCachePool(
-        model_config.num_layers,
+        shard_config.num_layers,
         plan.num_blocks,
         plan.block_size,
-        model_config.num_kv_heads,
-        model_config.head_dim,
+        shard_config.num_kv_heads,
+        shard_config.head_dim,
         dtype,
         device,
     )
@@ -160,7 +187,7 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     )
     max_batched = config.max_num_batched_tokens or max(8192, plan.max_model_len)
     host_cache, swapper, cost_model = build_swap_space(
-        config, plan, model_config, dtype, device, allocator, kv_cache, net
+        config, plan, shard_config, dtype, device, allocator, kv_cache, net
     )
     scheduler = Scheduler(
         allocator,
@@ -171,14 +198,21 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
         cost_model=cost_model,
         preemption_victim=config.preemption_victim,
     )
-    graphs = maybe_decode_graphs(
-        net, kv_cache, net.attn_backend, config.max_num_seqs, plan.max_model_len, config.enforce_eager
-    )
+    runner: ModelRunner
+    if executor is None:
+        graphs = maybe_decode_graphs(
+            net, kv_cache, net.attn_backend, config.max_num_seqs, plan.max_model_len, config.enforce_eager
+        )
+        runner = ModelRunner(net, kv_cache, host_cache, graphs)
+    else:
+        from paged_attention.distributed.driver import connect_driver
+
+        runner = connect_driver(executor, net, kv_cache, host_cache)
     eos = set(model_config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
     return LLMEngine(
-        ModelRunner(net, kv_cache, host_cache, graphs),
+        runner,
         kv_cache,
         allocator,
         scheduler,

@@ -58,6 +58,12 @@ class LLM:
     def memory_stats(self) -> dict[str, int | float]:
         return self.engine.memory_stats()
 
+    def shutdown(self) -> None:
+        """Stop what the engine started (tensor-parallel workers); idempotent.
+        Also done at garbage collection and at exit, but a long-lived process
+        that drops an `LLM` should call it."""
+        self.engine.runner.shutdown()
+
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)
 

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from paged_attention.attention.metadata import AttentionMetadata
+from paged_attention.core.block_table import CopyOnWrite
 from paged_attention.core.request import Request
 from paged_attention.core.scheduler import ScheduledBatch
+from paged_attention.core.swap import BlockCopy
 from paged_attention.engine.cuda_graphs import DecodeCudaGraphs
 from paged_attention.kv_cache import KVCachePool, copy_between_pools
 from paged_attention.model.llama import CausalLM
@@ -35,6 +37,50 @@ def flush_denormals(enabled: bool) -> Iterator[None]:
 
 
 @dataclass
+class StepInput:
+    """One step's work in plain ints and block ids: everything a rank needs to
+    run it. Built from the scheduled batch on the driver; under tensor
+    parallelism the driver broadcasts it and every rank runs it on its shard."""
+
+    input_ids: list[int]
+    positions: list[int]
+    block_tables: list[list[int]]
+    num_computed: list[int]
+    num_new_tokens: list[int]
+    sample_rows: list[int]  # packed rows whose logits are due (a prompt or chunk is done)
+    copies: list[CopyOnWrite]
+    swap_out: list[BlockCopy]
+    swap_in: list[BlockCopy]
+
+    @classmethod
+    def from_batch(cls, batch: ScheduledBatch) -> tuple[StepInput, list[Request]]:
+        """The step and the requests to sample (one per sample row)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        sample_rows: list[int] = []
+        sampling: list[Request] = []
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            start = req.num_computed_tokens
+            input_ids.extend(req.token_ids(start, start + n))
+            positions.extend(range(start, start + n))
+            if start + n == req.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sampling.append(req)
+        step = cls(
+            input_ids,
+            positions,
+            [r.block_table.block_ids for r in batch.requests],
+            [r.num_computed_tokens for r in batch.requests],
+            batch.num_new_tokens,
+            sample_rows,
+            batch.copies,
+            batch.swap_out,
+            batch.swap_in,
+        )
+        return step, sampling
+
+
+@dataclass
 class StepResult:
     sampling_requests: list[Request]  # requests whose prompt (or chunk) is done: sample now
     logits: torch.Tensor  # [len(sampling_requests), vocab] float32
@@ -55,44 +101,41 @@ class ModelRunner:
         self.device = kv_cache.device
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
+        step, sampling = StepInput.from_batch(batch)
+        return StepResult(sampling, self.execute_step(step))
+
+    def execute_step(self, step: StepInput) -> torch.Tensor:
+        """Run one step; float32 logits [len(step.sample_rows), vocab]."""
         with flush_denormals(self.device.type == "cpu"):
-            return self._execute(batch)
+            return self._execute(step)
+
+    def shutdown(self) -> None:
+        """Release what the runner started: nothing here (the tensor-parallel
+        driver's runner stops its workers)."""
 
     @torch.inference_mode()
-    def _execute(self, batch: ScheduledBatch) -> StepResult:
+    def _execute(self, step: StepInput) -> torch.Tensor:
         # Swap-outs first: the device blocks they free may be written this step.
-        if batch.swap_out or batch.swap_in:
+        if step.swap_out or step.swap_in:
             assert self.host_cache is not None, "swap copies without a host pool"
-            copy_between_pools(self.kv_cache, self.host_cache, batch.swap_out)
-            copy_between_pools(self.host_cache, self.kv_cache, batch.swap_in)
-        self.kv_cache.copy_blocks(batch.copies)
-        input_ids: list[int] = []
-        positions: list[int] = []
-        last_rows: list[int] = []
-        sampling: list[Request] = []
-        for req, n in zip(batch.requests, batch.num_new_tokens):
-            start = req.num_computed_tokens
-            input_ids.extend(req.token_ids(start, start + n))
-            positions.extend(range(start, start + n))
-            if start + n == req.num_tokens:
-                last_rows.append(len(input_ids) - 1)
-                sampling.append(req)
+            copy_between_pools(self.kv_cache, self.host_cache, step.swap_out)
+            copy_between_pools(self.host_cache, self.kv_cache, step.swap_in)
+        self.kv_cache.copy_blocks(step.copies)
         meta = AttentionMetadata.build(
-            [r.block_table.block_ids for r in batch.requests],
-            [r.num_computed_tokens for r in batch.requests],
-            batch.num_new_tokens,
+            step.block_tables,
+            step.num_computed,
+            step.num_new_tokens,
             self.kv_cache.block_size,
             self.kv_cache.num_blocks,
             self.device,
         )
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids_t = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+        pos_t = torch.tensor(step.positions, dtype=torch.long, device=self.device)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta):
             hidden = self.cuda_graphs.run(ids_t, pos_t, meta)  # valid until the next run
         else:
             hidden = self.model(ids_t, pos_t, self.kv_cache, meta)
-        if not sampling:
-            return StepResult([], hidden.new_empty((0, 0), dtype=torch.float32))
-        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        return StepResult(sampling, logits)
+        if not step.sample_rows:
+            return hidden.new_empty((0, 0), dtype=torch.float32)
+        rows = torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))

