@@ -46,6 +46,14 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         help="answer 503 + Retry-After once this many requests wait (default: no limit)",
     )
     add_limit_args(p)
+    p.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="engines behind the endpoint, each with its own model copy and KV pool; a request goes "
+        "to the one caching its prompt's prefix, else the least loaded (default 1)",
+    )
     p.add_argument("--chat-template", default=None, help="Jinja chat template: a file or the template text")
     p.add_argument(
         "--log-level",

@@ -40,6 +40,7 @@ from paged_attention.config import API_KEY_ENV
 from paged_attention.entrypoints.async_engine import AsyncEngine
 from paged_attention.entrypoints.body_limit import BodyLimitMiddleware
 from paged_attention.entrypoints.context import LOOPBACK_HOSTS, ServerConfig, ServerContext
+from paged_attention.entrypoints.dp_router import DataParallelEngine, build_replicas
 from paged_attention.entrypoints.errors import install_error_handlers
 from paged_attention.entrypoints.guards import guarded, host_name
 from paged_attention.entrypoints.handlers import Handlers
@@ -80,6 +81,7 @@ def create_app(
     warm_up: bool = True,
     limits: ServerLimits | None = None,
     allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
+    replicas: Sequence[LLM] = (),
 ) -> FastAPI:
     """An app serving `llm`. From the app's startup to its shutdown the engine
     belongs to the app's engine thread: do not call llm.generate meanwhile.
@@ -87,8 +89,9 @@ def create_app(
     one tiny generation on the engine thread before serving, so the first
     client does not pay first-call costs (seconds on CPU). `limits`: what one
     client may ask (default ServerLimits()). `allowed_hosts`: the Host names
-    accepted without an API key (None: any). Serve it with
-    `lifecycle.make_server(app)`."""
+    accepted without an API key (None: any). `replicas`: more engines like
+    `llm`, served with it as data-parallel replicas (entrypoints/dp_router.py).
+    Serve it with `lifecycle.make_server(app)`."""
     # Imported here, not at module level: fastapi costs ~1 s to import, and the
     # CLI imports this module for `add_parser` on every command.
     from fastapi import FastAPI
@@ -104,7 +107,11 @@ def create_app(
         tokenizer.chat_template = chat_template
     # The collector reads the engine's load at scrape time; `engine` is bound below.
     metrics = ServerMetrics(lambda: engine.load(), served_model_name)
-    engine = AsyncEngine(llm.engine, on_finished=metrics.observe_finished)
+    engine = (
+        AsyncEngine(llm.engine, on_finished=metrics.observe_finished)
+        if not replicas
+        else DataParallelEngine.from_llms([llm, *replicas], on_finished=metrics.observe_finished)
+    )
     prompts = PromptBuilder(tokenizer, engine.max_model_len)
     ctx = ServerContext(config, engine, prompts, metrics, TokenText(tokenizer))
 
@@ -228,7 +235,6 @@ def exposure_warning(bind_host: str, api_key: str | None, hosts: frozenset[str] 
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from paged_attention.engine.llm import LLM
     from paged_attention.entrypoints.engine_args import engine_kwargs
     from paged_attention.entrypoints.lifecycle import make_server
 
@@ -238,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     chat_template = read_chat_template(args.chat_template)
     api_key = resolve_api_key(args.api_key)
     hosts = allowed_hosts_for(args.host, args.allowed_hosts.split(",") if args.allowed_hosts else ())
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm, *replicas = build_replicas(args.model, engine_kwargs(args), args.data_parallel_size)
     name = args.served_model_name or default_model_name(args.model)
     app = create_app(
         llm,
@@ -248,6 +254,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         chat_template=chat_template,
         limits=limits,
         allowed_hosts=hosts,
+        replicas=replicas,
     )
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
