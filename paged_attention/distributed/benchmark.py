@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--kv-blocks", type=int, default=1024)
     parser.add_argument(
         "--repeat", type=int, default=2, help="runs per configuration; the fastest is reported"
