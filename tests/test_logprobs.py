@@ -151,26 +151,115 @@ def test_prompt_logprobs_validation() -> None:
 
 
 def test_echo_logprobs_put_the_prompt_first(llm: LLM) -> None:
-    from paged_attention.entrypoints.logprobs import join_logprobs, prompt_logprobs_for_echo
+    from paged_attention.entrypoints.logprobs import join_logprobs, prompt_logprobs_for_echo, prompt_pieces
     from paged_attention.entrypoints.openai_protocol import TokenText, completion_logprobs
 
     (out,) = llm.generate(
-        PROMPT, SamplingParams(temperature=0, max_tokens=4, logprobs=2, prompt_logprobs=2), use_tqdm=False
+        PROMPT, SamplingParams(temperature=0, max_tokens=4, logprobs=2, prompt_logprobs=3), use_tqdm=False
     )
     tokenizer = llm.get_tokenizer()
     token_text = TokenText(tokenizer)
     assert out.prompt_logprobs is not None
-    special = frozenset(tokenizer.all_special_ids)
-    prompt_part = prompt_logprobs_for_echo(out.prompt_token_ids, out.prompt_logprobs, token_text, special)
-    joined = join_logprobs(prompt_part, completion_logprobs(out.outputs[0], token_text, 0))
+    pieces, offsets = prompt_pieces(tokenizer, out.prompt_token_ids, PROMPT)
+    assert pieces[:2] == ["", "Once"]  # BOS is not in the text; the first word has no leading space
+    prompt_part = prompt_logprobs_for_echo(
+        out.prompt_token_ids, out.prompt_logprobs, pieces, offsets, token_text, num_top=2
+    )
+    completion = out.outputs[0]
+    joined = join_logprobs(prompt_part, completion_logprobs(completion, token_text, len(PROMPT)))
     n_prompt = len(out.prompt_token_ids)
     assert len(joined.tokens) == n_prompt + 4
     assert joined.token_logprobs[0] is None and joined.top_logprobs[0] is None  # BOS: nothing predicts it
-    assert joined.tokens[0] == ""  # a special token is not part of the echoed text
     for i in range(1, n_prompt):
         token = out.prompt_token_ids[i]
         assert joined.token_logprobs[i] == out.prompt_logprobs[i][token]
-    assert "".join(joined.tokens) == "".join(joined.tokens[:n_prompt]) + out.outputs[0].text
+        top = joined.top_logprobs[i]
+        assert top is not None and top[joined.tokens[i]] == joined.token_logprobs[i]
+        # The 2 asked for (the engine computed 3), plus the prompt's token.
+        best = sorted(out.prompt_logprobs[i].values(), reverse=True)[:2]
+        assert sorted(top.values(), reverse=True)[:2] == best and len(top) <= 3
+    echoed = PROMPT + completion.text
+    assert completion.text.startswith(",")  # see the server test on a completion that starts a word
+    assert "".join(joined.tokens) == echoed
     assert joined.text_offset == [sum(len(t) for t in joined.tokens[:i]) for i in range(len(joined.tokens))]
-    with pytest.raises(ValueError, match="one prompt log-prob entry per prompt token"):
-        prompt_logprobs_for_echo(out.prompt_token_ids, out.prompt_logprobs[1:], token_text)
+    with pytest.raises(ValueError, match="one prompt log-prob entry, piece and offset per prompt token"):
+        prompt_logprobs_for_echo(out.prompt_token_ids, out.prompt_logprobs[1:], pieces, offsets, token_text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Once upon a time",
+        "Hello\nworld  x",
+        "Ünïcödé 🐱 café",  # characters split over byte tokens
+        "  two spaces\tand a tab",
+        " leading space",
+        "Zebra",  # a lone "▁" first
+        "<s> typed special a<s>b",  # special tokens written in the text
+    ],
+)
+def test_prompt_pieces_make_up_the_echoed_text(llm: LLM, text: str) -> None:
+    from paged_attention.entrypoints.logprobs import prompt_pieces, token_pieces
+
+    tokenizer = llm.get_tokenizer()
+    ids = tokenizer.encode(text)
+    for skip in (True, False):
+        pieces = token_pieces(tokenizer, ids, skip_special_tokens=skip)
+        assert len(pieces) == len(ids)
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=skip)
+    # A prompt sent as text is echoed as sent; one sent as ids as their full decode.
+    for echoed in (text, tokenizer.decode(ids)):
+        pieces, offsets = prompt_pieces(tokenizer, ids, echoed)
+        assert len(pieces) == len(offsets) == len(ids)
+        assert "".join(pieces) == echoed
+        assert offsets == [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
+
+
+def test_align_pieces_where_the_decode_differs_from_the_text() -> None:
+    from paged_attention.entrypoints.logprobs import align_pieces
+
+    # An added BOS is not in the text; the word after it loses the space the decode gave it.
+    assert align_pieces(["<s>", " Once", " upon"], [True, False, False], "Once upon") == (
+        ["", "Once", " upon"],
+        [0, 0, 4],
+    )
+    # Whitespace the decode dropped is skipped.
+    assert align_pieces(["Once", " upon"], [False, False], " Once upon") == (["Once", " upon"], [1, 5])
+    # Text the decode does not give back: placed where the previous piece ended.
+    assert align_pieces(["a", "zz", "b"], [False] * 3, "ab") == (["a", "zz", "b"], [0, 1, 2])
+
+
+@pytest.mark.parametrize(
+    ("prompt", "computed_top", "num_top"), [(LONG_PROMPT, 4, 2), ("Zebra quantum sky", 1, 1)]
+)
+def test_vllm_prompt_logprobs_ranks(llm: LLM, hf_model, prompt: str, computed_top: int, num_top: int) -> None:
+    from paged_attention.entrypoints.logprobs import prompt_pieces, vllm_prompt_logprobs
+    from paged_attention.entrypoints.openai_protocol import TokenText
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=computed_top)
+    (out,) = llm.generate(prompt, params, use_tqdm=False)
+    tokenizer = llm.get_tokenizer()
+    ids, entries = out.prompt_token_ids, out.prompt_logprobs
+    assert entries is not None
+    pieces, _ = prompt_pieces(tokenizer, ids, prompt)
+    token_text = TokenText(tokenizer)
+    got = vllm_prompt_logprobs(ids, entries, pieces, token_text, num_top, computed_top)
+    ref = _reference_prompt_logprobs(hf_model, ids)
+    assert got[0] is None and len(got) == len(ids)
+    outside = 0
+    for pos, entry in enumerate(got[1:]):
+        own = ids[pos + 1]
+        assert entry is not None and next(iter(entry)) == own  # the prompt's token first
+        # Its text in the prompt; one that shows nothing there ("Zebra"'s lone "▁") by TokenText's name.
+        assert entry[own].decoded_token == (pieces[pos + 1] or token_text(own))
+        assert entry[own].logprob == pytest.approx(ref[pos, own].item(), abs=1e-4)
+        true_rank = int((ref[pos] > ref[pos, own]).sum()) + 1
+        # A prompt token outside the engine's top N: its rank was not computed.
+        assert entry[own].rank == (true_rank if true_rank <= computed_top else None)
+        outside += true_rank > computed_top
+        others = [t for t in entry if t != own]
+        assert len(others) == num_top - (true_rank <= num_top)
+        for t in others:
+            assert entry[t].rank == int((ref[pos] > ref[pos, t]).sum()) + 1 <= num_top
+            assert entry[t].logprob == pytest.approx(ref[pos, t].item(), abs=1e-4)
+    assert outside or computed_top > 1  # an unlikely prompt has tokens outside the top 1

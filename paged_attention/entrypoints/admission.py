@@ -9,6 +9,7 @@ naming the parameter, the value and the limit (with its flag)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from paged_attention.entrypoints.async_engine import EngineError, EngineShutdown, PromptInput, Submission
@@ -16,6 +17,7 @@ from paged_attention.entrypoints.context import ServerContext
 from paged_attention.entrypoints.errors import engine_request_error
 from paged_attention.entrypoints.guided_request import guided_decoding_params
 from paged_attention.entrypoints.openai_protocol import (
+    MAX_LOGPROBS,
     ChatCompletionRequest,
     CompletionRequest,
     RequestError,
@@ -59,6 +61,22 @@ def check_stop_strings(ctx: ServerContext, stop: str | list[str] | None) -> None
             f"stop string {longest[:20]!r}... has {len(longest)} characters; at most "
             f"{limits.max_stop_string_chars} are allowed (--max-stop-string-chars)",
             param="stop",
+        )
+
+
+def check_prompt_logprobs(req: CompletionRequest) -> None:
+    """vLLM's prompt_logprobs: a count like logprobs, not while streaming (as vLLM)."""
+    k = req.prompt_logprobs
+    if k is None:
+        return
+    if not 0 <= k <= MAX_LOGPROBS:
+        raise RequestError(
+            f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}", param="prompt_logprobs"
+        )
+    if req.stream:
+        raise RequestError(
+            "prompt_logprobs is not available with stream=true (use echo with logprobs to stream them)",
+            param="prompt_logprobs",
         )
 
 
@@ -128,10 +146,7 @@ def prepare_completion(ctx: ServerContext, body: bytes) -> PreparedCompletion:
     reject_unsupported(req)
     if req.suffix:
         raise RequestError("suffix is not supported by this server", param="suffix")
-    if req.echo and req.logprobs is not None:
-        raise RequestError(
-            "echo with logprobs is not supported: prompt log-probs are not computed", param="echo"
-        )
+    check_prompt_logprobs(req)
     if req.stream and req.best_of is not None and req.best_of != req.n:
         raise RequestError(f"best_of ({req.best_of}) must equal n ({req.n}) when streaming", param="best_of")
     check_stop_strings(ctx, req.stop)
@@ -143,6 +158,11 @@ def prepare_completion(ctx: ServerContext, body: bytes) -> PreparedCompletion:
         best_of=req.best_of,
         guided_decoding=guided_decoding_params(req),
     )
+    # The engine computes the prompt's top N once for both uses: echo's
+    # logprobs and vLLM's prompt_logprobs (each shows its own N).
+    wanted = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+    if wanted:
+        params = dataclasses.replace(params, prompt_logprobs=max(wanted))
     check_amplification(ctx, ctx.prompts.count(req.prompt), params)
     prompts = ctx.prompts.completion_prompts(req.prompt)
     for prompt in prompts:

@@ -479,6 +479,9 @@ class ChoiceUpdate:
     prompt_index: int
     output: CompletionOutput
     finished: bool  # this choice is complete (its siblings may still run)
+    # The prompt's log-probs (RequestOutput.prompt_logprobs) when the params
+    # asked for them: complete on every update (the prompt is done by the first).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 def _join(prev: RequestOutput, new: RequestOutput) -> RequestOutput:
@@ -547,7 +550,11 @@ class Submission:
                     prompt_index = self.prompt_of[item.request_id]
                     for out in item.outputs:
                         yield ChoiceUpdate(
-                            prompt_index * self.n + out.index, prompt_index, out, out.finished()
+                            prompt_index * self.n + out.index,
+                            prompt_index,
+                            out,
+                            out.finished(),
+                            item.prompt_logprobs,
                         )
         finally:
             self.abort()

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -28,6 +29,12 @@ from paged_attention.entrypoints.admission import (
 from paged_attention.entrypoints.async_engine import ChoiceUpdate, PromptInput, Submission
 from paged_attention.entrypoints.context import ServerContext
 from paged_attention.entrypoints.errors import sse_error
+from paged_attention.entrypoints.logprobs import (
+    join_logprobs,
+    prompt_logprobs_for_echo,
+    prompt_pieces,
+    vllm_prompt_logprobs,
+)
 from paged_attention.entrypoints.openai_protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -37,9 +44,11 @@ from paged_attention.entrypoints.openai_protocol import (
     ChatStreamChoice,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionResponse,
     ModelCard,
     ModelList,
+    PromptLogprob,
     RequestError,
     UsageInfo,
     chat_logprobs,
@@ -71,6 +80,44 @@ async def _collect(submission: Submission) -> dict[int, ChoiceUpdate]:
         async for update in updates:
             finals[update.index] = update
     return finals
+
+
+@dataclass
+class _PromptParts:
+    """One prompt's log-probs as a completion choice shows them."""
+
+    echo: CompletionLogprobs | None  # the echoed prompt's part of `logprobs`
+    vllm: list[dict[int, PromptLogprob] | None] | None  # vLLM's `prompt_logprobs`
+
+
+def _prompt_parts(
+    ctx: ServerContext,
+    prepared: PreparedCompletion,
+    prompt_log_probs: dict[int, list[dict[int, float] | None] | None],
+) -> dict[int, _PromptParts]:
+    """Per prompt index, from the engine's prompt log-probs; decodes the
+    prompt token by token, so it runs off the event loop."""
+    req, computed_top = prepared.req, prepared.params.prompt_logprobs
+    assert computed_top is not None
+    parts = {}
+    for prompt_index, entries in prompt_log_probs.items():
+        prompt = prepared.prompts[prompt_index]
+        if entries is None:
+            raise RuntimeError("the engine returned no prompt log-probs for a request that asked for them")
+        text = ctx.prompts.text(prompt)
+        pieces, offsets = prompt_pieces(ctx.tokenizer, prompt.token_ids, text)
+        echo = None
+        if req.echo and req.logprobs is not None:
+            echo = prompt_logprobs_for_echo(
+                prompt.token_ids, entries, pieces, offsets, ctx.token_text, req.logprobs
+            )
+        vllm = None
+        if req.prompt_logprobs is not None:
+            vllm = vllm_prompt_logprobs(
+                prompt.token_ids, entries, pieces, ctx.token_text, req.prompt_logprobs, computed_top
+            )
+        parts[prompt_index] = _PromptParts(echo, vllm)
+    return parts
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -165,12 +212,21 @@ class Handlers:
     ) -> Response:
         ctx, req, prompts = self.ctx, prepared.req, prepared.prompts
         finals = await _collect(submission)
+        parts: dict[int, _PromptParts] = {}
+        if prepared.params.prompt_logprobs is not None:
+            by_prompt = {u.prompt_index: u.prompt_logprobs for u in finals.values()}
+            parts = await ctx.off_loop(_prompt_parts, ctx, prepared, by_prompt)
         choices = []
         for index in sorted(finals):
             update = finals[index]
             out = update.output
+            part = parts.get(update.prompt_index)
             prefix = ctx.prompts.text(prompts[update.prompt_index]) if req.echo else ""
-            logprobs = completion_logprobs(out, ctx.token_text, 0) if req.logprobs is not None else None
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(out, ctx.token_text, len(prefix))
+                if part is not None and part.echo is not None:
+                    logprobs = join_logprobs(part.echo, logprobs)
             choices.append(
                 CompletionChoice(
                     index=index,
@@ -178,6 +234,7 @@ class Handlers:
                     logprobs=logprobs,
                     finish_reason=out.finish_reason,
                     stop_reason=out.stop_reason,
+                    prompt_logprobs=part.vllm if part is not None else None,
                 )
             )
         completion_tokens = sum(len(u.output.token_ids) for u in finals.values())
@@ -197,20 +254,31 @@ class Handlers:
         model = ctx.config.served_model_name
         sent_tokens: dict[int, int] = {}
         offsets: dict[int, int] = {}
+        echo_parts: dict[int, CompletionLogprobs | None] = {}  # per prompt index
         completion_tokens = 0
         async for update in submission.choices():
             out, index = update.output, update.index
-            text = out.text
-            if index not in offsets:  # this choice's first chunk
+            prefix = ""
+            echo_part = None
+            if index not in offsets:  # this choice's first chunk: the echo goes there (vLLM's order)
                 offsets[index] = 0
                 if req.echo:
-                    text = ctx.prompts.text(prompts[update.prompt_index]) + text
-            if not text and not update.finished:
+                    prefix = ctx.prompts.text(prompts[update.prompt_index])
+                if req.echo and req.logprobs is not None:
+                    if update.prompt_index not in echo_parts:
+                        by_prompt = {update.prompt_index: update.prompt_logprobs}
+                        parts = await ctx.off_loop(_prompt_parts, ctx, prepared, by_prompt)
+                        echo_parts[update.prompt_index] = parts[update.prompt_index].echo
+                    echo_part = echo_parts[update.prompt_index]
+            text = prefix + out.text
+            if not text and not update.finished and echo_part is None:
                 continue  # nothing to show yet (held back for a possible stop string)
             logprobs = None
             if req.logprobs is not None:
                 skip = sent_tokens.get(index, 0)
-                logprobs = completion_logprobs(out, ctx.token_text, offsets[index], skip)
+                logprobs = completion_logprobs(out, ctx.token_text, offsets[index] + len(prefix), skip)
+                if echo_part is not None:
+                    logprobs = join_logprobs(echo_part, logprobs)
                 sent_tokens[index] = len(out.token_ids)
             offsets[index] += len(text)
             if update.finished:

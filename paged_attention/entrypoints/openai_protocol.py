@@ -83,6 +83,8 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
+    # vLLM's: the prompt's log-probs (top N per token), returned on each choice.
+    prompt_logprobs: int | None = None
 
 
 class TextContentPart(_Model):
@@ -147,12 +149,23 @@ class CompletionLogprobs(_Model):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(_Model):
+    """One token of vLLM's `prompt_logprobs`; rank is 1-based in the whole
+    vocabulary, None where unknown (a prompt token outside the top N)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(_Model):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's shape: per prompt token (null for the first), token id -> its log-prob.
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(_Model):

@@ -6,13 +6,16 @@
     POST /detokenize  {"model"?, "tokens"} -> {"prompt"}
     GET  /version     -> {"version"}
 
-Tokenizing runs on the server's own tokenizer copy, never the engine thread."""
+Parsing and tokenizing run on the server's own tokenizer copy, off the event
+loop (the context's preparation thread, as for completions), never on the
+engine thread."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from pydantic import ConfigDict, Field
 from starlette.requests import Request
@@ -25,6 +28,8 @@ from paged_attention.entrypoints.openai_protocol import (
     _Strict,
     parse_request,
 )
+
+T = TypeVar("T")
 
 # A guard against one request asking to tokenize or decode without bound.
 MAX_DETOKENIZE_TOKENS = 1_000_000
@@ -92,6 +97,8 @@ class RouteContext(Protocol):
 
     def check_model(self, model: str | None) -> None: ...
 
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T: ...
+
 
 class TokenizeRoutes:
     def __init__(self, ctx: RouteContext) -> None:
@@ -106,8 +113,11 @@ class TokenizeRoutes:
         ]
 
     async def tokenize(self, request: Request) -> Response:
+        response = await self.ctx.off_loop(self._tokenize, await request.body())
+        return JSONResponse(response.model_dump())
+
+    def _tokenize(self, body: bytes) -> TokenizeResponse:
         ctx = self.ctx
-        body = await request.body()
         tokenizer = ctx.tokenizer
         # The two shapes differ by their text field; the chat one has "messages".
         req: TokenizeCompletionRequest | TokenizeChatRequest
@@ -121,13 +131,8 @@ class TokenizeRoutes:
             text = req.prompt
         tokens = tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
         token_strs = tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None
-        return JSONResponse(
-            TokenizeResponse(
-                count=len(tokens),
-                max_model_len=ctx.engine.max_model_len,
-                tokens=tokens,
-                token_strs=token_strs,
-            ).model_dump()
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=ctx.engine.max_model_len, tokens=tokens, token_strs=token_strs
         )
 
     def _chat_text(self, req: TokenizeChatRequest) -> str:
@@ -157,8 +162,12 @@ class TokenizeRoutes:
             ) from None
 
     async def detokenize(self, request: Request) -> Response:
+        response = await self.ctx.off_loop(self._detokenize, await request.body())
+        return JSONResponse(response.model_dump())
+
+    def _detokenize(self, body: bytes) -> DetokenizeResponse:
         ctx = self.ctx
-        req = parse_request(DetokenizeRequest, await request.body())
+        req = parse_request(DetokenizeRequest, body)
         ctx.check_model(req.model)
         if len(req.tokens) > MAX_DETOKENIZE_TOKENS:
             raise RequestError(
@@ -170,8 +179,7 @@ class TokenizeRoutes:
             raise RequestError(
                 f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens"
             )
-        text = ctx.tokenizer.decode(req.tokens)
-        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
+        return DetokenizeResponse(prompt=ctx.tokenizer.decode(req.tokens))
 
     async def version(self, _: Request) -> Response:
         return JSONResponse(VersionResponse(version=package_version()).model_dump())
