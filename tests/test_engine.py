@@ -222,3 +222,24 @@ def test_chat_uses_the_template():
     )[0]
     assert out.prompt == "Once upon a time "
     assert len(out.outputs[0].token_ids) == 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_text_continues_the_prompt_text(stories, stream):
+    """prompt text + completion text == the decode of prompt + completion tokens:
+    a completion that starts a word keeps its leading space (vLLM's rule), in
+    full outputs and in stream deltas alike."""
+    tok = stories.engine.tokenizer
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for prompt in ["Lily went", "The cat", "Once upon a time"]:
+        if stream:
+            pieces = stories.generate_stream(prompt, params)
+            text = "".join(d.outputs[0].text for d in pieces)
+            token_ids = stories.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        else:
+            out = stories.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+            text, token_ids = out.text, out.token_ids
+        prompt_ids = tok.encode(prompt)
+        whole = tok.decode(prompt_ids + token_ids, skip_special_tokens=True)
+        assert whole == tok.decode(prompt_ids, skip_special_tokens=True) + text, prompt
+    assert stories.generate("Lily went", params, use_tqdm=False)[0].outputs[0].text.startswith(" ")

@@ -365,11 +365,6 @@ def test_echo_with_logprobs_of_token_ids_and_several_choices(server: str, refere
     _idle(server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the engine decodes a completion without its prompt (engine/request_state.py): 'Lily went' + "
-    "'to the' loses the space vLLM keeps, so the completion's tokens (' to') miss the echoed text",
-)
 def test_echo_of_a_completion_that_starts_a_word(server: str) -> None:
     body = {"prompt": "Lily went", "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 1}
     (choice,) = _post(server, "/v1/completions", body).json()["choices"]

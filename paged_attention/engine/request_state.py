@@ -22,6 +22,26 @@ if TYPE_CHECKING:
     from paged_attention.tokenizer import Tokenizer
 
 
+# Prompt tokens decoded in front of the output, as vLLM does: a word that starts
+# the output keeps its leading space ("Lily went" + " to"), which decoding the
+# output alone drops, and a character split across the prompt/output boundary
+# comes out whole.
+PROMPT_CONTEXT_TOKENS = 5
+
+
+def decode_continuation(
+    tokenizer: Tokenizer, prompt_ids: Sequence[int], output_ids: Sequence[int], skip_special_tokens: bool
+) -> str:
+    """The text `output_ids` add after the prompt: the decode of the last few
+    prompt tokens plus the output, less the decode of those prompt tokens."""
+    context = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
+    before = tokenizer.decode(context, skip_special_tokens=skip_special_tokens)
+    full = tokenizer.decode(context + list(output_ids), skip_special_tokens=skip_special_tokens)
+    if full.startswith(before):
+        return full[len(before) :]
+    return tokenizer.decode(list(output_ids), skip_special_tokens=skip_special_tokens)
+
+
 @dataclass(frozen=True)
 class StopStrings:
     """A request's stop strings as one regex alternation, built once per request.
@@ -56,7 +76,9 @@ class RequestState:
     finish_time: float | None = None
     _streamed_upto: int = 0  # text already sent as stream deltas
     _searched_upto: int = 0  # text already searched for stop strings
-    _prefix_offset: int = 0  # incremental decoding window: [prefix, read) already in text
+    # Incremental decoding window over (prompt context + output) tokens: the
+    # tokens in [prefix, read) are already in `text`. None until the first decode.
+    _prefix_offset: int | None = None
     _read_offset: int = 0
     _stops: StopStrings | None = None  # built on first use; shared by forks (immutable)
 
@@ -127,17 +149,31 @@ class RequestState:
         The window starts a few tokens back so merges (a leading space, a
         multi-byte character split over tokens) come out as in a full decode;
         an incomplete character (U+FFFD) waits for the next token."""
-        ids = self.output_token_ids
+        context = self.seq.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
+        if self._prefix_offset is None:  # the window starts inside the prompt
+            self._prefix_offset, self._read_offset = 0, len(context)
         skip = self.params.skip_special_tokens
-        before = tokenizer.decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip)
-        after = tokenizer.decode(ids[self._prefix_offset :], skip_special_tokens=skip)
+        before = tokenizer.decode(
+            self._window(context, self._prefix_offset, self._read_offset), skip_special_tokens=skip
+        )
+        after = tokenizer.decode(self._window(context, self._prefix_offset, None), skip_special_tokens=skip)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before) :]
             self._prefix_offset = self._read_offset
-            self._read_offset = len(ids)
+            self._read_offset = len(context) + len(self.output_token_ids)
+
+    def _window(self, context: list[int], start: int, end: int | None) -> list[int]:
+        """Tokens [start, end) of context + output, without building the whole list."""
+        out = self.output_token_ids
+        stop = None if end is None else end - len(context)
+        if start >= len(context):
+            return out[start - len(context) : stop]
+        return context[start:] + out[:stop]
 
     def _decode(self, tokenizer: Tokenizer) -> str:
-        return tokenizer.decode(self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens)
+        return decode_continuation(
+            tokenizer, self.seq.prompt_token_ids, self.output_token_ids, self.params.skip_special_tokens
+        )
 
     def _stop_strings(self) -> StopStrings:
         if self._stops is None:

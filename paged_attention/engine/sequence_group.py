@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from paged_attention.core.request import Request
-from paged_attention.engine.request_state import RequestState
+from paged_attention.engine.request_state import RequestState, decode_continuation
 from paged_attention.outputs import CompletionOutput, RequestOutput
 from paged_attention.sampling_params import SamplingParams
 
@@ -232,7 +232,9 @@ class BeamGroup(GroupBase):
         completions = [
             CompletionOutput(
                 index=i,
-                text=tokenizer.decode(h.token_ids, skip_special_tokens=self.params.skip_special_tokens),
+                text=decode_continuation(
+                    tokenizer, self.prompt_token_ids, h.token_ids, self.params.skip_special_tokens
+                ),
                 token_ids=h.token_ids,
                 cumulative_logprob=h.logprob,
                 finish_reason=h.finish_reason,
