@@ -88,7 +88,7 @@ def run_hf_static(hf, workload: list[BenchRequest], batch_size: int) -> dict:
     left-padded; each batch runs until its longest requested output."""
     import torch
 
-    from paged_attention.engine.model_runner import flush_denormals
+    from paged_attention.engine.denormals import flush_denormals
 
     pad = 0
 

@@ -3,8 +3,6 @@ and returns logits for the requests that are due a new token."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -15,25 +13,9 @@ from paged_attention.core.request import Request
 from paged_attention.core.scheduler import ScheduledBatch
 from paged_attention.core.swap import BlockCopy
 from paged_attention.engine.cuda_graphs import DecodeCudaGraphs
+from paged_attention.engine.denormals import flush_denormals
 from paged_attention.kv_cache import KVCachePool, copy_between_pools
 from paged_attention.model.llama import CausalLM
-
-
-@contextmanager
-def flush_denormals(enabled: bool) -> Iterator[None]:
-    """Flush float32 denormals to zero while the model runs. Softmax tails and
-    small weights produce them, and x86 handles them in microcode: decode steps
-    measured 14x slower without this. Only values below 1e-38 change. The flag
-    is process-wide CPU state, so it is restored (to PyTorch's default, off)
-    after every step rather than left on for other code in the process."""
-    if not enabled:
-        yield
-        return
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
 
 
 @dataclass
