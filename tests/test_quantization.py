@@ -61,7 +61,8 @@ def test_auto_and_explicit_schemes_resolve() -> None:
     def resolve(value, gguf=True, device="cpu", exact=False):
         return resolve_quantization(value, is_gguf=gguf, device_type=device, float_dtype_requested=exact)
 
-    assert resolve("auto") == resolve(None) == QuantScheme("gguf")
+    assert resolve("auto") == resolve(None) == QuantScheme("gguf", dense_copy=True)
+    assert resolve("gguf") == QuantScheme("gguf")  # explicit: the 4-bit blocks alone
     assert resolve("auto", gguf=False).method == "none"
     assert resolve("auto", exact=True).method == "none"  # float32 asked for: dense
     assert resolve("auto", device="cuda").method == "none"
@@ -422,3 +423,23 @@ def test_quant_benchmarks_run_quick(tmp_path: Path, name: str) -> None:
         reference, gguf_row = result["formats"]
         assert reference["top1_agreement"] == 1.0 and gguf_row["format"] == "gguf"
         assert 0.5 < gguf_row["top1_agreement"] <= 1.0 and (tmp_path / "quant_accuracy.md").exists()
+
+
+def test_dense_copy_serves_large_batches_with_the_kernels_values() -> None:
+    """ "auto" keeps a dense copy of the quantized weight for large batches: the
+    same values the kernel computes with, and no dequantization per call."""
+    record = quantize_int4(_weights(64, 64), 32)
+    layers = {}
+    for copy in (False, True):
+        layer = QuantLinear(
+            64, 64, QuantScheme("gguf", dense_copy=copy), bias=False, dtype=torch.bfloat16, scratch=Scratch()
+        )
+        layer.load_rows(0, 64, record)
+        layers[copy] = layer
+    with_copy = layers[True]
+    assert with_copy.kind == "int4" and torch.equal(with_copy.dense_weight, with_copy.dequantize().bfloat16())
+    assert with_copy.dense_rows == 16 and not hasattr(layers[False], "dense_weight")
+    x = torch.randn(64, 64).bfloat16()
+    for rows in (1, 15, 16, 64):  # kernel below 16 rows, the dense copy from 16
+        torch.testing.assert_close(with_copy(x[:rows]), layers[False](x[:rows]), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(with_copy(x), x @ with_copy.dense_weight.t(), rtol=0, atol=0)

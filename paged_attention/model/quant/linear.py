@@ -39,6 +39,10 @@ KINDS = ("int4", "int8", "dense")
 # the kernel. Measured with `paged-attention bench quant-kernels` on SmolLM2
 # shapes, one thread: see DENSE_ROWS_NOTE in bench/quant.py.
 DENSE_ROWS = {"int4": 48, "int8": 16}
+# With a dense copy at hand the dense path costs no dequantization and wins
+# from fewer rows: SmolLM2 decode steps, one thread (bench decode-step), 8 rows
+# 53 ms on the kernel vs 64 dense, 16 rows 91 vs 78.
+DENSE_COPY_ROWS = 16
 _NEVER = 1 << 62
 # Largest weight slice the int8 dense path dequantizes at once (a 4 MiB bf16 block).
 _CHUNK_ELEMENTS = 1 << 21
@@ -149,6 +153,10 @@ class QuantLinear(nn.Module):
         else:
             self.exact = all(isinstance(p, torch.Tensor) for _, _, p in pieces)
             self._set_dense(torch.cat([_float(p) for _, _, p in pieces]))
+        if self.scheme.dense_copy and self.kind != "dense":
+            self.dense_weight: torch.Tensor
+            self.register_buffer("dense_weight", self.dequantize().to(self.dense_dtype), persistent=False)
+            self.dense_rows = min(self.dense_rows, DENSE_COPY_ROWS)
 
     def _set_int4(self, values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> None:
         self.kind = "int4"
@@ -202,6 +210,8 @@ class QuantLinear(nn.Module):
         return y if y.dtype == self.dtype else y.to(self.dtype)
 
     def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme.dense_copy:
+            return F.linear(x, self.dense_weight)
         n, k = self.out_features, self.in_features
         if self.kind == "int4":
             weight = self.scratch.get("weight", n * k, x.dtype)
