@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from paged_attention.model.config import ModelConfig
 from paged_attention.model.llama import CausalLM
 from paged_attention.model.quant import QuantizedTensor, QuantScheme, resolve_quantization
+from paged_attention.model.weight_checks import check_finite
 
 if TYPE_CHECKING:
     from paged_attention.distributed.parallel_state import ParallelContext
@@ -102,8 +103,12 @@ def _shards_from_index(index: Path) -> tuple[Path, ...]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index} has no 'weight_map'")
     shards = []
+    folder = index.parent.resolve()
     for name in sorted(set(weight_map.values())):
         shard = index.parent / name
+        # An index is data from the checkpoint: it must not point outside its folder.
+        if not shard.resolve().is_relative_to(folder):
+            raise ValueError(f"shard {name!r} listed in {index.name} is outside the model folder {folder}")
         if not shard.is_file():
             raise ValueError(f"missing shard {name} (listed in {index.name}) in folder {index.parent}")
         shards.append(shard)
@@ -123,9 +128,14 @@ def read_json(path: Path) -> dict[str, Any]:
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every file, one at a time, on CPU."""
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                names = list(f.keys())
+                for name in names:
+                    tensor = f.get_tensor(name)
+                    yield name, check_finite(name, tensor, file)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"cannot read safetensors file {file}: {exc}") from exc
 
 
 def load_model(

@@ -21,6 +21,7 @@ from paged_attention.model.gguf.qk_rows import unpermute_qk_rows
 from paged_attention.model.gguf.reader import TensorInfo, read_gguf_header
 from paged_attention.model.quant.gguf_repack import REPACKABLE_TYPES, repack_gguf
 from paged_attention.model.quant.records import GroupQuantized
+from paged_attention.model.weight_checks import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,10 @@ def _iter_tensors(
                 rows = info.shape[0]
                 order = unpermute_qk_rows(torch.arange(rows), n_head).numpy()
                 raw = raw.reshape(rows, -1)[order].reshape(-1)
+            value: Any
             if repack and info.ggml_type in REPACKABLE_TYPES and len(info.shape) == 2:
-                yield hf_name, repack_gguf(raw, info.ggml_type, info.shape)
+                value = repack_gguf(raw, info.ggml_type, info.shape)
             else:
-                yield hf_name, torch.from_numpy(dequantize_array(raw, info.ggml_type, info.shape))
+                value = torch.from_numpy(dequantize_array(raw, info.ggml_type, info.shape))
+            # Checked before the cache writer sees it: a bad file is never cached.
+            yield hf_name, check_finite(info.name, value, path)
