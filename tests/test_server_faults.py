@@ -232,11 +232,41 @@ def test_the_engine_threads_death_answers_every_waiting_client():
         http.close()
         assert "engine thread died: _Fatal: simulated" in error["message"]
         waiting.join(60)
-        assert "engine thread died" in error_of(waiting_result["value"], 500)
+        assert "engine thread died" in error_of(waiting_result["value"], 503)
         health = httpx.get(f"{url}/health", timeout=30)
         assert "the engine is not running: _Fatal" in error_of(health, 503)
         refused = post(url, "/v1/completions", json.dumps({"prompt": PROMPT}))
         assert "engine thread died" in error_of(refused, 503)
+
+
+def test_a_dead_engine_such_as_a_lost_worker_answers_503_not_a_retry_loop():
+    """EngineDeadError (what a dead or hung tensor-parallel worker raises) is not
+    blamed on one batch: the engine stops, every client in flight gets a 503,
+    and so does every later request."""
+    from paged_attention.engine.errors import EngineDeadError
+
+    llm = _llm(max_num_seqs=1)
+    steps = gate_steps(llm)
+    with _served(llm) as url:
+        steps.clear()
+        waiting, waiting_result = _in_thread(
+            lambda: post(url, "/v1/completions", json.dumps({"prompt": OTHER}))
+        )
+        wait_until(lambda: metric_value(url, "paged_attention_num_requests_waiting") == 1)
+        calls = []
+
+        def lost_worker(batch):
+            calls.append(batch)
+            raise EngineDeadError("tensor-parallel rank 1 (pid 4242) died: SIGKILL")
+
+        llm.engine.runner.execute = lost_worker
+        steps.set()
+        waiting.join(60)
+        assert "rank 1 (pid 4242) died" in error_of(waiting_result["value"], 503)
+        assert len(calls) == 1  # no step after the first: the engine stopped
+        refused = post(url, "/v1/completions", json.dumps({"prompt": PROMPT}))
+        assert "engine thread died: EngineDeadError" in error_of(refused, 503)
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 503
 
 
 def test_health_turns_503_while_a_step_hangs_and_recovers():

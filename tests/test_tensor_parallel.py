@@ -246,7 +246,7 @@ def test_killed_worker_is_a_clear_error_and_leaves_no_process(tmp_path, monkeypa
     killer = threading.Thread(target=kill_after_some_steps)
     killer.start()
     began = time.monotonic()
-    with pytest.raises(StepError) as caught:
+    with pytest.raises(WorkerError) as caught:
         llm.generate(
             {"prompt_token_ids": [1, 2, 3]},
             SamplingParams(max_tokens=2000, ignore_eos=True, temperature=0),
@@ -254,13 +254,11 @@ def test_killed_worker_is_a_clear_error_and_leaves_no_process(tmp_path, monkeypa
         )
     waited = time.monotonic() - began
     killer.join()
-    cause = caught.value.__cause__
-    assert isinstance(cause, WorkerError)
-    assert f"rank 1 (pid {pid}, killed by SIGKILL) died" in str(cause)
+    assert f"rank 1 (pid {pid}, killed by SIGKILL) died" in str(caught.value)
     assert waited < 60  # the error came from the dead socket, not the timeout
     assert _gone(pid) and multiprocessing.active_children() == []
     assert llm.memory_stats()["num_free_blocks"] == llm.memory_stats()["num_blocks"]
-    with pytest.raises(StepError, match="rank 1"):
+    with pytest.raises(WorkerError, match="rank 1"):
         llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(max_tokens=2), use_tqdm=False)
     llm.shutdown()
 
@@ -274,9 +272,8 @@ def test_hung_worker_times_out_and_is_killed(tmp_path, monkeypatch):
     llm.add_requests({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=50, ignore_eos=True))
     llm.engine.step()
     os.kill(pid, signal.SIGSTOP)  # alive, never answering
-    with pytest.raises(StepError, match="did not answer within 2 s") as caught:
+    with pytest.raises(WorkerError, match="did not answer within 2 s"):
         llm.engine.step()
-    assert isinstance(caught.value.__cause__, WorkerError)
     assert _gone(pid) and multiprocessing.active_children() == []
     llm.shutdown()
 

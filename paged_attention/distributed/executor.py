@@ -52,6 +52,7 @@ from paged_attention.distributed.worker import (
     run_mp_worker,
     split_cores,
 )
+from paged_attention.engine.errors import EngineDeadError
 
 logger = logging.getLogger("paged_attention.distributed")
 
@@ -63,7 +64,7 @@ LOAD_TIMEOUT_S = 1800.0
 STOP_GRACE_S = 5.0
 
 
-class WorkerError(RuntimeError):
+class WorkerError(EngineDeadError):
     """A tensor-parallel worker died, hung or failed: the engine cannot go on."""
 
 

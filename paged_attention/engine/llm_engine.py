@@ -19,6 +19,7 @@ import torch
 from paged_attention.core.block_allocator import BlockAllocator
 from paged_attention.core.request import Request, RequestStatus
 from paged_attention.core.scheduler import ScheduledBatch, Scheduler
+from paged_attention.engine.errors import EngineDeadError
 from paged_attention.engine.model_runner import ModelRunner, StepResult
 from paged_attention.engine.preemption_cost import PreemptionCostModel
 from paged_attention.engine.prompt_logprobs import PromptLogprobsCollector
@@ -262,6 +263,11 @@ class LLMEngine:
             outputs = self.update_from_output(batch, result)
         except StepError as err:
             self._abort_all(err.failures)
+            raise
+        except EngineDeadError as err:
+            # Not a StepError: nothing can run any more. The batch's requests
+            # are freed all the same, and the error goes up as it is.
+            self._abort_all(dict.fromkeys(self._batch_request_ids(batch), err))
             raise
         except Exception as err:
             # Half-applied: the batch's KV and counts no longer agree. Its

@@ -32,6 +32,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from paged_attention.engine.errors import EngineDeadError
 from paged_attention.engine.llm_engine import LLMEngine, StepError
 from paged_attention.outputs import CompletionOutput, RequestOutput
 from paged_attention.sampling_params import SamplingParams
@@ -351,6 +352,8 @@ class AsyncEngine:
                 errors.append(
                     (request_id, EngineError(f"engine step failed: {type(cause).__name__}: {cause}"))
                 )
+        except EngineDeadError:
+            raise  # the thread dies: _die answers every client
         except Exception as err:  # nothing to blame it on: fail the requests in flight, keep serving
             logger.exception("engine step failed; aborting %d requests", len(self._live))
             self._fail_all(EngineError(f"engine step failed: {type(err).__name__}: {err}"), errors)
@@ -365,7 +368,7 @@ class AsyncEngine:
         with self._cond:
             self._died = err
             leftover, self._inbox = self._inbox, []
-        error = EngineError(f"the engine thread died: {type(err).__name__}: {err}")
+        error = EngineUnavailable(f"the engine thread died: {type(err).__name__}: {err}")
         for cmd in leftover:
             if isinstance(cmd, _Call) and cmd.future.set_running_or_notify_cancel():
                 cmd.future.set_exception(error)
