@@ -311,11 +311,52 @@ def test_bad_splits_and_quantization_are_value_errors(tmp_path):
     assert multiprocessing.active_children() == []
     with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
         LLM(str(folder), tensor_parallel_size=0)
-    with pytest.raises(ValueError, match="tensor parallelism needs dense weights"):
-        _tp(folder, quantization="int8")  # refused before any worker starts
-    with pytest.raises(ValueError, match="tensor parallelism needs dense weights"):
-        load_model(folder, tp=ParallelContext(0, 2), quantization="int8")
+    # int4 in groups of 64: o_proj's 64 input columns split 32 + 32, not whole groups.
+    wide, _ = save_random_model(tmp_path / "wide", "llama", hidden_size=64, intermediate_size=128)
+    with pytest.raises(ValueError, match=r"self_attn\.o_proj\.weight: .*group size 64"):
+        load_model(wide, tp=ParallelContext(0, 2), quantization="int4-g64")
     assert multiprocessing.active_children() == []
+
+
+def test_record_slices_equal_slices_of_the_dequantized_matrix():
+    from paged_attention.model.quant.quantize import quantize_int4, quantize_int8
+
+    w = torch.randn(12, 128)
+    for record in (quantize_int8(w), quantize_int4(w, 32)):
+        dense = record.dequantize()
+        assert torch.equal(record.slice_rows(3, 9).dequantize(), dense[3:9])
+        assert torch.equal(record.slice_cols(32, 96).dequantize(), dense[:, 32:96])
+    with pytest.raises(ValueError, match="group size 32"):
+        quantize_int4(w, 32).slice_cols(0, 48)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_weights_shard_like_dense_ones(tmp_path, quantization):
+    """TP=2 with quantized weights computes what TP=1 computes with the same
+    weights: int8 gives the same greedy tokens; int4's partial sums are added in
+    a different order (bf16), so its next-token log-probs are compared, and its
+    greedy tokens agree until the first near-tie."""
+    folder, _ = save_random_model(tmp_path, "llama", hidden_size=128, intermediate_size=256)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    options = dict(dtype="bfloat16", num_kv_blocks=64, block_size=4, quantization=quantization)
+    first = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+    single = LLM(str(folder), **options)
+    expected, expected_first = drive(single, prompts, GREEDY), drive(single, prompts, first)
+    llm = _tp(folder, **options)
+    try:
+        got, got_first = drive(llm, prompts, GREEDY), drive(llm, prompts, first)
+    finally:
+        llm.shutdown()
+    for want, have in zip(expected_first, got_first):
+        (want_top,), (have_top,) = want.outputs[0].logprobs, have.outputs[0].logprobs
+        assert set(want_top) == set(have_top)
+        for token, logprob in want_top.items():
+            assert have_top[token] == pytest.approx(logprob, abs=0.15)  # bf16 sums in another order
+    if quantization == "int8":
+        assert _tokens(got) == _tokens(expected)
+    else:
+        assert [o.outputs[0].token_ids[:3] for o in got] == [o.outputs[0].token_ids[:3] for o in expected]
 
 
 @pytest.mark.slow

@@ -72,18 +72,22 @@ def start_executor(
 ) -> TPExecutor:
     """Start the workers of a `config.tensor_parallel_size`-rank group: they
     load their shards while the caller loads rank 0's."""
-    if weights.suffix == ".gguf":
+    from paged_attention.model.quant.scheme import quantization_for_engine
+
+    scheme = quantization_for_engine(
+        config.quantization,
+        weights=weights,
+        device_type=device.type,
+        dtype_option=config.dtype,
+        tensor_parallel=True,
+    )
+    if weights.suffix == ".gguf" and not scheme.quantized:
         # Convert the GGUF once, here, so that every rank reads slices of the
         # float32 cache instead of each dequantizing the whole file.
         from paged_attention.model.gguf import load_gguf
 
         load_gguf(weights)
     size = config.tensor_parallel_size
-    if config.quantization not in (None, "auto", "none"):
-        raise ValueError(
-            f"tensor parallelism needs dense weights; got quantization {config.quantization!r} "
-            "(use 'auto' or 'none')"
-        )
     _check_split(weights, config_path, size)
 
     def spec(rank: int, share: CoreShare) -> WorkerSpec:
@@ -96,6 +100,7 @@ def start_executor(
             device=device.type,
             share=share,
             shard_vocab=SHARD_VOCAB,
+            quantization=scheme,
         )
 
     executor = make_executor(config.distributed_executor_backend, size, spec, shard_vocab=SHARD_VOCAB)

@@ -85,14 +85,24 @@ class Shard:
             out[0] = self.rows
         return tuple(out)
 
-    def take(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a whole tensor, as a fresh tensor (so the
-        whole one can be freed)."""
+    def take(self, tensor: Any) -> Any:
+        """This rank's part of a whole tensor or quantized record, as a fresh
+        one (so the whole one can be freed). A record is sliced by its rows or
+        columns (`slice_rows`/`slice_cols`); one that needs padding rows (a
+        vocabulary part) is dequantized first, as it fills a dense weight."""
+        if not isinstance(tensor, torch_tensor()):
+            if self.dim is None:
+                return tensor
+            if self.dim == 1:
+                return tensor.slice_cols(self.start, self.stop)
+            part = tensor.slice_rows(self.start, max(self.start, self.stop))
+            return part if self.rows in (None, part.shape[0]) else self.pad(part.dequantize())
+        whole: Any = tensor  # a torch.Tensor (torch is imported lazily here)
         if self.zero:
-            return tensor.new_zeros(tensor.shape)
+            return whole.new_zeros(whole.shape)
         if self.dim is None:
-            return tensor
-        part = tensor.narrow(self.dim, self.start, max(0, self.stop - self.start))
+            return whole
+        part = whole.narrow(self.dim, self.start, max(0, self.stop - self.start))
         return self.pad(part.clone())
 
     def read(self, lazy: Any) -> torch.Tensor:
@@ -218,6 +228,12 @@ class TPLayout:
         if part in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):
             return Shard(zero=r != 0)
         return Shard()  # norms
+
+
+def torch_tensor() -> type:
+    import torch
+
+    return torch.Tensor
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:

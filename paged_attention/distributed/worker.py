@@ -27,6 +27,7 @@ from paged_attention.distributed.sharding import parameter_bytes
 from paged_attention.engine.model_runner import ModelRunner, StepInput
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
+from paged_attention.model.quant.scheme import NONE, QuantScheme
 
 logger = logging.getLogger("paged_attention.distributed")
 
@@ -84,6 +85,7 @@ class WorkerSpec:
     device: str  # "cpu" or "cuda" (rank r uses cuda:r)
     share: CoreShare
     shard_vocab: bool = True
+    quantization: QuantScheme = NONE  # resolved by the driver, as rank 0 loads
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,12 @@ class Worker:
         # The whole model's config; self.model.config is this rank's shard.
         self.model_config: ModelConfig
         self.model, self.model_config = load_model(
-            spec.weights, dtype=spec.dtype, device=self.device, config=spec.config_path, tp=self.tp
+            spec.weights,
+            dtype=spec.dtype,
+            device=self.device,
+            config=spec.config_path,
+            tp=self.tp,
+            quantization=spec.quantization,
         )
         self.weight_bytes = parameter_bytes(self.model)
         self.runner: ModelRunner | None = None

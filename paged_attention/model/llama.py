@@ -195,10 +195,6 @@ class CausalLM(nn.Module):
         self.tp = tp
         self.vocab_size = config.vocab_size
         if tp is not None:
-            if quantization.quantized:
-                raise ValueError(
-                    f"tensor parallelism needs dense weights; got quantization {quantization.name!r}"
-                )
             config = tp.layout(config).local_config()
         self.config = config
         self.dtype = dtype
@@ -206,8 +202,8 @@ class CausalLM(nn.Module):
         scratch = Scratch() if quantization.quantized else None
         # One backend shared by every layer: it converts each step's metadata once.
         self.attn_backend = select_attention_backend(torch.device(device), attention_backend)
-        if quantize_head is None:
-            quantize_head = quantization.method in ("int8", "int4")
+        if quantize_head is None:  # under tensor parallelism the vocabulary-split head is dense
+            quantize_head = tp is None and quantization.method in ("int8", "int4")
         self.head: QuantLinear | None = None
         if quantize_head:
             self.head = QuantLinear(

@@ -171,7 +171,7 @@ def load_model(
             quantization,
             is_gguf=files.gguf is not None,
             device_type=torch.device(device).type,
-            float_dtype_requested=dtype != torch.bfloat16 or tp is not None,
+            float_dtype_requested=dtype != torch.bfloat16,
         )
     weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]
     if files.gguf is not None and quantization.quantized:
@@ -199,7 +199,7 @@ def load_model(
     if tp is not None:
         from paged_attention.distributed.weights import sharded_weights
 
-        weights = sharded_weights(files, weights, tp.layout(model_config))
+        weights = sharded_weights(files, weights, tp.layout(model_config), quantization)
     model = CausalLM(model_config, dtype=dtype, device=device, tp=tp, quantization=quantization)
     model.load_weights(weights)
     model.eval()

@@ -69,6 +69,23 @@ class GroupQuantized:
             self.bits,
         )
 
+    slice_rows = rows
+
+    def slice_cols(self, start: int, end: int) -> GroupQuantized:
+        """Columns [start, end) of W: whole groups only (ValueError otherwise)."""
+        g = self.group_size
+        if start % g or end % g:
+            raise ValueError(
+                f"columns {start}:{end} do not fall on the group size {g}: each part must be whole groups"
+            )
+        return GroupQuantized(
+            self.values[:, start:end].clone(),
+            self.scales[:, start // g : end // g].clone(),
+            self.offsets[:, start // g : end // g].clone(),
+            g,
+            self.bits,
+        )
+
 
 @dataclass(frozen=True)
 class ChannelQuantized:
@@ -94,6 +111,13 @@ class ChannelQuantized:
 
     def dequantize(self) -> torch.Tensor:
         return self.values.float().mul_(self.scales.unsqueeze(-1))
+
+    def slice_rows(self, start: int, end: int) -> ChannelQuantized:
+        return ChannelQuantized(self.values[start:end].clone(), self.scales[start:end].clone())
+
+    def slice_cols(self, start: int, end: int) -> ChannelQuantized:
+        """Columns [start, end) of W: the per-row scales stay as they are."""
+        return ChannelQuantized(self.values[:, start:end].clone(), self.scales)
 
 
 QuantizedTensor = GroupQuantized | ChannelQuantized

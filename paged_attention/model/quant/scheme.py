@@ -110,12 +110,13 @@ def quantization_for_engine(
 ) -> QuantScheme:
     """The engine's `quantization` option resolved for its model file
     (`weights`: a .gguf file or a folder). "auto" stays dense when the dtype
-    option asks for float32/float16 numerics, and under tensor parallelism
-    (its shards are dense)."""
+    option asks for float32/float16 numerics; tensor parallelism shards
+    quantized weights as it does dense ones (`tensor_parallel` is kept for
+    callers and changes nothing)."""
     float_requested = str(dtype_option) not in ("auto", "bfloat16", "bf16", "torch.bfloat16")
     return resolve_quantization(
         value,
         is_gguf=str(weights).lower().endswith(".gguf"),
         device_type=device_type,
-        float_dtype_requested=float_requested or tensor_parallel,
+        float_dtype_requested=float_requested,
     )
