@@ -203,7 +203,8 @@ class CausalLM(nn.Module):
         # One backend shared by every layer: it converts each step's metadata once.
         self.attn_backend = select_attention_backend(torch.device(device), attention_backend)
         if quantize_head is None:  # under tensor parallelism the vocabulary-split head is dense
-            quantize_head = tp is None and quantization.method in ("int8", "int4")
+            # An AWQ/GPTQ checkpoint's head is float: it stays dense, as stored.
+            quantize_head = tp is None and quantization.method in ("int8", "int4") and not quantization.source
         self.head: QuantLinear | None = None
         if quantize_head:
             self.head = QuantLinear(

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from paged_attention.model.config import ModelConfig
 from paged_attention.model.llama import CausalLM
 from paged_attention.model.quant import QuantizedTensor, QuantScheme, resolve_quantization
+from paged_attention.model.quant.scheme import checkpoint_quantization, checkpoint_scheme
 from paged_attention.model.weight_checks import check_finite
 
 if TYPE_CHECKING:
@@ -159,19 +160,28 @@ def load_model(
     still the whole model's.
 
     `quantization` is an engine option value ("auto", "none", "gguf", "int8",
-    "int4", "int4-g64", ...) or a resolved `QuantScheme`. Here "auto" keeps a
+    "int4", "int4-g64", "awq", "gptq", ...) or a resolved `QuantScheme`. An
+    AWQ/GPTQ checkpoint (its config.json's `quantization_config`) is detected
+    under "auto" and its packed int4 layers load exactly. Here "auto" keeps a
     GGUF's 4-bit blocks when `dtype` is bfloat16 on the CPU (the kernels'
     dtype) and loads dense otherwise; the engine resolves it from its options
     instead (`resolve_quantization`)."""
     files = find_model_files(path)
     if config is not None:
         files = replace(files, config=_config_file(Path(config).expanduser()))
+    # An AWQ/GPTQ checkpoint's quantization_config (safetensors folders only).
+    checkpoint_quant = (
+        checkpoint_quantization(read_json(files.config))
+        if files.gguf is None and files.config is not None
+        else None
+    )
     if not isinstance(quantization, QuantScheme):
         quantization = resolve_quantization(
             quantization,
             is_gguf=files.gguf is not None,
             device_type=torch.device(device).type,
             float_dtype_requested=dtype != torch.bfloat16,
+            checkpoint=checkpoint_quant,
         )
     weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]
     if files.gguf is not None and quantization.quantized:
@@ -195,6 +205,14 @@ def load_model(
         assert files.config is not None, "find_model_files returns a config for safetensors"
         hf_config = read_json(files.config)
         weights = iter_safetensors(files.safetensors)
+        if checkpoint_quant is not None:
+            # Packed int4 parts -> one record per layer (dequantized where a layer is dense).
+            from paged_attention.model.quant.hf_formats import group_checkpoint_tensors
+
+            method = str(checkpoint_quant["quant_method"]).lower()
+            weights = group_checkpoint_tensors(
+                iter_safetensors(files.safetensors), method, checkpoint_scheme(checkpoint_quant).group_size
+            )
     model_config = ModelConfig.from_hf_config(hf_config)
     if tp is not None:
         from paged_attention.distributed.weights import sharded_weights
