@@ -54,8 +54,8 @@ DTYPE_NAMES = {
 
 # Weight formats (`quantization`): auto, none (dense float weights), gguf (a
 # GGUF file's 4-bit blocks kept as they are), int8 (per output channel), int4
-# (groups of 32 along the input; -gN picks another group size), and the
-# reserved awq/gptq (pre-quantized checkpoints; loaders not written yet).
+# (groups of 32 along the input; -gN picks another group size), and awq/gptq
+# (Hugging Face checkpoints already packed in those formats, loaded as int4).
 QUANTIZATION_CHOICES = (
     "auto",
     "none",
@@ -181,9 +181,10 @@ class EngineConfig:
     quantization: str | None = option(
         "auto",
         "weight format of the linear layers: auto (gguf for a GGUF file on the CPU unless "
-        "float32/float16 is asked for, else none), none (dense, in --dtype), gguf (keep the "
-        "file's 4-bit blocks), int8 (per output channel), int4 (groups of 32; int4-g64, "
-        "int4-g128 for larger groups), awq/gptq (reserved)",
+        "float32/float16 is asked for, the checkpoint's own awq/gptq, else none), none (dense, "
+        "in --dtype), gguf (keep the file's 4-bit blocks), int8 (per output channel), int4 "
+        "(groups of 32; int4-g64, int4-g128 for larger groups), awq/gptq (a checkpoint packed "
+        "by AutoAWQ/AutoGPTQ, detected from its quantization_config)",
         choices=QUANTIZATION_CHOICES,
         metavar="FORMAT",
     )
