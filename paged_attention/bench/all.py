@@ -38,7 +38,10 @@ SKIP = {"all", "report"}
 #     through transformers) took 17 minutes alone for the bfloat16 half with 64
 #     requests here, so `all` runs bfloat16 with 16 requests;
 #   serve: the tiny shipped model and 40 requests instead of SmolLM2 and 100;
-#   preemption: one run per starved configuration instead of a median of 3.
+#   preemption: one run per starved configuration instead of a median of 3;
+#   quant-kernels: one timed repeat (24 s instead of about a minute);
+#   quant-accuracy: no load-time runs in fresh processes (2.6 minutes);
+#   decode-step: batches 1 and 64, 10 steps each.
 # `bench NAME` on its own still runs its full defaults.
 def _all_args() -> dict[str, list[tuple[str, str | None]]]:
     from paged_attention.engine.builder import STORIES260K
@@ -48,6 +51,9 @@ def _all_args() -> dict[str, list[tuple[str, str | None]]]:
         "throughput": [("--dtypes", "bfloat16"), ("--num-requests", "16")],
         "serve": [("--model", str(STORIES260K)), ("--num-requests", "40")],
         "preemption": [("--repeats", "1")],
+        "quant-kernels": [("--repeats", "1")],
+        "quant-accuracy": [("--skip-load", None)],
+        "decode-step": [("--batch-sizes", "1,64"), ("--steps", "10")],
     }
 
 
