@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -25,3 +27,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name.startswith("test_server"):
             item.add_marker(pytest.mark.server)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite never writes into the user's cache (GGUF conversions, tokenizer
+    backends): each session gets a fresh cache folder, removed at the end.
+    Subprocesses the tests start inherit it."""
+    config._paged_attention_cache = tempfile.mkdtemp(prefix="paged-attention-test-cache-")  # type: ignore[attr-defined]
+    os.environ["XDG_CACHE_HOME"] = config._paged_attention_cache  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = getattr(config, "_paged_attention_cache", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)

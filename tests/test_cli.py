@@ -257,3 +257,19 @@ def test_one_user_commands_size_the_pool_for_one_sequence():
     serve = parser.parse_args(["serve"])
     assert (serve.max_num_seqs, serve.swap_space) == (EngineConfig.max_num_seqs, EngineConfig.swap_space)
     assert parser.parse_args(["generate", "hi", "--max-num-seqs", "4"]).max_num_seqs == 4
+
+
+def test_cache_lists_and_clears_what_the_engine_keeps(tmp_path, monkeypatch, capsys):
+    from paged_attention.entrypoints.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "paged_attention"
+    folder.mkdir()
+    (folder / "model-abc-def.safetensors").write_bytes(b"\0" * 2**20)
+    (folder / "tokenizer-123.json").write_text("{}")
+    assert main(["cache"]) == 0
+    listing = capsys.readouterr().out
+    assert "model-abc-def.safetensors" in listing and "in 2 files in" in listing
+    assert main(["cache", "clear"]) == 0
+    assert "removed 2 files (1.0 MiB)" in capsys.readouterr().out
+    assert list(folder.iterdir()) == []

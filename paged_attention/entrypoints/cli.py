@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 from paged_attention import planner
+from paged_attention.entrypoints.cache_cmd import add_cache_parser
 from paged_attention.entrypoints.engine_args import add_engine_args, engine_kwargs
 from paged_attention.entrypoints.serve_args import add_serve_parser, cmd_serve
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     planner.add_parser(sub)
+    add_cache_parser(sub)
 
     bench = sub.add_parser("bench", help="measure the engine (writes JSON under results/)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")

@@ -97,6 +97,12 @@ def write_cache(
     the whole new one, and two writers racing both leave a valid file.
     """
     cache_file.parent.mkdir(parents=True, exist_ok=True)
+    # Seconds of work on a first run: say so (and where it goes) instead of going quiet.
+    logger.warning(
+        "converting %s to float32 once, cached as %s (`paged-attention cache clear` removes it)",
+        source["source"],
+        cache_file,
+    )
     header, blob = _safetensors_header(source, config, names)
     fd, tmp_name = tempfile.mkstemp(prefix=cache_file.name + ".", suffix=".tmp", dir=cache_file.parent)
     try:

@@ -1,0 +1,47 @@
+"""`paged-attention cache`: what the engine keeps on disk, and a way to clear it.
+
+The cache folder (`$XDG_CACHE_HOME/paged_attention`, else
+`~/.cache/paged_attention`) holds float32 conversions of GGUF files (written
+only when a GGUF is loaded dense, `--quantization none`) and tokenizer
+backends (small JSON files that make start-up fast). Every entry can be
+rebuilt: clearing only costs the next start its conversion time."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from paged_attention.config import default_cache_dir
+
+
+def cache_entries(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    folder = default_cache_dir()
+    entries = cache_entries(folder)
+    total = sum(p.stat().st_size for p in entries)
+    if args.action == "clear":
+        for entry in entries:
+            entry.unlink(missing_ok=True)
+        print(f"removed {len(entries)} files ({total / 2**20:.1f} MiB) from {folder}")
+        return 0
+    for entry in entries:
+        print(f"{entry.stat().st_size / 2**20:10.1f} MiB  {entry.name}")
+    print(f"{total / 2**20:10.1f} MiB in {len(entries)} files in {folder}")
+    return 0
+
+
+def add_cache_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "cache",
+        help="list or clear the on-disk cache (GGUF conversions, tokenizers)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("action", nargs="?", choices=["list", "clear"], default="list", help="default: list")
+    p.set_defaults(func=cmd_cache)
+    return p
