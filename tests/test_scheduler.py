@@ -26,7 +26,6 @@ Every expected value below was derived by hand from scheduler.py's rules:
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from dataclasses import dataclass, field
 
@@ -38,9 +37,8 @@ from paged_attention.core.scheduler import ScheduledBatch, Scheduler
 from paged_attention.core.swap import SwapManager
 
 # ------------------------------------------------------------------ factories
-# Every pool, request, fork and scheduler is built here, so API changes (the
-# BlockPool refactor, the victim-policy option, Request fields) touch only this
-# section.
+# Every pool, request, fork and scheduler is built here, so API changes touch
+# only this section.
 
 _arrivals = itertools.count()
 
@@ -76,10 +74,6 @@ def make_scheduler(
     )
 
 
-def has_victim_option() -> bool:
-    return "preemption_victim" in inspect.signature(Scheduler).parameters
-
-
 def make_request(
     pool: BlockAllocator, rid: str, prompt: int | list[int], max_tokens: int = 100, *, priority: int = 0
 ) -> Request:
@@ -92,42 +86,23 @@ def make_request(
 def make_fork(sched: Scheduler, parent: Request, rid: str) -> Request:
     """A sample forked from `parent` sharing all its blocks (as the engine's
     _fork_request does), queued where the scheduler puts forks."""
-    extra = {}
-    if hasattr(parent, "prefix_chain"):  # the chain lives on the request (BlockPool refactor)
-        extra["prefix_chain"] = parent.prefix_chain.copy()
-    child = Request(
-        rid,
-        parent.prompt_token_ids,
-        parent.block_table.fork(),
-        parent.max_tokens,
-        priority=parent.priority,
-        arrival_index=parent.arrival_index,
-        output_token_ids=list(parent.output_token_ids),
-        num_computed_tokens=parent.num_computed_tokens,
-        **extra,
-    )
+    child = parent.fork(rid)
     sched.add_fork(child, parent)
     return child
 
 
 def pool_of(req: Request) -> BlockAllocator:
     """The pool (device or host) that holds the request's blocks."""
-    table = req.block_table
-    return table.pool if hasattr(table, "pool") else table.allocator
+    return req.block_table.pool
 
 
 def cache_full_blocks(req: Request) -> None:
     """Offer newly full blocks to the prefix cache, as the engine does after a step."""
-    if hasattr(req, "prefix_chain"):
-        pool_of(req).cache_full_blocks(req.block_table, req.prefix_chain, req.token_ids)
-    else:
-        req.block_table.cache_full_blocks(req.token_ids)
+    pool_of(req).cache_full_blocks(req.block_table, req.prefix_chain, req.token_ids)
 
 
 def cached_block_ids(pool: BlockAllocator) -> list[int]:
-    if hasattr(pool, "cached_block_ids"):
-        return pool.cached_block_ids()
-    return pool.prefix_cache.cached_block_ids()
+    return pool.cached_block_ids()
 
 
 def blocks_of(req: Request) -> list[int]:
@@ -288,8 +263,6 @@ def test_an_empty_scheduler_returns_an_empty_batch():
     [dict(max_num_seqs=0), dict(max_num_batched_tokens=0), dict(mode="sometimes"), dict(victim="oldest")],
 )
 def test_bad_settings_are_rejected(kwargs):
-    if "victim" in kwargs and not has_victim_option():
-        pytest.skip("the scheduler has no preemption_victim option yet")
     with pytest.raises(ValueError):
         make_scheduler(make_pool(4), **kwargs)
 
@@ -393,8 +366,6 @@ def test_victim_order_least_work_preempts_itself_latest_arrival_does_not(victim)
     """By default work done outranks arrival: the earliest request, having
     computed less, preempts itself for a later one. vLLM's order (the latest
     arrival loses) keeps it."""
-    if victim is not None and not has_victim_option():
-        pytest.skip("the scheduler has no preemption_victim option yet")
     pool = make_pool(3)
     sched = make_scheduler(pool, max_num_batched_tokens=100, victim=victim)
     a, b = make_request(pool, "A", 2), make_request(pool, "B", 6)

@@ -78,6 +78,21 @@ class Request:
             return self.output_token_ids[start - n_prompt : end - n_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
 
+    def fork(self, request_id: str) -> Request:
+        """A sibling sequence that has produced what this one has, sharing every
+        block (copy-on-write) and the prefix cache's chain along them."""
+        return Request(
+            request_id,
+            self.prompt_token_ids,
+            self.block_table.fork(),
+            self.max_tokens,
+            priority=self.priority,
+            arrival_index=self.arrival_index,
+            output_token_ids=list(self.output_token_ids),
+            num_computed_tokens=self.num_computed_tokens,
+            prefix_chain=self.prefix_chain.copy(),
+        )
+
     def free_blocks(self) -> None:
         """Give back every KV block; the hash chain starts over with the table."""
         self.block_table.free()

@@ -409,17 +409,7 @@ class LLMEngine:
         return list(group.samples)
 
     def _fork_request(self, parent: Request, request_id: str) -> Request:
-        child = Request(
-            request_id,
-            parent.prompt_token_ids,
-            parent.block_table.fork(),
-            parent.max_tokens,
-            priority=parent.priority,
-            arrival_index=parent.arrival_index,
-            output_token_ids=list(parent.output_token_ids),
-            num_computed_tokens=parent.num_computed_tokens,
-            prefix_chain=parent.prefix_chain.copy(),
-        )
+        child = parent.fork(request_id)
         self.scheduler.add_fork(child, parent)
         return child
 
