@@ -73,3 +73,17 @@ def test_a_gguf_that_fails_conversion_is_never_cached(tmp_path: Path) -> None:
     assert not list(cache.glob("**/*.safetensors")) and not list(cache.glob("**/*.tmp"))
     with pytest.raises(ValueError, match="NaN/Inf"):  # the quantized path checks too
         dict(pg.load_gguf_quantized(path)[1])
+
+
+def test_a_nan_weight_is_named_when_a_rank_reads_its_slices(model_dir: Path) -> None:
+    """Tensor-parallel ranks read their slices straight from the files: the same
+    check applies to what each one reads."""
+    from paged_attention.distributed.parallel_state import ParallelContext
+
+    file = model_dir / "model.safetensors"
+    tensors = load_file(str(file))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name][0, 0] = math.nan  # row 0: rank 0's slice
+    save_file(tensors, str(file))
+    with pytest.raises(ValueError, match=rf"weight '{name}' in .*model.safetensors holds 1 NaN/Inf"):
+        load_model(model_dir, tp=ParallelContext(0, 2))

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from paged_attention.distributed.sharding import Shard, TPLayout
 from paged_attention.model.quant.records import ChannelQuantized, GroupQuantized
 from paged_attention.model.quant.scheme import NONE, QuantScheme
+from paged_attention.model.weight_checks import check_finite
 
 if TYPE_CHECKING:
     from paged_attention.model.loader import ModelFiles
@@ -33,15 +34,20 @@ if TYPE_CHECKING:
 def read_safetensors_shards(
     files: Sequence[Path], layout: TPLayout, names: Sequence[str] | None = None, scheme: QuantScheme = NONE
 ) -> Iterator[tuple[str, Any]]:
-    """(name, this rank's part) for every tensor of `files` (or those in `names`, in that order)."""
+    """(name, this rank's part) for every tensor of `files` (or those in `names`,
+    in that order), each part checked as the whole-model loader checks tensors."""
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in names if names is not None else f.keys():
-                shard = layout.shard_of(name)
-                if scheme.quantized and shard.dim == 1:  # quantized whole, then sliced
-                    yield name, take_quantized(name, shard, f.get_tensor(name), scheme)
-                else:
-                    yield name, shard.read(f.get_slice(name))
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in list(names if names is not None else f.keys()):
+                    shard = layout.shard_of(name)
+                    if scheme.quantized and shard.dim == 1:  # quantized whole, then sliced
+                        part = take_quantized(name, shard, f.get_tensor(name), scheme)
+                    else:
+                        part = shard.read(f.get_slice(name))
+                    yield name, check_finite(name, part, file)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"cannot read safetensors file {file}: {exc}") from exc
 
 
 def take_quantized(name: str, shard: Shard, tensor: Any, scheme: QuantScheme) -> Any:
