@@ -29,15 +29,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.server)
 
 
+_CACHE_DIR = pytest.StashKey[str]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """The suite never writes into the user's cache (GGUF conversions, tokenizer
     backends): each session gets a fresh cache folder, removed at the end.
     Subprocesses the tests start inherit it."""
-    config._paged_attention_cache = tempfile.mkdtemp(prefix="paged-attention-test-cache-")  # type: ignore[attr-defined]
-    os.environ["XDG_CACHE_HOME"] = config._paged_attention_cache  # type: ignore[attr-defined]
+    config.stash[_CACHE_DIR] = tempfile.mkdtemp(prefix="paged-attention-test-cache-")
+    os.environ["XDG_CACHE_HOME"] = config.stash[_CACHE_DIR]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    folder = getattr(config, "_paged_attention_cache", None)
+    folder = config.stash.get(_CACHE_DIR, None)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
