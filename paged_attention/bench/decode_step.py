@@ -24,19 +24,9 @@ def operator_profile(model: str | None, dtype: str, num_seqs: int) -> dict:
     """One decode step of `num_seqs` sequences under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    from paged_attention.bench.workload import uniform_workload
-    from paged_attention.engine.llm import LLM
-    from paged_attention.sampling_params import SamplingParams
+    from paged_attention.bench.throughput import decoding_engine
 
-    llm = LLM(model, dtype=dtype, max_num_seqs=num_seqs, swap_space=0)
-    engine = llm.engine
-    workload = uniform_workload(num_seqs, (128, 256), (16, 16), 500, seed=1)
-    llm.add_requests(
-        [{"prompt_token_ids": r.prompt_token_ids} for r in workload],
-        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-    )
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests()):
-        engine.step()
+    engine = decoding_engine(model, dtype, num_seqs, 16, swap_space=0)
     engine.step()  # warm the decode path
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()

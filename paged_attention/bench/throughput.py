@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from paged_attention.bench.block_size import timed_backend
 from paged_attention.bench.monitor import MemoryMonitor, format_monitor
@@ -29,6 +29,8 @@ from paged_attention.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # torch loads when a benchmark runs, not when the CLI builds its parser
     import torch
+
+    from paged_attention.engine.llm_engine import LLMEngine
 
 DTYPES = ("float32", "bfloat16")
 
@@ -122,22 +124,31 @@ def run_hf_static(hf, workload: list[BenchRequest], batch_size: int) -> dict:
 
 
 # ------------------------------------------------------- decode step profile
+def decoding_engine(
+    model: str | None, dtype: str, num_seqs: int, max_tokens: int, **options: Any
+) -> LLMEngine:
+    """An engine running `num_seqs` greedy sequences (prompts of 128..256
+    tokens, `max_tokens` each) with every prefill done: the next steps decode."""
+    from paged_attention.engine.llm import LLM
+
+    llm = LLM(model, dtype=dtype, max_num_seqs=num_seqs, **options)
+    workload = uniform_workload(num_seqs, (128, 256), (max_tokens, max_tokens), 500, seed=1)
+    llm.add_requests(
+        [{"prompt_token_ids": r.prompt_token_ids} for r in workload],
+        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+    )
+    engine = llm.engine
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests()):
+        engine.step()
+    return engine
+
+
 def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps: int = 20) -> dict:
     """Where a decode step's time goes with `num_seqs` running sequences: the
     engine's own per-step records (scheduler, model runner, the update after
     it: sampling, stop rules, freeing) and, inside the model, attention and KV
     writes (timed around the attention backend)."""
-    from paged_attention.engine.llm import LLM
-
-    llm = LLM(model, dtype=dtype, max_num_seqs=num_seqs, record_step_stats=True)
-    engine = llm.engine
-    workload = uniform_workload(num_seqs, (128, 256), (steps + 8, steps + 8), 500, seed=1)
-    llm.add_requests(
-        [{"prompt_token_ids": r.prompt_token_ids} for r in workload],
-        SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True),
-    )
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests()):
-        engine.step()  # finish every prefill first
+    engine = decoding_engine(model, dtype, num_seqs, steps + 8, record_step_stats=True)
     assert engine.step_stats is not None
     first = len(engine.step_stats)
     bucket: dict[str, float] = {}
