@@ -125,19 +125,54 @@ def _gguf_raw(qtype: QT, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return np.ascontiguousarray(gguf.quants.quantize(x, qtype)).reshape(-1)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0], ids=lambda t: t.name)
 def test_gguf_repack_dequantizes_bit_for_bit(qtype: QT) -> None:
     rows, cols = 48, 512
     raw = _gguf_raw(qtype, rows, cols)
     record = repack_gguf(raw, int(qtype), (rows, cols))
-    assert record.group_size == 32 and record.values.max() <= 15
+    bits = 8 if qtype == QT.Q8_0 else 4
+    assert record.group_size == 32 and record.bits == bits and int(record.values.max()) < 2**bits
     reference = torch.from_numpy(dequantize_array(raw, int(qtype), (rows, cols)))
     ours = record.dequantize()
     assert torch.equal(ours, reference)
-    # Bit for bit, except that Q4_0's (8 - 8) * d is -0.0 where d < 0, and
-    # 8 d + (-8 d) is +0.0: equal values, which no sum can tell apart.
+    # Bit for bit, except that Q4_0's (8 - 8) * d (and Q8_0's 0 * d) is -0.0
+    # where d < 0, and 8 d + (-8 d) is +0.0: equal values, which no sum can tell apart.
     differ = ours.view(torch.int32) != reference.view(torch.int32)
-    assert torch.all(ours[differ] == 0) and (qtype == QT.Q4_0 or not differ.any())
+    assert torch.all(ours[differ] == 0) and (qtype in (QT.Q4_0, QT.Q8_0) or not differ.any())
+
+
+def test_q8_0_layer_keeps_the_file_values_in_int8_groups() -> None:
+    """A Q8_0 matrix (a GGUF's LM head) becomes int8 in groups of 32 with the
+    file's own values: dequantized, embedding rows and x @ W^T are the
+    reference's (the last within bfloat16 tolerance: x and each group's scale
+    are rounded to bfloat16, sums are float32); the dense path agrees; and an
+    `exact_only` layer given floats stays dense rather than requantizing."""
+    rows, cols = 80, 128
+    raw = _gguf_raw(QT.Q8_0, rows, cols, seed=3)
+    record = repack_gguf(raw, int(QT.Q8_0), (rows, cols))
+    reference = torch.from_numpy(dequantize_array(raw, int(QT.Q8_0), (rows, cols)))
+    for dtype in (torch.bfloat16, torch.float32):
+        layer = QuantLinear(
+            rows, cols, QuantScheme("gguf"), bias=False, dtype=dtype, scratch=Scratch(), exact_only=True
+        )
+        layer.load_rows(0, 40, record.rows(0, 40))
+        layer.load_rows(40, rows, record.rows(40, rows))
+        assert (layer.kind, layer.exact) == ("int8g", True)
+        assert torch.equal(layer.dequantize(), reference)
+        ids = torch.tensor([0, 79, 5, 5])
+        assert torch.equal(layer.embed(ids), reference[ids].to(dtype))
+        x = torch.randn(3, cols).to(dtype)
+        kernel = layer(x)  # 3 rows: the kernel
+        exact = x.bfloat16().float() @ reference.t()
+        bound = 2.0**-7 * (x.bfloat16().float().abs() @ reference.abs().t()) + 1e-6
+        assert kernel.dtype == dtype and torch.all((kernel.float() - exact).abs() <= bound)
+        dense = layer(x.repeat(8, 1))[:3]  # 24 rows: the dense path
+        torch.testing.assert_close(dense.float(), kernel.float(), rtol=2e-2, atol=2e-2)
+    floats = QuantLinear(
+        rows, cols, QuantScheme("gguf"), bias=False, dtype=torch.float32, scratch=Scratch(), exact_only=True
+    )
+    floats.load_rows(0, rows, reference)
+    assert floats.kind == "dense" and torch.equal(floats.dequantize(), reference)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K], ids=lambda t: t.name)
@@ -427,7 +462,8 @@ def test_quant_benchmarks_run_quick(tmp_path: Path, name: str) -> None:
 
 def test_dense_copy_serves_large_batches_with_the_kernels_values() -> None:
     """ "auto" keeps a dense copy of the quantized weight for large batches: the
-    same values the kernel computes with, and no dequantization per call."""
+    same values the kernel computes with, and no dequantization per call. The
+    copy is made by the first large batch: small batches never pay its memory."""
     record = quantize_int4(_weights(64, 64), 32)
     layers = {}
     for copy in (False, True):
@@ -437,9 +473,12 @@ def test_dense_copy_serves_large_batches_with_the_kernels_values() -> None:
         layer.load_rows(0, 64, record)
         layers[copy] = layer
     with_copy = layers[True]
-    assert with_copy.kind == "int4" and torch.equal(with_copy.dense_weight, with_copy.dequantize().bfloat16())
-    assert with_copy.dense_rows == 16 and not hasattr(layers[False], "dense_weight")
     x = torch.randn(64, 64).bfloat16()
+    with_copy(x[:15])
+    assert with_copy.kind == "int4" and with_copy.dense_rows == 16 and not hasattr(with_copy, "dense_weight")
+    before = with_copy.nbytes()
     for rows in (1, 15, 16, 64):  # kernel below 16 rows, the dense copy from 16
         torch.testing.assert_close(with_copy(x[:rows]), layers[False](x[:rows]), rtol=2e-2, atol=2e-2)
+    assert torch.equal(with_copy.dense_weight, with_copy.dequantize().bfloat16())
+    assert with_copy.nbytes() == before + 64 * 64 * 2 and not hasattr(layers[False], "dense_weight")
     torch.testing.assert_close(with_copy(x), x @ with_copy.dense_weight.t(), rtol=0, atol=0)

@@ -10,8 +10,9 @@ one [T, Hq + Hkv, D] view of the fused projection's output.
 
 With a quantized scheme (`model/quant/`) the four projections of every layer
 are `QuantLinear`s (int4 or int8 weights, filled from the same HF-named
-tensors or from quantized records). The LM head is int8 under int8/int4
-and dense under gguf (see `CausalLM.__init__`).
+tensors or from quantized records). The LM head is int8 per row under
+int8/int4 and the file's own Q8_0 (int8 in groups) under gguf (see
+`CausalLM.__init__`).
 """
 
 from __future__ import annotations
@@ -167,13 +168,12 @@ class CausalLM(nn.Module):
     the RoPE tables stay float32 whatever the dtype.
 
     `quantization` (a `QuantScheme`) stores the projections quantized; `dtype`
-    is then the activations' dtype. `quantize_head` makes the LM head int8
-    per row as well (a tied embedding then looks its rows up in that int8
-    matrix). By default int8 and int4 do; gguf does not: a GGUF head is Q8_0
-    (int8 in blocks of 32), which per-row int8 cannot hold exactly, and
-    requantizing the default model's cost 1.5 points of top-1 agreement with
-    float32 (98.6% -> 97.1%, float32 math) for 2.3 ms of a ~22 ms decode
-    step (`bench quant-accuracy`)."""
+    is then the activations' dtype. `quantize_head` (the default for every
+    quantized format) keeps the LM head quantized as well, and a tied
+    embedding then looks its rows up in it: under int8/int4 as int8 per row;
+    under gguf as the file has it, a Q8_0 head as int8 in groups of 32
+    (exact; per-row int8 cost the default model 1.1 points of top-1
+    agreement with float32), any other type dense."""
 
     def __init__(
         self,
@@ -204,17 +204,21 @@ class CausalLM(nn.Module):
         self.attn_backend = select_attention_backend(torch.device(device), attention_backend)
         if quantize_head is None:  # under tensor parallelism the vocabulary-split head is dense
             # An AWQ/GPTQ checkpoint's head is float: it stays dense, as stored.
-            quantize_head = tp is None and quantization.method in ("int8", "int4") and not quantization.source
+            quantize_head = tp is None and quantization.quantized and not quantization.source
         self.head: QuantLinear | None = None
         if quantize_head:
+            # gguf: the file's own head, Q8_0 as int8 in groups, else dense (never
+            # requantized); int8/int4: int8 per row.
+            gguf = quantization.method == "gguf"
             self.head = QuantLinear(
                 config.vocab_size,
                 config.hidden_size,
-                QuantScheme("int8"),
+                quantization if gguf else QuantScheme("int8"),
                 bias=False,
                 dtype=dtype,
                 scratch=scratch or Scratch(),
                 name="lm_head",
+                exact_only=gguf,
             )
         # None: a tied embedding read from the quantized head.
         self.embed_tokens: nn.Parameter | None = (

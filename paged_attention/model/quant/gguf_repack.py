@@ -1,4 +1,4 @@
-"""GGUF 4-bit blocks -> `GroupQuantized` with groups of 32, exactly.
+"""GGUF 4-bit and 8-bit blocks -> `GroupQuantized` with groups of 32, exactly.
 
 Q4_0 (w = (q - 8) d), Q4_1 (w = q d + m) and Q4_K (w = q (d sc_j) - dmin m_j
 per 32-value sub-block j) are all "4-bit value times a group scale plus a group
@@ -7,8 +7,10 @@ scale and offset is a float16 value or a float16 value times a 6-bit integer,
 exact in float32, and `GroupQuantized.dequantize` then performs the same
 float32 operations as the reference dequantizer (`gguf/dequant.py`): equal
 bit for bit, except that Q4_0's zeros come out +0.0 where the reference's
-(8 - 8) * d is -0.0 for a negative d. Other types (Q5_*, Q6_K, Q8_0, floats) have no exact int4 form: callers
-dequantize them.
+(8 - 8) * d is -0.0 for a negative d. Q8_0 (w = q d, q signed) becomes 8-bit
+values q + 128 with offset -128 d: (q + 128) d - 128 d is q d exactly in
+float32 (an 8-bit integer times a float16 scale needs 19 bits). Other types
+(Q5_*, Q6_K, floats) have no exact form here: callers dequantize them.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import numpy as np
 import torch
 
 from paged_attention.model.gguf.dequant import f16_field, nibbles, q4_k_scale_min
-from paged_attention.model.gguf.ggml_types import Q4_0, Q4_1, Q4_K, QK_K, block_layout
+from paged_attention.model.gguf.ggml_types import Q4_0, Q4_1, Q4_K, Q8_0, QK_K, block_layout
 from paged_attention.model.quant.records import GroupQuantized
 
 GGUF_GROUP_SIZE = 32
-REPACKABLE_TYPES = (Q4_0, Q4_1, Q4_K)
+REPACKABLE_TYPES = (Q4_0, Q4_1, Q4_K, Q8_0)
 
 
 def repack_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> GroupQuantized:
@@ -32,7 +34,7 @@ def repack_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Grou
         ValueError: another type, a non-matrix shape, or a byte count that does not match.
     """
     if ggml_type not in REPACKABLE_TYPES:
-        raise ValueError(f"GGML type {ggml_type} has no exact int4 form (repackable: {REPACKABLE_TYPES})")
+        raise ValueError(f"GGML type {ggml_type} has no exact grouped form (repackable: {REPACKABLE_TYPES})")
     if len(shape) != 2:
         raise ValueError(f"only matrices are repacked, got shape {shape}")
     rows, cols = shape
@@ -40,7 +42,13 @@ def repack_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Grou
     if cols % block_elems or raw.size != rows * cols // block_elems * block_bytes:
         raise ValueError(f"{raw.size} bytes do not hold a {shape} tensor of GGML type {ggml_type}")
     blocks = raw.reshape(-1, block_bytes)
-    if ggml_type == Q4_K:
+    bits = 4
+    if ggml_type == Q8_0:
+        bits = 8
+        values = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        scales = f16_field(blocks[:, :2])
+        offsets = scales * np.float32(-128.0)
+    elif ggml_type == Q4_K:
         values, scales, offsets = _q4_k(blocks)
     else:
         has_min = ggml_type == Q4_1
@@ -55,6 +63,7 @@ def repack_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Grou
         torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(rows, groups)),
         torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.float32).reshape(rows, groups)),
         GGUF_GROUP_SIZE,
+        bits,
     )
 
 

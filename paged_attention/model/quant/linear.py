@@ -7,15 +7,22 @@ settles its format once every row has arrived:
 
 * int4 when the scheme asks for it and the kernel takes the shape; under
   "gguf" only if every block came as GGUF 4-bit data (exact), else int8;
+* int8 in groups of 32 ("int8g") when every block came as GGUF Q8_0 data
+  (exact: the int8 kernel runs once per group, each with that group's scales);
 * int8 per output channel (the int8 scheme, and the fallback above);
-* dense in the model dtype when neither kernel takes the shape.
+* dense in the model dtype when neither kernel takes the shape, or when the
+  layer must stay exact and row-readable (`exact_only`: a GGUF's LM head) and
+  is not int8g.
 
 Forward picks a path by the number of rows: the kernels (bfloat16 in and out)
 below `dense_rows`, else a dense matmul over weights dequantized on the spot
 into a scratch buffer shared by the model's layers. The kernels re-read and
 dequantize W once per 4 rows, so at large batches (prompts, many decodes)
 the dense matmul is faster; a weight read from memory costs 4-8x less than a
-dense one, which is what decode at small batches is bound by.
+dense one, which is what decode at small batches is bound by. With
+`scheme.dense_copy` the dense path multiplies a dense copy of W instead,
+made at the first call that needs it: a process that never runs a large
+batch (one user) never pays its memory.
 """
 
 from __future__ import annotations
@@ -34,11 +41,11 @@ from paged_attention.model.quant.scheme import QuantScheme
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("int4", "int8", "dense")
+KINDS = ("int4", "int8g", "int8", "dense")
 # Rows from which the dense path (dequantize W, then a dense matmul) replaces
 # the kernel. Measured with `paged-attention bench quant-kernels` on SmolLM2
 # shapes, one thread: see DENSE_ROWS_NOTE in bench/quant.py.
-DENSE_ROWS = {"int4": 48, "int8": 16}
+DENSE_ROWS = {"int4": 48, "int8": 16, "int8g": 16}
 # With a dense copy at hand the dense path costs no dequantization and wins
 # from fewer rows: SmolLM2 decode steps, one thread (bench decode-step), 8 rows
 # 53 ms on the kernel vs 64 dense, 16 rows 91 vs 78.
@@ -79,6 +86,7 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype,
         scratch: Scratch,
         name: str = "",
+        exact_only: bool = False,
     ) -> None:
         super().__init__()
         if not scheme.quantized:
@@ -93,6 +101,9 @@ class QuantLinear(nn.Module):
         )
         self.scratch = scratch
         self.name = name
+        # Int8 groups or dense, never requantized (a GGUF's LM head, which is
+        # also the embedding, looked up by row).
+        self.exact_only = exact_only
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
@@ -131,9 +142,25 @@ class QuantLinear(nn.Module):
         self._pieces = []
         n, k = self.out_features, self.in_features
         group = self.scheme.group_size
-        all_groups = all(isinstance(p, GroupQuantized) and p.group_size == group for _, _, p in pieces)
+        all_groups = all(
+            isinstance(p, GroupQuantized) and p.group_size == group and p.bits == 4 for _, _, p in pieces
+        )
+        all_int8_groups = all(
+            isinstance(p, GroupQuantized) and p.bits == 8 and p.group_size == kernels.INT8_GROUP_SIZE
+            for _, _, p in pieces
+        )
         wants_int4 = self.scheme.method == "int4" or (self.scheme.method == "gguf" and all_groups)
-        if wants_int4 and kernels.int4_supported(n, k, group):
+        if all_int8_groups and self.scheme.method == "gguf":
+            records = [p for _, _, p in pieces]
+            assert all(isinstance(r, GroupQuantized) for r in records)
+            self._set_int8_groups(
+                torch.cat([r.values for r in records]),  # type: ignore[union-attr]
+                torch.cat([r.scales for r in records]),  # type: ignore[union-attr]
+            )
+        elif self.exact_only:
+            self.exact = all(isinstance(p, torch.Tensor) for _, _, p in pieces)
+            self._set_dense(torch.cat([_float(p) for _, _, p in pieces]))
+        elif wants_int4 and kernels.int4_supported(n, k, group):
             records = [
                 p if isinstance(p, GroupQuantized) and p.group_size == group else _group(p, group)
                 for _, _, p in pieces
@@ -154,8 +181,6 @@ class QuantLinear(nn.Module):
             self.exact = all(isinstance(p, torch.Tensor) for _, _, p in pieces)
             self._set_dense(torch.cat([_float(p) for _, _, p in pieces]))
         if self.scheme.dense_copy and self.kind != "dense":
-            self.dense_weight: torch.Tensor
-            self.register_buffer("dense_weight", self.dequantize().to(self.dense_dtype), persistent=False)
             self.dense_rows = min(self.dense_rows, DENSE_COPY_ROWS)
 
     def _set_int4(self, values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> None:
@@ -168,6 +193,25 @@ class QuantLinear(nn.Module):
         )
         # The dense path unpacks the kernel's layout; without a known one the kernel runs always.
         self.dense_rows = DENSE_ROWS["int4"] if kernels.int4_pack_layout() is not None else _NEVER
+
+    def _set_int8_groups(self, biased: torch.Tensor, scales: torch.Tensor) -> None:
+        """From 8-bit records (values q + 128, offsets -128 s: GGUF Q8_0)."""
+        n, k = self.out_features, self.in_features
+        g = kernels.INT8_GROUP_SIZE
+        self.kind = "int8g"
+        self.group_values: torch.Tensor
+        self.group_scales: torch.Tensor
+        self.group_kernel_scales: torch.Tensor
+        signed = (biased.to(torch.int16) - 128).to(torch.int8)
+        # [G, N, 32]: each group's weights one contiguous matrix, as the kernel takes them.
+        self.register_buffer(
+            "group_values", signed.view(n, k // g, g).transpose(0, 1).contiguous(), persistent=False
+        )
+        self.register_buffer("group_scales", scales.float().contiguous(), persistent=False)  # [N, G]
+        self.register_buffer(
+            "group_kernel_scales", scales.t().to(kernels.KERNEL_DTYPE).contiguous(), persistent=False
+        )
+        self.dense_rows = DENSE_ROWS["int8g"]
 
     def _set_int8(self, values: torch.Tensor, scales: torch.Tensor) -> None:
         self.kind = "int8"
@@ -201,6 +245,8 @@ class QuantLinear(nn.Module):
         xk = x if x.dtype == kernels.KERNEL_DTYPE else x.to(kernels.KERNEL_DTYPE)
         if self.kind == "int4":
             y = kernels.int4_mm(xk, self.packed, self.scheme.group_size, self.scales_and_zeros)
+        elif self.kind == "int8g":
+            y = kernels.int8_group_mm(xk, self.group_values, self.group_kernel_scales)
         else:
             y = kernels.int8_mm(xk, self.values, self.kernel_scales)
         return y if y.dtype == self.dtype else y.to(self.dtype)
@@ -211,8 +257,10 @@ class QuantLinear(nn.Module):
 
     def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme.dense_copy:
-            return F.linear(x, self.dense_weight)
+            return F.linear(x, self._dense_copy())
         n, k = self.out_features, self.in_features
+        if self.kind == "int8g":
+            return self._dense_chunks(x)
         if self.kind == "int4":
             weight = self.scratch.get("weight", n * k, x.dtype)
             codes = self.scratch.get("codes", n * k, torch.uint8)
@@ -234,6 +282,29 @@ class QuantLinear(nn.Module):
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return y.mul_(self.scales)
 
+    def _dense_copy(self) -> torch.Tensor:
+        copy = getattr(self, "dense_weight", None)
+        if copy is None:
+            copy = self.dequantize().to(self.dense_dtype)
+            self.register_buffer("dense_weight", copy, persistent=False)
+        return copy
+
+    def _dense_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T over grouped int8 weights dequantized a row chunk at a time."""
+        n, k = self.out_features, self.in_features
+        chunk = max(1, min(n, _CHUNK_ELEMENTS // k))
+        outs = []
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            w = self._group_rows(start, end).to(x.dtype)
+            outs.append(F.linear(x, w))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _group_rows(self, start: int, end: int) -> torch.Tensor:
+        """float32 rows [start, end) of a grouped int8 W."""
+        values = self.group_values[:, start:end].transpose(0, 1).float()  # [rows, G, 32]
+        return values.mul_(self.group_scales[start:end].unsqueeze(-1)).reshape(end - start, self.in_features)
+
     # --------------------------------------------------------------- inspect
     def dequantize(self) -> torch.Tensor:
         """float32 W [N, K] with the values the kernel computes with."""
@@ -244,6 +315,8 @@ class QuantLinear(nn.Module):
             return (q - 8).mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1)).view(n, k)
         if self.kind == "int8":
             return self.values.float() * self.kernel_scales.float().unsqueeze(-1)
+        if self.kind == "int8g":
+            return self._group_rows(0, self.out_features)
         if self.kind == "dense":
             return self.weight.float()
         raise ValueError(f"{self.name}: weights not loaded yet")
@@ -253,9 +326,15 @@ class QuantLinear(nn.Module):
         if self.kind == "int8":
             rows = F.embedding(ids, self.values).float().mul_(self.scales.float()[ids].unsqueeze(-1))
             return rows.to(self.dtype)
+        if self.kind == "int8g":
+            rows = self.group_values.index_select(1, ids).transpose(0, 1).float()  # [T, G, 32]
+            rows = rows.mul_(self.group_scales.index_select(0, ids).unsqueeze(-1))
+            return rows.reshape(ids.shape[0], self.in_features).to(self.dtype)
         if self.kind == "dense":
             return F.embedding(ids, self.weight)
-        raise ValueError(f"{self.name}: an embedding lookup needs int8 or dense weights, not {self.kind}")
+        raise ValueError(
+            f"{self.name}: an embedding lookup needs int8, int8g or dense weights, not {self.kind}"
+        )
 
     def nbytes(self) -> int:
         """Bytes of the weight as stored (bias excluded)."""
