@@ -33,6 +33,7 @@ from paged_attention.model.quant import (
     resolve_quantization,
 )
 from paged_attention.model.quant.gguf_repack import repack_gguf
+from paged_attention.model.quant.linear import DENSE_COPY_AFTER, DENSE_ROWS
 from tests.engine_utils import drive, save_random_model
 from tests.model_utils import PagedRunner
 
@@ -463,7 +464,8 @@ def test_quant_benchmarks_run_quick(tmp_path: Path, name: str) -> None:
 def test_dense_copy_serves_large_batches_with_the_kernels_values() -> None:
     """ "auto" keeps a dense copy of the quantized weight for large batches: the
     same values the kernel computes with, and no dequantization per call. The
-    copy is made by the first large batch: small batches never pay its memory."""
+    copy is made by the DENSE_COPY_AFTER-th large call: small batches and an
+    occasional prompt never pay its memory."""
     record = quantize_int4(_weights(64, 64), 32)
     layers = {}
     for copy in (False, True):
@@ -474,11 +476,13 @@ def test_dense_copy_serves_large_batches_with_the_kernels_values() -> None:
         layers[copy] = layer
     with_copy = layers[True]
     x = torch.randn(64, 64).bfloat16()
-    with_copy(x[:15])
-    assert with_copy.kind == "int4" and with_copy.dense_rows == 16 and not hasattr(with_copy, "dense_weight")
     before = with_copy.nbytes()
-    for rows in (1, 15, 16, 64):  # kernel below 16 rows, the dense copy from 16
+    for rows in (1, 15, 64) + (16,) * (DENSE_COPY_AFTER - 2) + (1,):  # 16+ rows: the dense path
         torch.testing.assert_close(with_copy(x[:rows]), layers[False](x[:rows]), rtol=2e-2, atol=2e-2)
+    assert with_copy.kind == "int4" and not hasattr(with_copy, "dense_weight")
+    assert with_copy.dense_rows == DENSE_ROWS["int4"]  # dequantizing on the spot: 48 rows pay
+    torch.testing.assert_close(with_copy(x[:16]), layers[False](x[:16]), rtol=2e-2, atol=2e-2)
     assert torch.equal(with_copy.dense_weight, with_copy.dequantize().bfloat16())
-    assert with_copy.nbytes() == before + 64 * 64 * 2 and not hasattr(layers[False], "dense_weight")
+    assert with_copy.dense_rows == 16 and with_copy.nbytes() == before + 64 * 64 * 2
+    assert not hasattr(layers[False], "dense_weight")
     torch.testing.assert_close(with_copy(x), x @ with_copy.dense_weight.t(), rtol=0, atol=0)

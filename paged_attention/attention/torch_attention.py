@@ -88,9 +88,10 @@ def _decode_bucket(
     probs = torch.softmax(scores, dim=-1).to(v_pool.dtype)
     if v_pool.is_contiguous():
         slots, bag_starts = bucket.value_slots(num_kv_heads, group)
-        out = F.embedding_bag(
-            slots, v_pool.view(-1, head_dim), bag_starts, mode="sum", per_sample_weights=probs.view(-1)
-        )
+        # The op itself: F.embedding_bag's argument checks cost more than the sum at one token.
+        out = torch.embedding_bag(
+            v_pool.view(-1, head_dim), slots, bag_starts, False, 0, False, probs.view(-1)
+        )[0]
         return out.view(b, num_heads, head_dim).to(q.dtype)
     values = _gather_rows(v_pool, block_rows, meta, "v").view(b * num_kv_heads, length, head_dim)
     # Padding blocks hold written K/V, but the unwritten tail of a last block

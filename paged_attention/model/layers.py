@@ -181,8 +181,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None and self.down_proj is not None:
-            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-            return self.down_proj(F.silu(gate).mul_(up))
+            gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
+            return self.down_proj.forward(F.silu(gate).mul_(up))
         gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return F.linear(F.silu(gate).mul_(up), self.down_weight, self.down_bias)

@@ -106,7 +106,9 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias) if self.qkv_proj is None else self.qkv_proj(x)
+        qkv = (
+            F.linear(x, self.qkv_weight, self.qkv_bias) if self.qkv_proj is None else self.qkv_proj.forward(x)
+        )
         # q and k are adjacent columns, so one view rotates both at once.
         qk = qkv[:, : self.qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -116,7 +118,7 @@ class Attention(nn.Module):
         k_pool, v_pool = kv_cache.key(layer), kv_cache.value(layer)
         self.backend.write_kv(k_pool, v_pool, k, v, meta)
         out = self.backend.attention(q, k_pool, v_pool, meta, self.scale).reshape(num_tokens, -1)
-        return F.linear(out, self.o_weight, self.o_bias) if self.o_proj is None else self.o_proj(out)
+        return F.linear(out, self.o_weight, self.o_bias) if self.o_proj is None else self.o_proj.forward(out)
 
 
 class DecoderLayer(nn.Module):
@@ -156,9 +158,11 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         # Residual adds are in place: x is this forward's own activation buffer.
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        # Submodules are called through .forward: nn.Module.__call__ (hooks,
+        # none here) cost ~1 ms of a 14 ms one-token step over 270 calls.
+        attn = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, kv_cache, meta)
         x.add_(attn if self.tp is None else self.tp.all_reduce(attn))
-        mlp = self.mlp(self.post_attention_layernorm(x))
+        mlp = self.mlp.forward(self.post_attention_layernorm.forward(x))
         return x.add_(mlp if self.tp is None else self.tp.all_reduce(mlp))
 
 
@@ -314,8 +318,8 @@ class CausalLM(nn.Module):
             x = self.head.embed(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            x = layer.forward(x, cos, sin, kv_cache, meta)
+        return self.norm.forward(x)
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

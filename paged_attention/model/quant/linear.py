@@ -21,8 +21,9 @@ dequantize W once per 4 rows, so at large batches (prompts, many decodes)
 the dense matmul is faster; a weight read from memory costs 4-8x less than a
 dense one, which is what decode at small batches is bound by. With
 `scheme.dense_copy` the dense path multiplies a dense copy of W instead,
-made at the first call that needs it: a process that never runs a large
-batch (one user) never pays its memory.
+made once DENSE_COPY_AFTER calls have had DENSE_COPY_ROWS rows or more: a
+server under load makes it within a few steps, while one user's occasional
+prompt is served by dequantizing on the spot and never pays its memory.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ DENSE_ROWS = {"int4": 48, "int8": 16, "int8g": 16}
 # from fewer rows: SmolLM2 decode steps, one thread (bench decode-step), 8 rows
 # 53 ms on the kernel vs 64 dense, 16 rows 91 vs 78.
 DENSE_COPY_ROWS = 16
+DENSE_COPY_AFTER = 4
 _NEVER = 1 << 62
 # Largest weight slice the int8 dense path dequantizes at once (a 4 MiB bf16 block).
 _CHUNK_ELEMENTS = 1 << 21
@@ -111,6 +113,7 @@ class QuantLinear(nn.Module):
         self.exact = True  # every value is the checkpoint's own (no rounding at load)
         self.dense_rows = _NEVER
         self._pieces: list[tuple[int, int, Piece]] = []
+        self._calls_before_copy = 0
         self._rows_loaded = 0
 
     def extra_repr(self) -> str:
@@ -180,8 +183,8 @@ class QuantLinear(nn.Module):
         else:
             self.exact = all(isinstance(p, torch.Tensor) for _, _, p in pieces)
             self._set_dense(torch.cat([_float(p) for _, _, p in pieces]))
-        if self.scheme.dense_copy and self.kind != "dense":
-            self.dense_rows = min(self.dense_rows, DENSE_COPY_ROWS)
+        # Large calls left before the dense copy is made (0: never).
+        self._calls_before_copy = DENSE_COPY_AFTER if self.scheme.dense_copy and self.kind != "dense" else 0
 
     def _set_int4(self, values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> None:
         self.kind = "int4"
@@ -231,6 +234,10 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------- run
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calls_before_copy and x.shape[0] >= DENSE_COPY_ROWS:
+            self._calls_before_copy -= 1
+            if not self._calls_before_copy:
+                self._make_dense_copy()
         if x.shape[0] < self.dense_rows:
             y = self._kernel(x)
         elif self.kind == "dense":
@@ -256,8 +263,9 @@ class QuantLinear(nn.Module):
         return y if y.dtype == self.dtype else y.to(self.dtype)
 
     def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scheme.dense_copy:
-            return F.linear(x, self._dense_copy())
+        copy = getattr(self, "dense_weight", None)
+        if copy is not None:
+            return F.linear(x, copy)
         n, k = self.out_features, self.in_features
         if self.kind == "int8g":
             return self._dense_chunks(x)
@@ -282,12 +290,10 @@ class QuantLinear(nn.Module):
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return y.mul_(self.scales)
 
-    def _dense_copy(self) -> torch.Tensor:
-        copy = getattr(self, "dense_weight", None)
-        if copy is None:
-            copy = self.dequantize().to(self.dense_dtype)
-            self.register_buffer("dense_weight", copy, persistent=False)
-        return copy
+    def _make_dense_copy(self) -> None:
+        self.dense_weight: torch.Tensor
+        self.register_buffer("dense_weight", self.dequantize().to(self.dense_dtype), persistent=False)
+        self.dense_rows = min(self.dense_rows, DENSE_COPY_ROWS)
 
     def _dense_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T over grouped int8 weights dequantized a row chunk at a time."""
