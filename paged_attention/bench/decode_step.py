@@ -27,7 +27,6 @@ def operator_profile(model: str | None, dtype: str, num_seqs: int) -> dict:
     from paged_attention.bench.throughput import decoding_engine
 
     engine = decoding_engine(model, dtype, num_seqs, 16, swap_space=0)
-    engine.step()  # warm the decode path
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         engine.step()

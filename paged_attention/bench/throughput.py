@@ -128,8 +128,14 @@ def decoding_engine(
     model: str | None, dtype: str, num_seqs: int, max_tokens: int, **options: Any
 ) -> LLMEngine:
     """An engine running `num_seqs` greedy sequences (prompts of 128..256
-    tokens, `max_tokens` each) with every prefill done: the next steps decode."""
+    tokens, `max_tokens` each) with every prefill done and DENSE_COPY_AFTER
+    decode steps run: the next steps decode in the
+    steady state (quantized layers make their dense copies after a few large
+    batches)."""
     from paged_attention.engine.llm import LLM
+    from paged_attention.model.quant.linear import DENSE_COPY_AFTER
+
+    assert max_tokens > DENSE_COPY_AFTER, f"max_tokens {max_tokens} leaves no step after the warm-up"
 
     llm = LLM(model, dtype=dtype, max_num_seqs=num_seqs, **options)
     workload = uniform_workload(num_seqs, (128, 256), (max_tokens, max_tokens), 500, seed=1)
@@ -140,6 +146,8 @@ def decoding_engine(
     engine = llm.engine
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests()):
         engine.step()
+    for _ in range(DENSE_COPY_AFTER):
+        engine.step()
     return engine
 
 
@@ -148,7 +156,10 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
     engine's own per-step records (scheduler, model runner, the update after
     it: sampling, stop rules, freeing) and, inside the model, attention and KV
     writes (timed around the attention backend)."""
-    engine = decoding_engine(model, dtype, num_seqs, steps + 8, record_step_stats=True)
+    from paged_attention.model.quant.linear import DENSE_COPY_AFTER
+
+    # Room for the warm-up steps and the steps that decode early sequences while later prompts prefill.
+    engine = decoding_engine(model, dtype, num_seqs, steps + 8 + DENSE_COPY_AFTER, record_step_stats=True)
     assert engine.step_stats is not None
     first = len(engine.step_stats)
     bucket: dict[str, float] = {}
