@@ -154,11 +154,9 @@ class QuantLinear(nn.Module):
         )
         wants_int4 = self.scheme.method == "int4" or (self.scheme.method == "gguf" and all_groups)
         if all_int8_groups and self.scheme.method == "gguf":
-            records = [p for _, _, p in pieces]
-            assert all(isinstance(r, GroupQuantized) for r in records)
+            groups8 = [p for _, _, p in pieces if isinstance(p, GroupQuantized)]
             self._set_int8_groups(
-                torch.cat([r.values for r in records]),  # type: ignore[union-attr]
-                torch.cat([r.scales for r in records]),  # type: ignore[union-attr]
+                torch.cat([r.values for r in groups8]), torch.cat([r.scales for r in groups8])
             )
         elif self.exact_only:
             self.exact = all(isinstance(p, torch.Tensor) for _, _, p in pieces)
