@@ -90,7 +90,13 @@ def _decode_bucket(
         slots, bag_starts = bucket.value_slots(num_kv_heads, group)
         # The op itself: F.embedding_bag's argument checks cost more than the sum at one token.
         out = torch.embedding_bag(
-            v_pool.view(-1, head_dim), slots, bag_starts, False, 0, False, probs.view(-1)
+            v_pool.view(-1, head_dim),
+            slots,
+            bag_starts,
+            scale_grad_by_freq=False,
+            mode=0,  # sum
+            sparse=False,
+            per_sample_weights=probs.view(-1),
         )[0]
         return out.view(b, num_heads, head_dim).to(q.dtype)
     values = _gather_rows(v_pool, block_rows, meta, "v").view(b * num_kv_heads, length, head_dim)

@@ -129,9 +129,8 @@ def decoding_engine(
 ) -> LLMEngine:
     """An engine running `num_seqs` greedy sequences (prompts of 128..256
     tokens, `max_tokens` each) with every prefill done and DENSE_COPY_AFTER
-    decode steps run: the next steps decode in the
-    steady state (quantized layers make their dense copies after a few large
-    batches)."""
+    decode steps run: the next steps decode in the steady state (quantized
+    layers make their dense copies after a few large batches)."""
     from paged_attention.engine.llm import LLM
     from paged_attention.model.quant.linear import DENSE_COPY_AFTER
 

@@ -29,6 +29,7 @@ prompt is served by dequantizing on the spot and never pays its memory.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -266,7 +267,7 @@ class QuantLinear(nn.Module):
             return F.linear(x, copy)
         n, k = self.out_features, self.in_features
         if self.kind == "int8g":
-            return self._dense_chunks(x)
+            return self._matmul_by_row_chunks(x, lambda rows, w: w.copy_(self._group_rows(rows)))
         if self.kind == "int4":
             weight = self.scratch.get("weight", n * k, x.dtype)
             codes = self.scratch.get("codes", n * k, torch.uint8)
@@ -274,40 +275,36 @@ class QuantLinear(nn.Module):
                 self.packed, self.scales_and_zeros, n, k, self.scheme.group_size, codes, weight.view(k, n)
             )
             return torch.mm(x, wt)
-        weight = self.scratch.get("weight", min(n * k, _CHUNK_ELEMENTS), x.dtype)
-        # int8 values are exact in bfloat16; the per-row scale moves to the
-        # output. Large matrices (a vocabulary head) go in row chunks so the
-        # scratch stays small and in cache.
-        chunk = max(1, min(n, _CHUNK_ELEMENTS // k))
-        outs = []
-        for start in range(0, n, chunk):
-            end = min(n, start + chunk)
-            w = weight[: (end - start) * k].view(end - start, k)
-            w.copy_(self.values[start:end])
-            outs.append(F.linear(x, w))
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return y.mul_(self.scales)
+        # int8 values are exact in bfloat16; the per-row scale moves to the output.
+        return self._matmul_by_row_chunks(x, lambda rows, w: w.copy_(self.values[rows])).mul_(self.scales)
 
     def _make_dense_copy(self) -> None:
         self.dense_weight: torch.Tensor
         self.register_buffer("dense_weight", self.dequantize().to(self.dense_dtype), persistent=False)
         self.dense_rows = min(self.dense_rows, DENSE_COPY_ROWS)
 
-    def _dense_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T over grouped int8 weights dequantized a row chunk at a time."""
+    def _matmul_by_row_chunks(
+        self, x: torch.Tensor, fill: Callable[[slice, torch.Tensor], object]
+    ) -> torch.Tensor:
+        """x W^T with W dequantized a row chunk at a time (`fill(rows, out)`
+        writes rows of W into `out`) into one small scratch buffer: a large
+        matrix (a vocabulary head) never needs a whole dense copy, and the
+        chunk stays in cache."""
         n, k = self.out_features, self.in_features
+        weight = self.scratch.get("weight", min(n * k, _CHUNK_ELEMENTS), x.dtype)
         chunk = max(1, min(n, _CHUNK_ELEMENTS // k))
         outs = []
         for start in range(0, n, chunk):
-            end = min(n, start + chunk)
-            w = self._group_rows(start, end).to(x.dtype)
+            rows = slice(start, min(n, start + chunk))
+            w = weight[: (rows.stop - start) * k].view(rows.stop - start, k)
+            fill(rows, w)
             outs.append(F.linear(x, w))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _group_rows(self, start: int, end: int) -> torch.Tensor:
-        """float32 rows [start, end) of a grouped int8 W."""
-        values = self.group_values[:, start:end].transpose(0, 1).float()  # [rows, G, 32]
-        return values.mul_(self.group_scales[start:end].unsqueeze(-1)).reshape(end - start, self.in_features)
+    def _group_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """float32 rows of a grouped int8 W: a range, or ids (an embedding lookup)."""
+        values = self.group_values[:, rows].transpose(0, 1).float()  # [rows, G, 32]
+        return values.mul_(self.group_scales[rows].unsqueeze(-1)).reshape(-1, self.in_features)
 
     # --------------------------------------------------------------- inspect
     def dequantize(self) -> torch.Tensor:
@@ -320,7 +317,7 @@ class QuantLinear(nn.Module):
         if self.kind == "int8":
             return self.values.float() * self.kernel_scales.float().unsqueeze(-1)
         if self.kind == "int8g":
-            return self._group_rows(0, self.out_features)
+            return self._group_rows(slice(None))
         if self.kind == "dense":
             return self.weight.float()
         raise ValueError(f"{self.name}: weights not loaded yet")
@@ -331,9 +328,7 @@ class QuantLinear(nn.Module):
             rows = F.embedding(ids, self.values).float().mul_(self.scales.float()[ids].unsqueeze(-1))
             return rows.to(self.dtype)
         if self.kind == "int8g":
-            rows = self.group_values.index_select(1, ids).transpose(0, 1).float()  # [T, G, 32]
-            rows = rows.mul_(self.group_scales.index_select(0, ids).unsqueeze(-1))
-            return rows.reshape(ids.shape[0], self.in_features).to(self.dtype)
+            return self._group_rows(ids).to(self.dtype)
         if self.kind == "dense":
             return F.embedding(ids, self.weight)
         raise ValueError(
