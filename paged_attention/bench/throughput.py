@@ -188,9 +188,10 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
     }
 
 
-def time_to_first_token(model: str | None) -> float:
-    """Seconds from launching a fresh Python process to its first streamed token
-    (interpreter start-up and imports included; the process's exit is not)."""
+def time_to_first_token(model: str | None, env: dict[str, str] | None = None) -> float:
+    """Seconds from launching a fresh Python process (with environment `env`,
+    default this one's) to its first streamed token (interpreter start-up and
+    imports included; the process's exit is not)."""
     code = (
         "import time\n"
         "from paged_attention import LLM, SamplingParams\n"
@@ -199,7 +200,7 @@ def time_to_first_token(model: str | None) -> float:
         "print(time.time(), flush=True)\n"
     )
     start = time.time()  # wall clock: comparable across the two processes
-    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
     return float(done.stdout.split()[-1]) - start
 
 
