@@ -72,6 +72,7 @@ QUANTIZATION_CHOICES = (
 
 # How tensor-parallel workers start (`distributed/executor.py`).
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 
 # The environment variable the HTTP server reads its API key from.
 API_KEY_ENV = "PAGED_ATTENTION_API_KEY"
@@ -158,6 +159,12 @@ class EngineConfig:
         choices=PREEMPTION_VICTIMS,
     )
     enforce_eager: bool = option(False, "CUDA: never capture or replay decode CUDA graphs")
+    attention_backend: str = option(
+        "auto",
+        "attention implementation: auto (Triton kernels on CUDA; on the CPU the C decode kernel, "
+        "built at first use, else PyTorch ops), torch (PyTorch ops only), cpu, triton",
+        choices=ATTENTION_BACKENDS,
+    )
     enable_prefix_caching: bool = option(True, "reuse cached full KV blocks of earlier prompts")
     tensor_parallel_size: int = option(
         1,
@@ -220,6 +227,7 @@ class EngineConfig:
         for name, allowed in (
             ("preemption_mode", PREEMPTION_MODES),
             ("preemption_victim", PREEMPTION_VICTIMS),
+            ("attention_backend", ATTENTION_BACKENDS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -103,8 +104,10 @@ def run_case(
     num_layers: int = 2,
     dtype: torch.dtype = torch.float32,
     garbage: str = "nan",
+    attention: Callable[..., torch.Tensor] = paged_attention,
 ) -> Case:
     """seqs: (cached tokens already in the pool from earlier steps, new tokens this step).
+    `attention` is the implementation under test (the PyTorch path by default).
 
     garbage: what fills the pool before any write: "nan" (reading any slot that
     was not written poisons the output) or "normal" (random finite values)."""
@@ -177,7 +180,7 @@ def run_case(
     pool.write(layer, new_k, new_v, meta.slot_mapping)
 
     q = torch.randn(sum(n for _, n in seqs), num_heads, head_dim, generator=g, dtype=dtype)
-    out = paged_attention(q, pool.key(layer), pool.value(layer), meta, scale)
+    out = attention(q, pool.key(layer), pool.value(layer), meta, scale)
 
     expected = []
     start = 0

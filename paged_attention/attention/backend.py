@@ -1,5 +1,6 @@
 """Pick the attention implementation for a device: the Triton kernels on CUDA
-when triton imports, else the PyTorch ops of `torch_attention`.
+when triton imports; on the CPU the C decode kernel of `cpu_kernel` when it
+builds; else the PyTorch ops of `torch_attention` (also the tests' oracle).
 
 Both backends expose the same two callables, each taking the step's metadata:
 
@@ -16,6 +17,7 @@ model. CUDA graphs `pin` static buffers for the metadata they capture with.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -25,6 +27,7 @@ import torch
 
 from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.attention.torch_attention import check_head_counts, paged_attention
+from paged_attention.config import ATTENTION_BACKENDS
 from paged_attention.kv_cache import write_kv as torch_write_kv
 
 WriteKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], None]
@@ -37,7 +40,7 @@ INTERPRETER_NUM_SMS = 4
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    name: str  # "torch" or "triton"
+    name: str  # "torch", "cpu" or "triton"
     write_kv: WriteKV
     attention: AttentionFn
     # Triton only: bind static kernel metadata to a metadata object (CUDA graphs).
@@ -165,14 +168,37 @@ def torch_backend() -> AttentionBackend:
     return AttentionBackend("torch", _torch_write_kv, paged_attention)
 
 
+def cpu_backend() -> AttentionBackend | None:
+    """The C decode kernel with PyTorch's prompt path, or None where it cannot be built."""
+    from paged_attention.attention.cpu_kernel import cpu_paged_attention, load_kernel
+
+    kernel = load_kernel()
+    if kernel is None:
+        return None
+    return AttentionBackend("cpu", _torch_write_kv, functools.partial(cpu_paged_attention, kernel))
+
+
 def select_attention_backend(device: torch.device | str, kind: str = "auto") -> AttentionBackend:
-    """`kind`: "auto" (Triton on CUDA when triton imports, else PyTorch),
-    "torch", or "triton" (raises if it cannot run on `device`). Call once per
-    model and share the result among its layers."""
+    """`kind`: "auto" (Triton on CUDA when triton imports; on the CPU the C
+    kernel when it builds; else PyTorch), "torch", "cpu" or "triton" (these
+    two raise if they cannot run on `device`). Call once per model and share
+    the result among its layers."""
     device = torch.device(device)
-    if kind not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown attention backend {kind!r}; use 'auto', 'torch' or 'triton'")
+    if kind not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {kind!r}; use one of {', '.join(map(repr, ATTENTION_BACKENDS))}"
+        )
     if kind == "torch":
+        return torch_backend()
+    if kind == "cpu" or (kind == "auto" and device.type == "cpu"):
+        backend = cpu_backend() if device.type == "cpu" else None
+        if backend is not None:
+            return backend
+        if kind == "cpu":
+            raise ValueError(
+                f"the cpu attention backend cannot run on {device}: it needs a CPU device and a C "
+                "compiler (cc or gcc) to build its kernel; see the log for the build error"
+            )
         return torch_backend()
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     # Device first: importing triton costs a second or two, never paid on the CPU path.

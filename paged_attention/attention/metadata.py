@@ -105,6 +105,16 @@ class PrefillGather:
         return rows
 
 
+@dataclass(frozen=True)
+class DecodeTables:
+    """The decode sequences (one new token each) as the CPU kernel reads them."""
+
+    block_tables: torch.Tensor  # [b, max_blocks] long, rows padded with block 0
+    context_lens: torch.Tensor  # [b] long
+    rows: torch.Tensor  # [b] long: each sequence's query row in the packed batch
+    num_context_tokens: int  # sum of the context lengths: the K/V rows attention reads
+
+
 @dataclass
 class AttentionMetadata:
     query_lens: list[int]
@@ -214,6 +224,24 @@ class AttentionMetadata:
                 )
             )
         return buckets
+
+    @cached_property
+    def decode_tables(self) -> DecodeTables:
+        """Block tables, lengths and query rows of the decode sequences; built
+        on first use, once a step."""
+        seqs = [i for i, n in enumerate(self.query_lens) if n == 1]
+        width = max((len(self.block_tables[i]) for i in seqs), default=1)
+        tables = torch.zeros(len(seqs), width, dtype=torch.long)
+        for j, i in enumerate(seqs):
+            table = self.block_tables[i]
+            tables[j, : len(table)] = torch.tensor(table, dtype=torch.long)
+        device = self.slot_mapping.device
+        return DecodeTables(
+            block_tables=tables.to(device),
+            context_lens=torch.tensor([self.context_lens[i] for i in seqs], dtype=torch.long, device=device),
+            rows=torch.tensor([self.query_start[i] for i in seqs], dtype=torch.long, device=device),
+            num_context_tokens=sum(self.context_lens[i] for i in seqs),
+        )
 
     @cached_property
     def prefill_gather(self) -> PrefillGather:

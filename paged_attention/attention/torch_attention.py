@@ -51,7 +51,7 @@ def paged_attention(
     out = torch.empty_like(q)
     for bucket in buckets:
         out.index_copy_(0, bucket.rows, _decode_bucket(q, k_pool, v_pool, meta, bucket, scale))
-    _prefill(q, k_pool, v_pool, meta, scale, out)
+    prefill_into(q, k_pool, v_pool, meta, scale, out)
     return out
 
 
@@ -127,7 +127,7 @@ def _gather_slots(pool: torch.Tensor, gather: PrefillGather) -> torch.Tensor:
     return pool[blocks, :, offsets].transpose(0, 1)
 
 
-def _prefill(
+def prefill_into(
     q: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
@@ -135,8 +135,9 @@ def _prefill(
     scale: float,
     out: torch.Tensor,
 ) -> None:
-    """Sequences with several new tokens (prompt chunks): one causal SDPA each
-    over its gathered context, which already holds the chunk's own K/V."""
+    """Sequences with several new tokens (prompt chunks), written into their
+    rows of `out`: one causal SDPA each over its gathered context, which
+    already holds the chunk's own K/V."""
     gather = meta.prefill_gather
     if not gather.seqs:
         return

@@ -101,6 +101,7 @@ def start_executor(
             share=share,
             shard_vocab=SHARD_VOCAB,
             quantization=scheme,
+            attention_backend=config.attention_backend,
         )
 
     executor = make_executor(config.distributed_executor_backend, size, spec, shard_vocab=SHARD_VOCAB)

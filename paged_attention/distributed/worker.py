@@ -86,6 +86,7 @@ class WorkerSpec:
     share: CoreShare
     shard_vocab: bool = True
     quantization: QuantScheme = NONE  # resolved by the driver, as rank 0 loads
+    attention_backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class Worker:
             config=spec.config_path,
             tp=self.tp,
             quantization=spec.quantization,
+            attention_backend=spec.attention_backend,
         )
         self.weight_bytes = parameter_bytes(self.model)
         self.runner: ModelRunner | None = None

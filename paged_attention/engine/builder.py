@@ -157,7 +157,13 @@ def _assemble(
         tensor_parallel=tp is not None,
     )
     net, model_config = load_model(
-        source.weights, dtype=dtype, device=device, config=source.config_dir, tp=tp, quantization=quantization
+        source.weights,
+        dtype=dtype,
+        device=device,
+        config=source.config_dir,
+        tp=tp,
+        quantization=quantization,
+        attention_backend=config.attention_backend,
     )
     shard_config = net.config  # under tensor parallelism: this rank's heads (its pool's)
     tokenizer = Tokenizer.load(source.tokenizer_dir, gguf_file=source.tokenizer_gguf)

@@ -147,6 +147,7 @@ def load_model(
     config: str | Path | None = None,
     tp: ParallelContext | None = None,
     quantization: str | QuantScheme | None = "auto",
+    attention_backend: str = "auto",
 ) -> tuple[CausalLM, ModelConfig]:
     """Build a `CausalLM` in `dtype` on `device` from a model folder or .gguf
     file, and return it with its config.
@@ -157,7 +158,8 @@ def load_model(
 
     `tp` (a tensor-parallel rank) builds that rank's shard and reads only its
     slices of each tensor (`distributed/weights.py`); the config returned is
-    still the whole model's.
+    still the whole model's. `attention_backend` is passed to `CausalLM`
+    (`attention.backend.select_attention_backend`).
 
     `quantization` is an engine option value ("auto", "none", "gguf", "int8",
     "int4", "int4-g64", "awq", "gptq", ...) or a resolved `QuantScheme`. An
@@ -218,7 +220,14 @@ def load_model(
         from paged_attention.distributed.weights import sharded_weights
 
         weights = sharded_weights(files, weights, tp.layout(model_config), quantization)
-    model = CausalLM(model_config, dtype=dtype, device=device, tp=tp, quantization=quantization)
+    model = CausalLM(
+        model_config,
+        dtype=dtype,
+        device=device,
+        attention_backend=attention_backend,
+        tp=tp,
+        quantization=quantization,
+    )
     model.load_weights(weights)
     model.eval()
     return model, model_config

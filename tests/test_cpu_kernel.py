@@ -1,0 +1,154 @@
+"""The C decode kernel (`attention/cpu_kernel.py`) equals plain attention and
+the PyTorch path, and the backend choice around it behaves.
+
+Scenarios come from test_paged_attention.run_case: NaN-filled pools, shuffled
+blocks, GQA groups, several block sizes, decode alone and mixed with prompt
+chunks (which the "cpu" backend hands to the PyTorch path in the same call).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+
+from paged_attention.attention import cpu_kernel
+from paged_attention.attention.backend import select_attention_backend
+from paged_attention.attention.random_batch import random_paged_batch
+from paged_attention.attention.torch_attention import paged_attention
+from tests.test_paged_attention import _seqs_for, assert_matches, run_case
+
+pytestmark = pytest.mark.skipif(cpu_kernel.load_kernel() is None, reason="no C compiler to build the kernel")
+
+
+def kernel_attention() -> functools.partial:
+    kernel = cpu_kernel.load_kernel()
+    assert kernel is not None
+    return functools.partial(cpu_kernel.cpu_paged_attention, kernel)
+
+
+@pytest.mark.parametrize("mode", ["decode", "mixed"])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize(("num_kv_heads", "group"), [(1, 1), (2, 3), (3, 4)])
+def test_kernel_matches_plain_attention(mode, block_size, num_kv_heads, group):
+    seed = block_size * 100 + num_kv_heads * 10 + group
+    seqs = _seqs_for(mode, block_size, random.Random(seed))
+    case = run_case(
+        seqs,
+        block_size,
+        num_kv_heads,
+        group,
+        16,
+        seed=seed,
+        table_mode="allocator",
+        attention=kernel_attention(),
+    )
+    assert cpu_kernel.kernel_runs(case.q, case.pool.key(case.layer), case.pool.value(case.layer))
+    assert_matches(case)
+
+
+def test_long_contexts_and_large_head_dim():
+    """Contexts of hundreds of blocks, head_dim 128, uneven lengths in one batch."""
+    seqs = [(700, 1), (3, 1), (257, 1), (1023, 1)]
+    assert_matches(run_case(seqs, 16, 2, 2, 128, seed=7, attention=kernel_attention()))
+
+
+def test_bfloat16_rounds_as_the_torch_path():
+    """bfloat16: scores and probabilities are rounded where the PyTorch path
+    rounds them, so the two agree to bfloat16 precision (the sums' order differs)."""
+    k_pool, v_pool, meta = random_paged_batch([5, 40, 0, 130], [1, 1, 1, 1], 16, 3, 64, dtype=torch.bfloat16)
+    q = torch.randn(4, 9, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ours = kernel_attention()(q, k_pool, v_pool, meta, 0.125)
+    reference = paged_attention(q, k_pool, v_pool, meta, 0.125)
+    assert ours.dtype == torch.bfloat16
+    assert not ours.isnan().any()
+    torch.testing.assert_close(ours.float(), reference.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_large_bfloat16_batches_take_the_torch_path(monkeypatch):
+    """Beyond BF16_MAX_CONTEXT_TOKENS the PyTorch path runs (faster there with
+    AMX); float32 stays on the kernel."""
+    calls: list[str] = []
+    original = cpu_kernel.decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append("kernel")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernel, "decode_attention", counting)
+    monkeypatch.setattr(cpu_kernel, "BF16_MAX_CONTEXT_TOKENS", 100)
+    for dtype, expected in ((torch.bfloat16, []), (torch.float32, ["kernel"])):
+        calls.clear()
+        k_pool, v_pool, meta = random_paged_batch([60, 70], [1, 1], 16, 1, 8, dtype=dtype)
+        q = torch.randn(2, 1, 8).to(dtype)
+        out = kernel_attention()(q, k_pool, v_pool, meta, 0.3)
+        assert calls == expected
+        torch.testing.assert_close(
+            out.float(), paged_attention(q, k_pool, v_pool, meta, 0.3).float(), atol=2e-2, rtol=0
+        )
+
+
+def test_backend_choice(monkeypatch):
+    assert select_attention_backend("cpu", "auto").name == "cpu"
+    assert select_attention_backend("cpu", "cpu").name == "cpu"
+    assert select_attention_backend("cpu", "torch").name == "torch"
+    # No compiler: "auto" falls back to PyTorch, asking for "cpu" says why not.
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    cpu_kernel.load_kernel.cache_clear()
+    try:
+        assert select_attention_backend("cpu", "auto").name == "torch"
+        with pytest.raises(ValueError, match="C compiler"):
+            select_attention_backend("cpu", "cpu")
+    finally:
+        cpu_kernel.load_kernel.cache_clear()
+    with pytest.raises(ValueError, match="'nope'"):
+        select_attention_backend("cpu", "nope")
+
+
+def test_build_is_cached_per_source_and_survives_a_bad_compiler(tmp_path, monkeypatch):
+    """One library file per (source, compiler, CPU) in the cache folder; a
+    compiler that fails leaves no file behind and gives None."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu_kernel.load_kernel.cache_clear()
+    try:
+        kernel = cpu_kernel.load_kernel()
+        assert kernel is not None and kernel.path.parent == tmp_path / "paged_attention"
+        assert [p.name for p in kernel.path.parent.iterdir()] == [kernel.path.name]
+        bad = tmp_path / "badcc"
+        bad.write_text('#!/bin/sh\n[ "$1" = --version ] && echo bad 1.0 && exit 0\necho broken >&2\nexit 1\n')
+        bad.chmod(0o755)
+        monkeypatch.setenv("CC", str(bad))
+        cpu_kernel.load_kernel.cache_clear()
+        assert cpu_kernel.load_kernel() is None
+        assert [p.name for p in kernel.path.parent.iterdir()] == [kernel.path.name]
+    finally:
+        cpu_kernel.load_kernel.cache_clear()
+
+
+def test_engine_generates_the_same_tokens_with_either_cpu_backend():
+    """Through the whole engine (batching, chunked prefill, decode), greedy
+    tokens are the same with the kernel as with the PyTorch path."""
+    from paged_attention.engine.builder import STORIES260K
+    from paged_attention.engine.llm import LLM
+    from paged_attention.sampling_params import SamplingParams
+
+    prompts = ["Once upon a time", "The little dog", "Lily and Ben went to the park because"]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "cpu"):
+        llm = LLM(
+            str(STORIES260K), dtype="float32", num_kv_blocks=160, block_size=4, attention_backend=backend
+        )
+        assert llm.engine.runner.model.attn_backend.name == backend
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        tokens[backend] = [o.outputs[0].token_ids for o in outs]
+    assert tokens["cpu"] == tokens["torch"]
+
+
+def test_unknown_attention_backend_option_is_refused():
+    from paged_attention.config import EngineConfig
+
+    with pytest.raises(ValueError, match="attention_backend must be one of .*'nope'"):
+        EngineConfig(attention_backend="nope")
