@@ -1,5 +1,7 @@
-"""The C decode kernel (`attention/cpu_kernel.py`) equals plain attention and
-the PyTorch path, and the backend choice around it behaves.
+"""The engine's C kernels (`paged_attention/native.py`): decode attention
+(`attention/cpu_kernel.py`) equals plain attention and the PyTorch path, the
+backend choice around it behaves, and the int8-group matrix-vector product
+equals its weights dequantized.
 
 Scenarios come from test_paged_attention.run_case: NaN-filled pools, shuffled
 blocks, GQA groups, several block sizes, decode alone and mixed with prompt
@@ -14,13 +16,15 @@ import random
 import pytest
 import torch
 
+from paged_attention import native
 from paged_attention.attention import cpu_kernel
 from paged_attention.attention.backend import select_attention_backend
 from paged_attention.attention.random_batch import random_paged_batch
 from paged_attention.attention.torch_attention import paged_attention
+from paged_attention.model.quant import kernels
 from tests.test_paged_attention import _seqs_for, assert_matches, run_case
 
-pytestmark = pytest.mark.skipif(cpu_kernel.load_kernel() is None, reason="no C compiler to build the kernel")
+pytestmark = pytest.mark.skipif(native.load_library() is None, reason="no C compiler to build the kernels")
 
 
 def kernel_attention() -> functools.partial:
@@ -95,36 +99,37 @@ def test_backend_choice(monkeypatch):
     assert select_attention_backend("cpu", "cpu").name == "cpu"
     assert select_attention_backend("cpu", "torch").name == "torch"
     # No compiler: "auto" falls back to PyTorch, asking for "cpu" says why not.
-    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
-    cpu_kernel.load_kernel.cache_clear()
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.load_library.cache_clear()
     try:
         assert select_attention_backend("cpu", "auto").name == "torch"
         with pytest.raises(ValueError, match="C compiler"):
             select_attention_backend("cpu", "cpu")
     finally:
-        cpu_kernel.load_kernel.cache_clear()
+        native.load_library.cache_clear()
     with pytest.raises(ValueError, match="'nope'"):
         select_attention_backend("cpu", "nope")
 
 
-def test_build_is_cached_per_source_and_survives_a_bad_compiler(tmp_path, monkeypatch):
-    """One library file per (source, compiler, CPU) in the cache folder; a
+def test_build_is_cached_per_machine_and_survives_a_bad_compiler(tmp_path, monkeypatch):
+    """One library file per (sources, compiler, CPU) in the cache folder; a
     compiler that fails leaves no file behind and gives None."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cpu_kernel.load_kernel.cache_clear()
+    native.load_library.cache_clear()
     try:
-        kernel = cpu_kernel.load_kernel()
-        assert kernel is not None and kernel.path.parent == tmp_path / "paged_attention"
-        assert [p.name for p in kernel.path.parent.iterdir()] == [kernel.path.name]
+        lib = native.load_library()
+        assert lib is not None
+        built = sorted((tmp_path / "paged_attention").iterdir())
+        assert [p.name for p in built] == [native.library_path(native._compiler() or "cc").name]
         bad = tmp_path / "badcc"
         bad.write_text('#!/bin/sh\n[ "$1" = --version ] && echo bad 1.0 && exit 0\necho broken >&2\nexit 1\n')
         bad.chmod(0o755)
         monkeypatch.setenv("CC", str(bad))
-        cpu_kernel.load_kernel.cache_clear()
-        assert cpu_kernel.load_kernel() is None
-        assert [p.name for p in kernel.path.parent.iterdir()] == [kernel.path.name]
+        native.load_library.cache_clear()
+        assert native.load_library() is None
+        assert sorted((tmp_path / "paged_attention").iterdir()) == built
     finally:
-        cpu_kernel.load_kernel.cache_clear()
+        native.load_library.cache_clear()
 
 
 def test_engine_generates_the_same_tokens_with_either_cpu_backend():
@@ -152,3 +157,33 @@ def test_unknown_attention_backend_option_is_refused():
 
     with pytest.raises(ValueError, match="attention_backend must be one of .*'nope'"):
         EngineConfig(attention_backend="nope")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_group_gemv_matches_dequantized_weights(rows, dtype):
+    """A Q8_0-style layer (GGUF 8-bit records): the C kernel serves up to
+    NATIVE_MAX_ROWS rows and equals x @ W^T over the dequantized values to
+    float32 rounding (and to bfloat16 output rounding); more rows take PyTorch's kernel."""
+    from paged_attention.model.quant import QuantLinear, QuantScheme, Scratch
+    from paged_attention.model.quant.records import GroupQuantized
+
+    g = torch.Generator().manual_seed(rows)
+    n, k = 96, 128
+    values = torch.randint(0, 256, (n, k), generator=g, dtype=torch.uint8)
+    scales = torch.rand(n, k // 32, generator=g) * 0.01
+    record = GroupQuantized(values=values, scales=scales, offsets=-128 * scales, group_size=32, bits=8)
+    layer = QuantLinear(
+        n, k, QuantScheme("gguf"), bias=False, dtype=dtype, scratch=Scratch(), exact_only=True
+    )
+    layer.load_rows(0, n, record)
+    assert layer.kind == "int8g" and layer.native_rows == kernels.NATIVE_MAX_ROWS
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    exact = x.double() @ layer.dequantize().double().t()
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2 * exact.abs().max().item()
+    assert (out.double() - exact).abs().max().item() <= tol
+    # Past the kernel's rows, PyTorch's per-group int8 kernel gives the same values.
+    many = torch.cat([x] * (kernels.NATIVE_MAX_ROWS // rows + 1))
+    torch.testing.assert_close(layer(many)[:rows].float(), out.float(), atol=0.05, rtol=0.02)

@@ -1,5 +1,5 @@
 """The "cpu" attention backend: decode queries attended by a small C kernel
-(`csrc/paged_decode.c`) that reads K and V straight from the block pool, and
+(`paged_attention/csrc/paged_decode.c`) that reads K and V straight from the block pool, and
 prompt chunks by the PyTorch path.
 
 Why C: on a CPU, decode attention over the pool is bound by memory traffic.
@@ -8,38 +8,23 @@ its batched matmul, so K crosses memory three times (read, write, read), and
 at one sequence its dozen small ops per layer are mostly dispatch overhead.
 The kernel reads each K and V row once, in one call per layer.
 
-The kernel is compiled at first use with the system's C compiler (`cc -O3
--march=native -fopenmp`, about a second) into the cache folder, keyed by its
-source, the compiler and this CPU's flags, and loaded with ctypes. Its OpenMP
-runtime resolves to the libgomp PyTorch already loaded (one thread pool).
-Without a compiler, or if the build fails, `load_kernel` returns None and the
-backend is the PyTorch one ("auto" picks "torch"; asking for "cpu" raises).
+The kernel is compiled at first use with the engine's other C kernels
+(`paged_attention/native.py`). Without a compiler, or if the build fails,
+`load_kernel` returns None and the backend is the PyTorch one ("auto" picks
+"torch"; asking for "cpu" raises).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from paged_attention import native
 from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.attention.torch_attention import check_head_counts, paged_attention, prefill_into
-from paged_attention.config import default_cache_dir
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # In bfloat16 on a CPU with AMX, PyTorch's gather + batched matmul (an AMX
 # matmul) overtakes the kernel beyond about this many context tokens in the
@@ -51,70 +36,13 @@ BF16_MAX_CONTEXT_TOKENS = 4096
 
 @dataclass(frozen=True)
 class DecodeKernel:
-    fn: Any  # a ctypes function (its type is private to ctypes)
-    path: Path
+    fn: Any  # the library's paged_decode_attention (a ctypes function)
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def library_path(compiler: str) -> Path:
-    """Where the built kernel lives: one file per (source, compiler, CPU)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode() + _cpu_flags().encode()
-    ).hexdigest()[:16]
-    return default_cache_dir() / f"paged_decode-{key}.so"
-
-
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("building the CPU attention kernel (once per machine) into %s", target)
-    # Built beside the target and renamed: a concurrent start never loads half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, check=True
-        )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@functools.cache
 def load_kernel() -> DecodeKernel | None:
-    """The compiled kernel, building it if this machine has none yet; None
-    (with a warning) where it cannot be built."""
-    compiler = _compiler()
-    if compiler is None:
-        logger.warning("no C compiler (cc/gcc) found: CPU attention uses the PyTorch path")
-        return None
-    try:
-        path = library_path(compiler)
-        if not path.exists():
-            _build(compiler, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        logger.warning("the CPU attention kernel did not build (%s): using the PyTorch path", detail.strip())
-        return None
-    fn = lib.paged_decode_attention
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64]
-    fn.argtypes += [ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return DecodeKernel(fn, path)
+    """The compiled kernel (`native.load_library`), or None where it cannot be built."""
+    lib = native.load_library()
+    return None if lib is None else DecodeKernel(lib.paged_decode_attention)
 
 
 def kernel_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
@@ -161,8 +89,7 @@ def decode_attention(
         scale,
         torch.get_num_threads(),
     )
-    if status:
-        raise MemoryError("the CPU attention kernel could not allocate its scratch buffers")
+    native.check(status, "paged_decode_attention")
 
 
 def cpu_paged_attention(

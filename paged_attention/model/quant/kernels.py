@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from paged_attention import native
+
 KERNEL_DTYPE = torch.bfloat16
 # The int8 kernel loads activations with aligned 32-byte AVX loads (a
 # misaligned row crashes the process), so rows must start on 32-byte
@@ -225,3 +227,39 @@ def int8_group_mm(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -
     for i in range(groups):
         out.add_(torch.ops.aten._weight_int8pack_mm(xg[i], values[i], scales[i]))
     return out
+
+
+# ------------------------------------------------- the engine's own C kernels
+# Activation rows up to which `native_int8_group_mm` runs (MAX_ROWS in
+# csrc/quant_gemv.c). Measured on SmolLM2's head, one thread, against
+# `int8_group_mm`: 1 row 3.4 vs 5.0 ms, 2 rows 4.8 vs 7.9, 8 rows 13.4 vs 24.7.
+NATIVE_MAX_ROWS = 8
+NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def native_int8_group_mm(
+    x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """x [M, K] (float32 or bfloat16, M <= NATIVE_MAX_ROWS) @ W^T -> [M, N] in
+    `out_dtype`, W in groups of 32 as `int8_group_mm` takes it but with
+    float32 scales [N, G]."""
+    lib = native.load_library()
+    assert lib is not None, "native_int8_group_mm without the C library"
+    x = x.contiguous()
+    m, k = x.shape
+    n = values.shape[1]
+    y = torch.empty(m, n, dtype=out_dtype)
+    status = lib.int8g_gemv(
+        NATIVE_DTYPES[x.dtype],
+        x.data_ptr(),
+        values.data_ptr(),
+        scales.data_ptr(),
+        NATIVE_DTYPES[out_dtype],
+        y.data_ptr(),
+        m,
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    native.check(status, "int8g_gemv")
+    return y

@@ -8,7 +8,8 @@ settles its format once every row has arrived:
 * int4 when the scheme asks for it and the kernel takes the shape; under
   "gguf" only if every block came as GGUF 4-bit data (exact), else int8;
 * int8 in groups of 32 ("int8g") when every block came as GGUF Q8_0 data
-  (exact: the int8 kernel runs once per group, each with that group's scales);
+  (exact: the int8 kernel runs once per group, each with that group's scales;
+  up to a few rows the engine's own C kernel runs instead, in one pass);
 * int8 per output channel (the int8 scheme, and the fallback above);
 * dense in the model dtype when neither kernel takes the shape, or when the
   layer must stay exact and row-readable (`exact_only`: a GGUF's LM head) and
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paged_attention import native
 from paged_attention.model.quant import kernels
 from paged_attention.model.quant.quantize import quantize_int4, quantize_int8
 from paged_attention.model.quant.records import ChannelQuantized, GroupQuantized
@@ -113,6 +115,7 @@ class QuantLinear(nn.Module):
         self.kind = "pending"
         self.exact = True  # every value is the checkpoint's own (no rounding at load)
         self.dense_rows = _NEVER
+        self.native_rows = 0  # rows up to which the engine's own C kernel runs
         self._pieces: list[tuple[int, int, Piece]] = []
         self._calls_before_copy = 0
         self._rows_loaded = 0
@@ -214,6 +217,12 @@ class QuantLinear(nn.Module):
             "group_kernel_scales", scales.t().to(kernels.KERNEL_DTYPE).contiguous(), persistent=False
         )
         self.dense_rows = DENSE_ROWS["int8g"]
+        # Up to NATIVE_MAX_ROWS rows, the engine's C kernel (one pass, float32 sums).
+        self.native_rows = (
+            kernels.NATIVE_MAX_ROWS
+            if self.dtype in kernels.NATIVE_DTYPES and native.load_library() is not None
+            else 0
+        )
 
     def _set_int8(self, values: torch.Tensor, scales: torch.Tensor) -> None:
         self.kind = "int8"
@@ -248,6 +257,8 @@ class QuantLinear(nn.Module):
         return y
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.native_rows and x.dtype in kernels.NATIVE_DTYPES:
+            return kernels.native_int8_group_mm(x, self.group_values, self.group_scales, self.dtype)
         xk = x if x.dtype == kernels.KERNEL_DTYPE else x.to(kernels.KERNEL_DTYPE)
         if self.kind == "int4":
             y = kernels.int4_mm(xk, self.packed, self.scheme.group_size, self.scales_and_zeros)

@@ -1,0 +1,110 @@
+"""The engine's C kernels for the CPU (`csrc/*.c`: decode attention over the
+block pool, a quantized matrix-vector product), compiled at first use and
+loaded with ctypes.
+
+Built with the system's C compiler (`cc -O3 -march=native -fopenmp`, about
+two seconds) into the cache folder, one file per (sources, compiler, CPU
+flags), so a warm start only loads it. Its OpenMP runtime resolves to the
+libgomp PyTorch already loaded (same soname): one thread pool, not two.
+Without a compiler, or if the build fails, `load_library` returns None (with
+a warning) and every caller keeps its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from paged_attention.config import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(sorted(_CSRC.glob("*.c")))
+HEADERS = tuple(sorted(_CSRC.glob("*.h")))
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+
+_I64, _PTR, _INT, _FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# Each exported function's argument types (all return int: 0, or an error code).
+SIGNATURES: dict[str, list[type]] = {
+    # dtype, q, k_pool, v_pool, tables, table_width, ctx_lens, q_rows, out,
+    # batch, hq, hkv, block_size, head_dim, scale, threads
+    "paged_decode_attention": [_INT, *[_PTR] * 4, _I64, _PTR, _PTR, _PTR, *[_I64] * 5, _FLOAT, _INT],
+    # x_dtype, x, values, scales, y_dtype, y, m, n, k, threads
+    "int8g_gemv": [_INT, _PTR, _PTR, _PTR, _INT, _PTR, *[_I64] * 3, _INT],
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def library_path(compiler: str) -> Path:
+    """Where the built library lives: one file per (sources, compiler, CPU)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256(" ".join(FLAGS).encode() + version.encode() + _cpu_flags().encode())
+    for source in SOURCES + HEADERS:
+        digest.update(source.read_bytes())
+    return default_cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("building the CPU kernels (once per machine) into %s", target)
+    # Built beside the target and renamed: a concurrent start never loads half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        command = [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"]
+        subprocess.run(command, capture_output=True, text=True, check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them if this machine has none yet; None
+    (with a warning) where they cannot be built."""
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("no C compiler (cc/gcc) found: the CPU kernels fall back to PyTorch")
+        return None
+    try:
+        path = library_path(compiler)
+        if not path.exists():
+            _build(compiler, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        logger.warning("the CPU kernels did not build (%s): falling back to PyTorch", detail.strip())
+        return None
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def check(status: int, name: str) -> None:
+    """Raise for a kernel's non-zero return code."""
+    if status == -1:
+        raise MemoryError(f"{name}: the C kernel could not allocate its scratch buffers")
+    if status:
+        raise ValueError(f"{name}: the C kernel refused its arguments (code {status})")
