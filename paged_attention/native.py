@@ -37,6 +37,9 @@ SIGNATURES: dict[str, list[type]] = {
     # dtype, q, k_pool, v_pool, tables, table_width, ctx_lens, q_rows, out,
     # batch, hq, hkv, block_size, head_dim, scale, threads
     "paged_decode_attention": [_INT, *[_PTR] * 4, _I64, _PTR, _PTR, _PTR, *[_I64] * 5, _FLOAT, _INT],
+    # dtype, qkv, cos, sin, k_pool, v_pool, slots, tables, table_width, ctx_lens,
+    # out, batch, hq, hkv, block_size, head_dim, scale, threads
+    "paged_decode_layer": [_INT, *[_PTR] * 7, _I64, _PTR, _PTR, *[_I64] * 5, _FLOAT, _INT],
     # x_dtype, x, values, scales, y_dtype, y, m, n, k, threads
     "int8g_gemv": [_INT, _PTR, _PTR, _PTR, _INT, _PTR, *[_I64] * 3, _INT],
 }

@@ -187,3 +187,48 @@ def test_int8_group_gemv_matches_dequantized_weights(rows, dtype):
     # Past the kernel's rows, PyTorch's per-group int8 kernel gives the same values.
     many = torch.cat([x] * (kernels.NATIVE_MAX_ROWS // rows + 1))
     torch.testing.assert_close(layer(many)[:rows].float(), out.float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_kv_heads", "group", "block_size"), [(3, 3, 16), (2, 1, 4), (1, 4, 1)])
+def test_fused_decode_layer_equals_the_separate_steps(dtype, num_kv_heads, group, block_size):
+    """RoPE + KV write + attention in one call: the pool ends up bit for bit
+    as after apply_rotary and write_kv, and the output equals attention over it."""
+    from paged_attention.kv_cache import write_kv
+    from paged_attention.model.layers import RotaryEmbedding, apply_rotary
+
+    head_dim, num_heads = 16, num_kv_heads * group
+    num_computed = [5, 0, 37, 16]
+    k_pool, v_pool, meta = random_paged_batch(
+        num_computed, [1] * 4, block_size, num_kv_heads, head_dim, dtype=dtype, seed=group
+    )
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(4, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
+    cos, sin = RotaryEmbedding(head_dim, 128, 10000.0, None).cos_sin(torch.tensor(num_computed), dtype)
+
+    ours_k, ours_v = k_pool.clone(), v_pool.clone()
+    kernel = cpu_kernel.load_kernel()
+    assert kernel is not None
+    out = cpu_kernel.decode_layer(kernel, qkv, cos, sin, ours_k, ours_v, meta, 0.25, num_heads)
+    assert out is not None and out.shape == (4, num_heads * head_dim) and out.dtype == dtype
+
+    qk_size = (num_heads + num_kv_heads) * head_dim
+    qk = apply_rotary(qkv[:, :qk_size].view(4, num_heads + num_kv_heads, head_dim), cos, sin)
+    v = qkv[:, qk_size:].view(4, num_kv_heads, head_dim)
+    write_kv(k_pool, v_pool, qk[:, num_heads:], v, meta.slot_mapping)
+    assert torch.equal(ours_k.nan_to_num(7.0), k_pool.nan_to_num(7.0))
+    assert torch.equal(ours_v.nan_to_num(7.0), v_pool.nan_to_num(7.0))
+    reference = paged_attention(qk[:, :num_heads].contiguous(), k_pool, v_pool, meta, 0.25).reshape(4, -1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), reference.float(), atol=tol, rtol=tol)
+
+
+def test_fused_decode_layer_declines_steps_with_prompt_tokens():
+    from paged_attention.model.layers import RotaryEmbedding
+
+    k_pool, v_pool, meta = random_paged_batch([5, 0], [1, 3], 4, 1, 8)
+    qkv = torch.randn(4, 3 * 8)
+    cos, sin = RotaryEmbedding(8, 64, 10000.0, None).cos_sin(torch.tensor([5, 0, 1, 2]), torch.float32)
+    kernel = cpu_kernel.load_kernel()
+    assert kernel is not None
+    assert cpu_kernel.decode_layer(kernel, qkv, cos, sin, k_pool, v_pool, meta, 0.3, 1) is None

@@ -32,6 +32,8 @@ from paged_attention.kv_cache import write_kv as torch_write_kv
 
 WriteKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], None]
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+# (qkv, cos, sin, k_pool, v_pool, meta, scale, num_heads) -> out [B, Hq * D] or None
+DecodeLayer = Callable[..., torch.Tensor | None]
 
 # Stands in for the SM count when the kernels run in Triton's CPU interpreter
 # (tests): small, so split-K still gets exercised.
@@ -45,6 +47,9 @@ class AttentionBackend:
     attention: AttentionFn
     # Triton only: bind static kernel metadata to a metadata object (CUDA graphs).
     pin: Callable[[AttentionMetadata, KernelMetadata], None] | None = None
+    # CPU kernel only: RoPE, KV write and attention of a decode-only step in one
+    # call, from the fused projection (`cpu_kernel.decode_layer`; None: not this step).
+    decode_layer: DecodeLayer | None = None
 
 
 @dataclass(frozen=True)
@@ -170,12 +175,17 @@ def torch_backend() -> AttentionBackend:
 
 def cpu_backend() -> AttentionBackend | None:
     """The C decode kernel with PyTorch's prompt path, or None where it cannot be built."""
-    from paged_attention.attention.cpu_kernel import cpu_paged_attention, load_kernel
+    from paged_attention.attention.cpu_kernel import cpu_paged_attention, decode_layer, load_kernel
 
     kernel = load_kernel()
     if kernel is None:
         return None
-    return AttentionBackend("cpu", _torch_write_kv, functools.partial(cpu_paged_attention, kernel))
+    return AttentionBackend(
+        "cpu",
+        _torch_write_kv,
+        functools.partial(cpu_paged_attention, kernel),
+        decode_layer=functools.partial(decode_layer, kernel),
+    )
 
 
 def select_attention_backend(device: torch.device | str, kind: str = "auto") -> AttentionBackend:

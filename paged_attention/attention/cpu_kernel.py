@@ -37,12 +37,13 @@ BF16_MAX_CONTEXT_TOKENS = 4096
 @dataclass(frozen=True)
 class DecodeKernel:
     fn: Any  # the library's paged_decode_attention (a ctypes function)
+    layer: Any  # its paged_decode_layer: RoPE, KV write and attention in one call
 
 
 def load_kernel() -> DecodeKernel | None:
     """The compiled kernel (`native.load_library`), or None where it cannot be built."""
     lib = native.load_library()
-    return None if lib is None else DecodeKernel(lib.paged_decode_attention)
+    return None if lib is None else DecodeKernel(lib.paged_decode_attention, lib.paged_decode_layer)
 
 
 def kernel_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
@@ -112,4 +113,62 @@ def cpu_paged_attention(
     if meta.decode_tables.rows.numel():
         decode_attention(kernel, q, k_pool, v_pool, meta, scale, out)
     prefill_into(q, k_pool, v_pool, meta, scale, out)
+    return out
+
+
+def decode_layer(
+    kernel: DecodeKernel,
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_heads: int,
+) -> torch.Tensor | None:
+    """A decode-only step's attention from the fused projection qkv [B, (Hq +
+    2 Hkv) D] and RoPE's cos/sin ([B, 1, D] from `RotaryEmbedding.cos_sin`):
+    rotates q and k, writes the new K/V at `meta.slot_mapping` and attends, in
+    one kernel call. Returns [B, Hq * D], or None where this path does not
+    apply (prompt tokens in the step, other dtypes or layouts, or a bfloat16
+    batch past BF16_MAX_CONTEXT_TOKENS): the caller runs the separate steps."""
+    tables = meta.decode_tables
+    batch = qkv.shape[0]
+    dtype = qkv.dtype
+    if (
+        tables.rows.numel() != batch
+        or not kernel_runs(qkv, k_pool, v_pool)
+        or cos.dtype != dtype
+        or not (cos.is_contiguous() and sin.is_contiguous())
+        or (dtype == torch.bfloat16 and tables.num_context_tokens > BF16_MAX_CONTEXT_TOKENS)
+    ):
+        return None
+    num_kv_heads, block_size, head_dim = k_pool.shape[1:]
+    check_head_counts(num_heads, num_kv_heads)
+    assert qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim, (
+        f"qkv has {qkv.shape[1]} columns, expected ({num_heads} + 2 x {num_kv_heads}) x {head_dim}"
+    )
+    out = torch.empty(batch, num_heads * head_dim, dtype=dtype)
+    status = kernel.layer(
+        _DTYPE_CODES[dtype],
+        qkv.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        k_pool.data_ptr(),
+        v_pool.data_ptr(),
+        meta.slot_mapping.data_ptr(),
+        tables.block_tables.data_ptr(),
+        tables.block_tables.shape[1],
+        tables.context_lens.data_ptr(),
+        out.data_ptr(),
+        batch,
+        num_heads,
+        num_kv_heads,
+        block_size,
+        head_dim,
+        scale,
+        torch.get_num_threads(),
+    )
+    native.check(status, "paged_decode_layer")
     return out

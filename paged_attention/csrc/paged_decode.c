@@ -1,17 +1,25 @@
 // Paged decode attention on the CPU: one query token per sequence, read
 // straight from the block pool (no gathered copy of K or V), one pass.
+// `paged_decode_attention` takes rotated queries whose K/V are already in the
+// pool; `paged_decode_layer` starts from the fused q|k|v projection instead:
+// it applies RoPE, writes the new K/V into the pool and attends, in one call
+// per layer where the PyTorch path dispatches some twenty small operators.
 //
-// Built at first use by attention/cpu_kernel.py (gcc -O3 -march=native
+// Built at first use by paged_attention/native.py (cc -O3 -march=native
 // -fopenmp) and called through ctypes. Its OpenMP runtime is the one PyTorch
 // already loaded (same soname), so both share one thread pool.
 //
 // Layouts (all contiguous):
 //   q, out       [T, Hq, D]            rows q_rows[b] belong to sequence b
+//   qkv          [B, (Hq + 2 Hkv) D]   one decode token per sequence
+//   cos, sin     [B, D]                RoPE tables at each token's position
 //   k_pool, v    [N, Hkv, BS, D]
+//   slots        [B] int64             the new token's slot (block * BS + offset)
 //   tables       [B, W] int64          block ids of each sequence
 //   ctx_lens     [B] int64             tokens in each context (incl. the new one)
 // dtype 0: float32, 1: bfloat16. bfloat16 rounds where the PyTorch path
-// rounds (scores and probabilities to bfloat16), accumulating in float32.
+// rounds (RoPE's products and sum, scores and probabilities), accumulating
+// in float32.
 
 #include <math.h>
 #include <stdint.h>
@@ -60,14 +68,10 @@ static inline void load_row(int dtype, const void* base, int64_t i, int64_t d, f
 // independent loads keeps many cache misses in flight: 2x faster than
 // converting a row at a time between dot products), then used by every query
 // head of the group.
-static void attend(int dtype, const void* q, const void* k_pool, const void* v_pool,
-                   const int64_t* table, int64_t ctx, int64_t q_row, void* out, int64_t kvh,
-                   int64_t hq, int64_t hkv, int64_t bs, int64_t d, float scale, float* scores,
-                   float* qf, float* acc, float* piece) {
-    const int64_t group = hq / hkv;
-    const int64_t head0 = kvh * group;
-    load_row(dtype, q, (q_row * hq + head0) * d, group * d, qf);
-
+// The queries `qf` [group, D] (float32 copies), result sums into `acc`.
+static void attend(int dtype, const float* qf, const void* k_pool, const void* v_pool,
+                   const int64_t* table, int64_t ctx, int64_t kvh, int64_t group, int64_t hkv,
+                   int64_t bs, int64_t d, float scale, float* scores, float* acc, float* piece) {
     for (int64_t start = 0, blk = 0; start < ctx; start += bs, blk++) {
         const int64_t base = (table[blk] * hkv + kvh) * bs * d;
         const int64_t n = ctx - start < bs ? ctx - start : bs;
@@ -119,13 +123,55 @@ static void attend(int dtype, const void* q, const void* k_pool, const void* v_p
             }
         }
     }
-    const int64_t ooff = (q_row * hq + head0) * d;
-    for (int64_t i = 0; i < group * d; i++) {
+}
+
+static void store_row(int dtype, void* base, int64_t i, int64_t n, const float* src) {
+    for (int64_t x = 0; x < n; x++) {
         if (dtype)
-            ((uint16_t*)out)[ooff + i] = f32_to_bf16(acc[i]);
+            ((uint16_t*)base)[i + x] = f32_to_bf16(src[x]);
         else
-            ((float*)out)[ooff + i] = acc[i];
+            ((float*)base)[i + x] = src[x];
     }
+}
+
+// RoPE (rotate-half) of one head x [D] with this token's cos/sin [D] (the
+// sine's sign folded in for the first half), as the PyTorch path computes
+// x * cos + swap(x) * sin: each product and the sum rounded to the dtype, and
+// no fused multiply-add, so the result is that path's bit for bit.
+__attribute__((optimize("fp-contract=off"))) static void rotate(int dtype, const void* x,
+                                                                 int64_t xi, const void* cos,
+                                                                 const void* sin, int64_t ci,
+                                                                 int64_t d, float* out) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < d; i++) {
+        float xv, sw, c, s;
+        const int64_t j = i < half ? i + half : i - half;
+        if (dtype) {
+            xv = bf16_to_f32(((const uint16_t*)x)[xi + i]);
+            sw = bf16_to_f32(((const uint16_t*)x)[xi + j]);
+            c = bf16_to_f32(((const uint16_t*)cos)[ci + i]);
+            s = bf16_to_f32(((const uint16_t*)sin)[ci + i]);
+            out[i] = round_bf16(round_bf16(xv * c) + round_bf16(sw * s));
+        } else {
+            xv = ((const float*)x)[xi + i];
+            sw = ((const float*)x)[xi + j];
+            c = ((const float*)cos)[ci + i];
+            s = ((const float*)sin)[ci + i];
+            const float a = xv * c, b = sw * s;
+            out[i] = a + b;
+        }
+    }
+}
+
+// Scratch floats per thread: queries, sums, scores of one task, and a piece.
+static size_t scratch_floats(int64_t group, int64_t d, int64_t max_ctx, int64_t bs) {
+    return (size_t)(group * (2 * d + max_ctx) + bs * d);
+}
+
+static int64_t longest(const int64_t* ctx_lens, int64_t batch) {
+    int64_t max_ctx = 0;
+    for (int64_t b = 0; b < batch; b++) max_ctx = ctx_lens[b] > max_ctx ? ctx_lens[b] : max_ctx;
+    return max_ctx;
 }
 
 // Returns 0, or -1 when a scratch buffer could not be allocated.
@@ -133,26 +179,64 @@ int paged_decode_attention(int dtype, const void* q, const void* k_pool, const v
                            const int64_t* tables, int64_t table_width, const int64_t* ctx_lens,
                            const int64_t* q_rows, void* out, int64_t batch, int64_t hq,
                            int64_t hkv, int64_t bs, int64_t d, float scale, int num_threads) {
-    int64_t max_ctx = 0;
-    for (int64_t b = 0; b < batch; b++) max_ctx = ctx_lens[b] > max_ctx ? ctx_lens[b] : max_ctx;
-    const int64_t group = hq / hkv;
+    const int64_t max_ctx = longest(ctx_lens, batch), group = hq / hkv;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        // Per thread: one task's queries, sums, scores and a converted piece.
-        float* scratch = malloc(sizeof(float) * (size_t)(group * (2 * d + max_ctx) + bs * d));
+        float* qf = malloc(sizeof(float) * scratch_floats(group, d, max_ctx, bs));
 #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int64_t b = 0; b < batch; b++)
             for (int64_t h = 0; h < hkv; h++) {
-                if (!scratch) {  // every thread still takes part in the loop
+                if (!qf) {  // every thread still takes part in the loop
                     failed = 1;
                     continue;
                 }
-                attend(dtype, q, k_pool, v_pool, tables + b * table_width, ctx_lens[b], q_rows[b], out,
-                       h, hq, hkv, bs, d, scale, scratch + group * 2 * d, scratch, scratch + group * d,
-                       scratch + group * (2 * d + max_ctx));
+                float* acc = qf + group * d;
+                const int64_t row = (q_rows[b] * hq + h * group) * d;
+                load_row(dtype, q, row, group * d, qf);
+                attend(dtype, qf, k_pool, v_pool, tables + b * table_width, ctx_lens[b], h, group, hkv,
+                       bs, d, scale, acc + group * d, acc, acc + group * d + max_ctx * group);
+                store_row(dtype, out, row, group * d, acc);
             }
-        free(scratch);
+        free(qf);
+    }
+    return failed ? -1 : 0;
+}
+
+// Decode-only steps: sequence b's one new token is row b of `qkv`; `out`
+// is [B, Hq * D]. Returns 0, or -1 when a scratch buffer could not be allocated.
+int paged_decode_layer(int dtype, const void* qkv, const void* cos, const void* sin, void* k_pool,
+                       void* v_pool, const int64_t* slots, const int64_t* tables, int64_t table_width,
+                       const int64_t* ctx_lens, void* out, int64_t batch, int64_t hq, int64_t hkv,
+                       int64_t bs, int64_t d, float scale, int num_threads) {
+    const int64_t max_ctx = longest(ctx_lens, batch), group = hq / hkv;
+    const int64_t width = (hq + 2 * hkv) * d;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        float* qf = malloc(sizeof(float) * scratch_floats(group, d, max_ctx, bs));
+#pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t h = 0; h < hkv; h++) {
+                if (!qf) {
+                    failed = 1;
+                    continue;
+                }
+                float* acc = qf + group * d;
+                // This KV head's new K (rotated) and V into the pool, then its queries.
+                const int64_t slot = slots[b];
+                const int64_t dst = ((slot / bs * hkv + h) * bs + slot % bs) * d;
+                rotate(dtype, qkv, b * width + (hq + h) * d, cos, sin, b * d, d, acc);
+                store_row(dtype, k_pool, dst, d, acc);
+                load_row(dtype, qkv, b * width + (hq + hkv + h) * d, d, acc);
+                store_row(dtype, v_pool, dst, d, acc);
+                for (int64_t j = 0; j < group; j++)
+                    rotate(dtype, qkv, b * width + (h * group + j) * d, cos, sin, b * d, d, qf + j * d);
+                attend(dtype, qf, k_pool, v_pool, tables + b * table_width, ctx_lens[b], h, group, hkv,
+                       bs, d, scale, acc + group * d, acc, acc + group * d + max_ctx * group);
+                store_row(dtype, out, (b * hq + h * group) * d, group * d, acc);
+            }
+        free(qf);
     }
     return failed ? -1 : 0;
 }

@@ -109,13 +109,21 @@ class Attention(nn.Module):
         qkv = (
             F.linear(x, self.qkv_weight, self.qkv_bias) if self.qkv_proj is None else self.qkv_proj.forward(x)
         )
+        layer = self.layer_idx
+        k_pool, v_pool = kv_cache.key(layer), kv_cache.value(layer)
+        fused = self.backend.decode_layer
+        out = (
+            None if fused is None else fused(qkv, cos, sin, k_pool, v_pool, meta, self.scale, self.num_heads)
+        )
+        if out is not None:  # a decode step in one kernel call (RoPE, KV write, attention)
+            return (
+                F.linear(out, self.o_weight, self.o_bias) if self.o_proj is None else self.o_proj.forward(out)
+            )
         # q and k are adjacent columns, so one view rotates both at once.
         qk = qkv[:, : self.qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        layer = self.layer_idx
-        k_pool, v_pool = kv_cache.key(layer), kv_cache.value(layer)
         self.backend.write_kv(k_pool, v_pool, k, v, meta)
         out = self.backend.attention(q, k_pool, v_pool, meta, self.scale).reshape(num_tokens, -1)
         return F.linear(out, self.o_weight, self.o_bias) if self.o_proj is None else self.o_proj.forward(out)
