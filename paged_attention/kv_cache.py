@@ -59,6 +59,9 @@ class KVCachePool:
             device=self.device,
             pin_memory=pin_memory,
         )
+        # Per-layer views made once: every layer asks for its pools every step.
+        self._keys = [self.data[layer, 0] for layer in range(num_layers)]
+        self._values = [self.data[layer, 1] for layer in range(num_layers)]
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
@@ -80,10 +83,10 @@ class KVCachePool:
 
     # ------------------------------------------------------------------ views
     def key(self, layer: int) -> torch.Tensor:
-        return self.data[layer, 0]  # [num_blocks, H, block_size, D]
+        return self._keys[layer]  # [num_blocks, H, block_size, D]
 
     def value(self, layer: int) -> torch.Tensor:
-        return self.data[layer, 1]
+        return self._values[layer]
 
     # ---------------------------------------------------------------- writes
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -232,3 +232,30 @@ def test_fused_decode_layer_declines_steps_with_prompt_tokens():
     kernel = cpu_kernel.load_kernel()
     assert kernel is not None
     assert cpu_kernel.decode_layer(kernel, qkv, cos, sin, k_pool, v_pool, meta, 0.3, 1) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_the_torch_ops(dtype, with_residual, monkeypatch):
+    """The C residual add + RMSNorm updates x exactly as `x.add_(r)` does and
+    normalises as `rms_norm` (float32 to rounding; bfloat16 to its last bit);
+    past NATIVE_NORM_ROWS the PyTorch ops run."""
+    from paged_attention.model import layers
+
+    g = torch.Generator().manual_seed(int(with_residual))
+    norm = layers.RMSNorm(96, 1e-5, dtype, "cpu")
+    norm.weight.copy_(torch.randn(96, generator=g))
+    assert norm._native is not None
+    x = (torch.randn(5, 96, generator=g) * 4).to(dtype)
+    r = torch.randn(5, 96, generator=g).to(dtype) if with_residual else None
+    ours_x = x.clone()
+    ours = norm.add_forward(ours_x, r)
+    ref_x = x.clone() if r is None else x.clone().add_(r)
+    ref = layers.rms_norm(ref_x, norm.weight, 1e-5)
+    assert torch.equal(ours_x, ref_x)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours.float(), ref.float(), atol=tol * 8, rtol=tol)
+    monkeypatch.setattr(layers, "NATIVE_NORM_ROWS", 2)
+    torch_x = x.clone()
+    torch.testing.assert_close(norm.add_forward(torch_x, r).float(), ref.float(), atol=tol * 8, rtol=tol)
+    assert torch.equal(torch_x, ref_x)

@@ -73,7 +73,8 @@ def timed_backend(
     model, bucket: dict[str, float], attention_key: str = "attention", write_key: str = "kv_write"
 ) -> Iterator[None]:
     """Time `model`'s attention-backend calls: attention into
-    bucket[attention_key], KV writes into bucket[write_key]. The backend is one
+    bucket[attention_key], KV writes into bucket[write_key]; a fused decode
+    layer (RoPE, KV write and attention in one call) counts as attention. The backend is one
     frozen instance shared by every layer, so the layers get a copy with both
     callables wrapped, and the original back afterwards."""
     backend = model.attn_backend
@@ -89,7 +90,10 @@ def timed_backend(
         return wrapper
 
     wrapped = dataclasses.replace(
-        backend, attention=wrap(backend.attention, attention_key), write_kv=wrap(backend.write_kv, write_key)
+        backend,
+        attention=wrap(backend.attention, attention_key),
+        write_kv=wrap(backend.write_kv, write_key),
+        decode_layer=None if backend.decode_layer is None else wrap(backend.decode_layer, attention_key),
     )
     holders = [m for m in model.modules() if getattr(m, "backend", None) is backend]
     for module in holders:

@@ -154,7 +154,8 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
     """Where a decode step's time goes with `num_seqs` running sequences: the
     engine's own per-step records (scheduler, model runner, the update after
     it: sampling, stop rules, freeing) and, inside the model, attention and KV
-    writes (timed around the attention backend)."""
+    writes (timed around the attention backend; the CPU's fused decode layer,
+    RoPE included, counts as attention)."""
     from paged_attention.model.quant.linear import DENSE_COPY_AFTER
 
     # Room for the warm-up steps and the steps that decode early sequences while later prompts prefill.
@@ -171,7 +172,7 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
     assert len(records) == steps and all(r.num_tokens == num_seqs for r in records), "not all decode steps"
     while engine.has_unfinished():
         engine.step()
-    ms = {k: 1000 * v / steps for k, v in bucket.items()}
+    ms = {k: 1000 * bucket.get(k, 0.0) / steps for k in ("attention", "kv_write")}
     step_ms = 1000 * total / steps
     runner_ms = 1000 * sum(r.execute_s for r in records) / steps
     update_ms = 1000 * sum(r.update_s for r in records) / steps

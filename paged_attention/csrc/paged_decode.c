@@ -69,7 +69,7 @@ static inline void load_row(int dtype, const void* base, int64_t i, int64_t d, f
 // converting a row at a time between dot products), then used by every query
 // head of the group.
 // The queries `qf` [group, D] (float32 copies), result sums into `acc`.
-static void attend(int dtype, const float* qf, const void* k_pool, const void* v_pool,
+static inline __attribute__((always_inline)) void attend_d(int dtype, const float* qf, const void* k_pool, const void* v_pool,
                    const int64_t* table, int64_t ctx, int64_t kvh, int64_t group, int64_t hkv,
                    int64_t bs, int64_t d, float scale, float* scores, float* acc, float* piece) {
     for (int64_t start = 0, blk = 0; start < ctx; start += bs, blk++) {
@@ -92,7 +92,8 @@ static void attend(int dtype, const float* qf, const void* k_pool, const void* v
     for (int64_t j = 0; j < group; j++) {
         float* sj = scores + j * ctx;
         float m = -INFINITY;
-        for (int64_t t = 0; t < ctx; t++) m = sj[t] > m ? sj[t] : m;
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < ctx; t++) m = fmaxf(m, sj[t]);
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < ctx; t++) {
@@ -123,6 +124,19 @@ static void attend(int dtype, const float* qf, const void* k_pool, const void* v
             }
         }
     }
+}
+
+// Head sizes known at compile time let the compiler unroll the per-token
+// dot products and sums (64, the Llama-family small models' and 128, most others').
+static void attend(int dtype, const float* qf, const void* k_pool, const void* v_pool,
+                   const int64_t* table, int64_t ctx, int64_t kvh, int64_t group, int64_t hkv,
+                   int64_t bs, int64_t d, float scale, float* scores, float* acc, float* piece) {
+    if (d == 64)
+        attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 64, scale, scores, acc, piece);
+    else if (d == 128)
+        attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 128, scale, scores, acc, piece);
+    else
+        attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, d, scale, scores, acc, piece);
 }
 
 static void store_row(int dtype, void* base, int64_t i, int64_t n, const float* src) {
