@@ -11,6 +11,7 @@ Python and dispatch overhead, so every op per layer counts.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ class RMSNorm(nn.Module):
         lib = (
             native.load_library() if torch.device(device).type == "cpu" and dtype in _NATIVE_DTYPES else None
         )
-        self._native = None if lib is None else lib.add_rms_norm
+        self._native: Any = None if lib is None else lib.add_rms_norm  # a ctypes function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
