@@ -71,29 +71,6 @@ def test_bfloat16_rounds_as_the_torch_path():
     torch.testing.assert_close(ours.float(), reference.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_large_bfloat16_batches_take_the_torch_path(monkeypatch):
-    """Beyond BF16_MAX_CONTEXT_TOKENS the PyTorch path runs (faster there with
-    AMX); float32 stays on the kernel."""
-    calls: list[str] = []
-    original = cpu_kernel.decode_attention
-
-    def counting(*args, **kwargs):
-        calls.append("kernel")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_kernel, "decode_attention", counting)
-    monkeypatch.setattr(cpu_kernel, "BF16_MAX_CONTEXT_TOKENS", 100)
-    for dtype, expected in ((torch.bfloat16, []), (torch.float32, ["kernel"])):
-        calls.clear()
-        k_pool, v_pool, meta = random_paged_batch([60, 70], [1, 1], 16, 1, 8, dtype=dtype)
-        q = torch.randn(2, 1, 8).to(dtype)
-        out = kernel_attention()(q, k_pool, v_pool, meta, 0.3)
-        assert calls == expected
-        torch.testing.assert_close(
-            out.float(), paged_attention(q, k_pool, v_pool, meta, 0.3).float(), atol=2e-2, rtol=0
-        )
-
-
 def test_backend_choice(monkeypatch):
     assert select_attention_backend("cpu", "auto").name == "cpu"
     assert select_attention_backend("cpu", "cpu").name == "cpu"

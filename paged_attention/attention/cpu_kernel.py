@@ -26,12 +26,14 @@ from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.attention.torch_attention import check_head_counts, paged_attention, prefill_into
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-# In bfloat16 on a CPU with AMX, PyTorch's gather + batched matmul (an AMX
-# matmul) overtakes the kernel beyond about this many context tokens in the
-# step's decode batch (attention over SmolLM2's 9/3 heads, one and two
-# threads: 16 seqs x 300 tokens 0.96-1.04x, 64 x 300 0.79x, 1 x 1000 1.3-1.5x).
-# In float32 the kernel was faster at every size measured (1.1-2.7x).
-BF16_MAX_CONTEXT_TOKENS = 4096
+# The kernel serves every decode batch. In isolation PyTorch's path (gather +
+# an AMX batched matmul) was up to 20% faster on large bfloat16 batches (64
+# sequences x 300 tokens), and the whole one-thread 64-sequence step 3% faster;
+# but a served workload (128 requests, 16 at a time, this server and its
+# load generator on 2 cores) gave 148 tok/s with the kernel against 116 with
+# that split (two threads), 124 against 111 pinned to one core: one parallel
+# region per layer, dynamically scheduled, suffers less from a busy core than
+# a dozen statically split operators.
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,8 @@ def cpu_paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """`torch_attention.paged_attention`'s contract, decode rows by the kernel
-    where it is the faster of the two (`BF16_MAX_CONTEXT_TOKENS`)."""
-    large = q.dtype == torch.bfloat16 and meta.decode_tables.num_context_tokens > BF16_MAX_CONTEXT_TOKENS
-    if large or not kernel_runs(q, k_pool, v_pool):
+    """`torch_attention.paged_attention`'s contract, decode rows by the kernel."""
+    if not kernel_runs(q, k_pool, v_pool):
         return paged_attention(q, k_pool, v_pool, meta, scale)
     num_tokens = q.shape[0]
     check_head_counts(q.shape[1], k_pool.shape[1])
@@ -131,8 +131,8 @@ def decode_layer(
     2 Hkv) D] and RoPE's cos/sin ([B, 1, D] from `RotaryEmbedding.cos_sin`):
     rotates q and k, writes the new K/V at `meta.slot_mapping` and attends, in
     one kernel call. Returns [B, Hq * D], or None where this path does not
-    apply (prompt tokens in the step, other dtypes or layouts, or a bfloat16
-    batch past BF16_MAX_CONTEXT_TOKENS): the caller runs the separate steps."""
+    apply (prompt tokens in the step, other dtypes or layouts): the caller
+    runs the separate steps."""
     tables = meta.decode_tables
     batch = qkv.shape[0]
     dtype = qkv.dtype
@@ -141,7 +141,6 @@ def decode_layer(
         or not kernel_runs(qkv, k_pool, v_pool)
         or cos.dtype != dtype
         or not (cos.is_contiguous() and sin.is_contiguous())
-        or (dtype == torch.bfloat16 and tables.num_context_tokens > BF16_MAX_CONTEXT_TOKENS)
     ):
         return None
     num_kv_heads, block_size, head_dim = k_pool.shape[1:]

@@ -112,7 +112,6 @@ class DecodeTables:
     block_tables: torch.Tensor  # [b, max_blocks] long, rows padded with block 0
     context_lens: torch.Tensor  # [b] long
     rows: torch.Tensor  # [b] long: each sequence's query row in the packed batch
-    num_context_tokens: int  # sum of the context lengths: the K/V rows attention reads
 
 
 @dataclass
@@ -240,7 +239,6 @@ class AttentionMetadata:
             block_tables=tables.to(device),
             context_lens=torch.tensor([self.context_lens[i] for i in seqs], dtype=torch.long, device=device),
             rows=torch.tensor([self.query_start[i] for i in seqs], dtype=torch.long, device=device),
-            num_context_tokens=sum(self.context_lens[i] for i in seqs),
         )
 
     @cached_property

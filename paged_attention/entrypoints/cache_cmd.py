@@ -2,9 +2,10 @@
 
 The cache folder (`$XDG_CACHE_HOME/paged_attention`, else
 `~/.cache/paged_attention`) holds float32 conversions of GGUF files (written
-only when a GGUF is loaded dense, `--quantization none`) and tokenizer
-backends (small JSON files that make start-up fast). Every entry can be
-rebuilt: clearing only costs the next start its conversion time."""
+only when a GGUF is loaded dense, `--quantization none`), tokenizer
+backends (small JSON files that make start-up fast) and the compiled CPU
+kernels (`kernels-*.so`, one per machine and source version). Every entry can
+be rebuilt: clearing only costs the next start its conversion or build time."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def add_cache_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "cache",
-        help="list or clear the on-disk cache (GGUF conversions, tokenizers)",
+        help="list or clear the on-disk cache (GGUF conversions, tokenizers, compiled kernels)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
