@@ -69,9 +69,10 @@ static inline void load_row(int dtype, const void* base, int64_t i, int64_t d, f
 // converting a row at a time between dot products), then used by every query
 // head of the group.
 // The queries `qf` [group, D] (float32 copies), result sums into `acc`.
-static inline __attribute__((always_inline)) void attend_d(int dtype, const float* qf, const void* k_pool, const void* v_pool,
-                   const int64_t* table, int64_t ctx, int64_t kvh, int64_t group, int64_t hkv,
-                   int64_t bs, int64_t d, float scale, float* scores, float* acc, float* piece) {
+static inline __attribute__((always_inline)) void attend_d(
+    int dtype, const float* qf, const void* k_pool, const void* v_pool, const int64_t* table,
+    int64_t ctx, int64_t kvh, int64_t group, int64_t hkv, int64_t bs, int64_t d, float scale,
+    float* scores, float* acc, float* piece) {
     for (int64_t start = 0, blk = 0; start < ctx; start += bs, blk++) {
         const int64_t base = (table[blk] * hkv + kvh) * bs * d;
         const int64_t n = ctx - start < bs ? ctx - start : bs;
