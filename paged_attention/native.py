@@ -22,6 +22,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from paged_attention.config import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ _CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(sorted(_CSRC.glob("*.c")))
 HEADERS = tuple(sorted(_CSRC.glob("*.h")))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+
+# The tensor dtypes the kernels take, as their `dtype` arguments (csrc/bf16.h).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _I64, _PTR, _INT, _FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # Each exported function's argument types (all return int: 0, or an error code).

@@ -25,7 +25,6 @@ from paged_attention import native
 from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.attention.torch_attention import check_head_counts, paged_attention, prefill_into
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # The kernel serves every decode batch. In isolation PyTorch's path (gather +
 # an AMX batched matmul) was up to 20% faster on large bfloat16 batches (64
 # sequences x 300 tokens), and the whole one-thread 64-sequence step 3% faster;
@@ -52,7 +51,7 @@ def kernel_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> 
     """Whether the kernel takes these tensors (else the PyTorch path runs)."""
     return (
         q.device.type == "cpu"
-        and q.dtype in _DTYPE_CODES
+        and q.dtype in native.DTYPE_CODES
         and k_pool.dtype == q.dtype
         and v_pool.dtype == q.dtype
         and q.is_contiguous()
@@ -75,7 +74,7 @@ def decode_attention(
     _, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_pool.shape[1], k_pool.shape[2]
     status = kernel.fn(
-        _DTYPE_CODES[q.dtype],
+        native.DTYPE_CODES[q.dtype],
         q.data_ptr(),
         k_pool.data_ptr(),
         v_pool.data_ptr(),
@@ -150,7 +149,7 @@ def decode_layer(
     )
     out = torch.empty(batch, num_heads * head_dim, dtype=dtype)
     status = kernel.layer(
-        _DTYPE_CODES[dtype],
+        native.DTYPE_CODES[dtype],
         qkv.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),

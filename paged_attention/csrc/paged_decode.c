@@ -51,17 +51,6 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-// Writes the float32 copy of row `i` of `base` (d values) into `dst`.
-static inline void load_row(int dtype, const void* base, int64_t i, int64_t d, float* dst) {
-    if (dtype) {
-        const uint16_t* src = (const uint16_t*)base + i;
-#pragma omp simd
-        for (int64_t x = 0; x < d; x++) dst[x] = bf16_to_f32(src[x]);
-    } else {
-        memcpy(dst, (const float*)base + i, sizeof(float) * (size_t)d);
-    }
-}
-
 // One (sequence, KV head): its `group` query heads over `ctx` tokens, walked
 // block by block (no division per token). Each (block, head) piece of K or V
 // is first converted to float32 in one pass into `piece` (a long run of
@@ -138,15 +127,6 @@ static void attend(int dtype, const float* qf, const void* k_pool, const void* v
         attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 128, scale, scores, acc, piece);
     else
         attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, d, scale, scores, acc, piece);
-}
-
-static void store_row(int dtype, void* base, int64_t i, int64_t n, const float* src) {
-    for (int64_t x = 0; x < n; x++) {
-        if (dtype)
-            ((uint16_t*)base)[i + x] = f32_to_bf16(src[x]);
-        else
-            ((float*)base)[i + x] = src[x];
-    }
 }
 
 // RoPE (rotate-half) of one head x [D] with this token's cos/sin [D] (the

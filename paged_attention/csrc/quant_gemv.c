@@ -20,21 +20,8 @@
 // x as float32 [m, k] in a fresh buffer (NULL if allocation fails).
 static float* widen(int dtype, const void* x, int64_t m, int64_t k) {
     float* xf = malloc(sizeof(float) * (size_t)(m * k));
-    if (!xf) return NULL;
-    if (dtype) {
-        const uint16_t* src = (const uint16_t*)x;
-        for (int64_t i = 0; i < m * k; i++) xf[i] = bf16_to_f32(src[i]);
-    } else {
-        memcpy(xf, x, sizeof(float) * (size_t)(m * k));
-    }
+    if (xf) load_row(dtype, x, 0, m * k, xf);
     return xf;
-}
-
-static inline void store(int dtype, void* y, int64_t i, float v) {
-    if (dtype)
-        ((uint16_t*)y)[i] = f32_to_bf16(v);
-    else
-        ((float*)y)[i] = v;
 }
 
 // int8 in groups of 32 (GGUF Q8_0): values [G, N, 32] int8, scales [N, G]
@@ -67,7 +54,7 @@ int int8g_gemv(int x_dtype, const void* x, const int8_t* values, const float* sc
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
             for (int64_t j = 0; j < 32; j++) s += acc[r][j];
-            store(y_dtype, y, r * n + row, s);
+            store_f32(y_dtype, y, r * n + row, s);
         }
     }
     free(xf);

@@ -14,17 +14,6 @@
 
 #include "bf16.h"
 
-static float load(int dtype, const void* p, int64_t i) {
-    return dtype ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-
-static void put(int dtype, void* p, int64_t i, float v) {
-    if (dtype)
-        ((uint16_t*)p)[i] = f32_to_bf16(v);
-    else
-        ((float*)p)[i] = v;
-}
-
 // r may be NULL (no residual to add). Returns 0.
 int add_rms_norm(int dtype, void* x, const void* r, const void* w, void* y, int64_t m, int64_t d,
                  float eps) {
@@ -32,19 +21,19 @@ int add_rms_norm(int dtype, void* x, const void* r, const void* w, void* y, int6
         const int64_t base = row * d;
         double ss = 0.0;  // double: the order of this sum then matters less
         for (int64_t i = 0; i < d; i++) {
-            float v = load(dtype, x, base + i);
+            float v = load_f32(dtype, x, base + i);
             if (r) {
-                v += load(dtype, r, base + i);
+                v += load_f32(dtype, r, base + i);
                 if (dtype) v = round_bf16(v);
-                put(dtype, x, base + i, v);
+                store_f32(dtype, x, base + i, v);
             }
             ss += (double)v * v;
         }
         const float inv = 1.f / sqrtf((float)(ss / (double)d) + eps);
         for (int64_t i = 0; i < d; i++) {
-            float h = load(dtype, x, base + i) * inv;
+            float h = load_f32(dtype, x, base + i) * inv;
             if (dtype) h = round_bf16(h);
-            put(dtype, y, base + i, h * load(dtype, w, i));
+            store_f32(dtype, y, base + i, h * load_f32(dtype, w, i));
         }
     }
     return 0;

@@ -44,7 +44,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # Rows up to which `RMSNorm.add_forward` runs the C kernel (decode steps);
 # PyTorch's vectorised ops serve prompts.
 NATIVE_NORM_ROWS = 64
-_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 class RMSNorm(nn.Module):
@@ -53,7 +52,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
         lib = (
-            native.load_library() if torch.device(device).type == "cpu" and dtype in _NATIVE_DTYPES else None
+            native.load_library()
+            if torch.device(device).type == "cpu" and dtype in native.DTYPE_CODES
+            else None
         )
         self._native: Any = None if lib is None else lib.add_rms_norm  # a ctypes function
 
@@ -77,7 +78,7 @@ class RMSNorm(nn.Module):
             return self.forward(x)
         y = torch.empty_like(x)
         self._native(
-            _NATIVE_DTYPES[x.dtype],
+            native.DTYPE_CODES[x.dtype],
             x.data_ptr(),
             None if residual is None else residual.data_ptr(),
             self.weight.data_ptr(),

@@ -234,7 +234,6 @@ def int8_group_mm(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -
 # csrc/quant_gemv.c). Measured on SmolLM2's head, one thread, against
 # `int8_group_mm`: 1 row 3.4 vs 5.0 ms, 2 rows 4.8 vs 7.9, 8 rows 13.4 vs 24.7.
 NATIVE_MAX_ROWS = 8
-NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def native_int8_group_mm(
@@ -250,11 +249,11 @@ def native_int8_group_mm(
     n = values.shape[1]
     y = torch.empty(m, n, dtype=out_dtype)
     status = lib.int8g_gemv(
-        NATIVE_DTYPES[x.dtype],
+        native.DTYPE_CODES[x.dtype],
         x.data_ptr(),
         values.data_ptr(),
         scales.data_ptr(),
-        NATIVE_DTYPES[out_dtype],
+        native.DTYPE_CODES[out_dtype],
         y.data_ptr(),
         m,
         n,

@@ -220,7 +220,7 @@ class QuantLinear(nn.Module):
         # Up to NATIVE_MAX_ROWS rows, the engine's C kernel (one pass, float32 sums).
         self.native_rows = (
             kernels.NATIVE_MAX_ROWS
-            if self.dtype in kernels.NATIVE_DTYPES and native.load_library() is not None
+            if self.dtype in native.DTYPE_CODES and native.load_library() is not None
             else 0
         )
 
@@ -257,7 +257,7 @@ class QuantLinear(nn.Module):
         return y
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.native_rows and x.dtype in kernels.NATIVE_DTYPES:
+        if x.shape[0] <= self.native_rows and x.dtype in native.DTYPE_CODES:
             return kernels.native_int8_group_mm(x, self.group_values, self.group_scales, self.dtype)
         xk = x if x.dtype == kernels.KERNEL_DTYPE else x.to(kernels.KERNEL_DTYPE)
         if self.kind == "int4":
