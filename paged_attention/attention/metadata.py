@@ -105,6 +105,14 @@ class PrefillGather:
         return rows
 
 
+def padded_tables(tables: Sequence[Sequence[int]], min_width: int = 0) -> torch.Tensor:
+    """Block tables as one long tensor [B, max(longest, min_width)], rows padded with block 0."""
+    width = max(min_width, max((len(t) for t in tables), default=0))
+    return torch.tensor([[*t, *[0] * (width - len(t))] for t in tables], dtype=torch.long).view(
+        len(tables), width
+    )
+
+
 @dataclass(frozen=True)
 class DecodeTables:
     """The decode sequences (one new token each) as the CPU kernel reads them."""
@@ -229,11 +237,8 @@ class AttentionMetadata:
         """Block tables, lengths and query rows of the decode sequences; built
         on first use, once a step."""
         seqs = [i for i, n in enumerate(self.query_lens) if n == 1]
-        width = max((len(self.block_tables[i]) for i in seqs), default=1)
-        tables = torch.zeros(len(seqs), width, dtype=torch.long)
-        for j, i in enumerate(seqs):
-            table = self.block_tables[i]
-            tables[j, : len(table)] = torch.tensor(table, dtype=torch.long)
+        # At least one column: the kernel reads the row stride even of an empty batch.
+        tables = padded_tables([self.block_tables[i] for i in seqs], min_width=1)
         device = self.slot_mapping.device
         return DecodeTables(
             block_tables=tables.to(device),
@@ -279,10 +284,8 @@ class AttentionMetadata:
                     raise ValueError(
                         f"block table points at block {block_id}, outside the pool (0..{num_blocks - 1})"
                     )
-        max_blocks = max((len(t) for t in tables), default=0)
-        padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long).view(
-            len(tables), max_blocks
-        )
+        padded = padded_tables(tables)
+        max_blocks = padded.shape[1]
         # [B, max_blocks * block_size]: every slot of every table, in token order.
         slots = (padded[:, :, None] * block_size + torch.arange(block_size)).reshape(
             len(tables), max_blocks * block_size

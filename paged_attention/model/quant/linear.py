@@ -257,7 +257,7 @@ class QuantLinear(nn.Module):
         return y
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.native_rows and x.dtype in native.DTYPE_CODES:
+        if self.native_rows and x.shape[0] <= self.native_rows and x.dtype in native.DTYPE_CODES:
             return kernels.native_int8_group_mm(x, self.group_values, self.group_scales, self.dtype)
         xk = x if x.dtype == kernels.KERNEL_DTYPE else x.to(kernels.KERNEL_DTYPE)
         if self.kind == "int4":
