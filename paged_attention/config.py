@@ -162,7 +162,8 @@ class EngineConfig:
     attention_backend: str = option(
         "auto",
         "attention implementation: auto (Triton kernels on CUDA; on the CPU the C decode kernel, "
-        "built at first use, else PyTorch ops), torch (PyTorch ops only), cpu, triton",
+        "built at first use, else PyTorch ops), torch (PyTorch attention ops; the C norm and "
+        "head kernels still run where they build), cpu, triton",
         choices=ATTENTION_BACKENDS,
     )
     enable_prefix_caching: bool = option(True, "reuse cached full KV blocks of earlier prompts")
