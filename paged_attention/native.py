@@ -1,5 +1,6 @@
 """The engine's C kernels for the CPU (`csrc/*.c`: decode attention over the
-block pool, a quantized matrix-vector product, residual add + RMSNorm),
+block pool, a quantized matrix-vector product, residual add + RMSNorm,
+SwiGLU, RoPE),
 compiled at first use and loaded with ctypes.
 
 Built with the system's C compiler (`cc -O3 -march=native -fopenmp`, about
@@ -45,8 +46,12 @@ SIGNATURES: dict[str, list[type]] = {
     # dtype, qkv, cos, sin, k_pool, v_pool, slots, tables, table_width, ctx_lens,
     # out, batch, hq, hkv, block_size, head_dim, scale, threads
     "paged_decode_layer": [_INT, *[_PTR] * 7, _I64, _PTR, _PTR, *[_I64] * 5, _FLOAT, _INT],
-    # dtype, x, residual (or NULL), weight, y, rows, dim, eps
-    "add_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _FLOAT],
+    # dtype, x, residual (or NULL), weight, y, rows, dim, eps, threads
+    "add_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _FLOAT, _INT],
+    # dtype, gate_up, its row stride, out, rows, intermediate size, threads
+    "swiglu": [_INT, _PTR, _I64, _PTR, _I64, _I64, _INT],
+    # dtype, x, its row stride, cos, sin, tokens, heads, head_dim, threads
+    "rotary_inplace": [_INT, _PTR, _I64, _PTR, _PTR, *[_I64] * 3, _INT],
     # x_dtype, x, values, scales, y_dtype, y, m, n, k, threads
     "int8g_gemv": [_INT, _PTR, _PTR, _PTR, _INT, _PTR, *[_I64] * 3, _INT],
 }

@@ -213,18 +213,19 @@ def test_fused_decode_layer_declines_steps_with_prompt_tokens():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_add_rms_norm_matches_the_torch_ops(dtype, with_residual, monkeypatch):
+@pytest.mark.parametrize("rows", [5, 700])  # 700 rows split over threads
+def test_add_rms_norm_matches_the_torch_ops(dtype, with_residual, rows):
     """The C residual add + RMSNorm updates x exactly as `x.add_(r)` does and
     normalises as `rms_norm` (float32 to rounding; bfloat16 to its last bit);
-    past NATIVE_NORM_ROWS the PyTorch ops run."""
+    without the kernel the PyTorch ops give the same."""
     from paged_attention.model import layers
 
     g = torch.Generator().manual_seed(int(with_residual))
     norm = layers.RMSNorm(96, 1e-5, dtype, "cpu")
     norm.weight.copy_(torch.randn(96, generator=g))
     assert norm._native is not None
-    x = (torch.randn(5, 96, generator=g) * 4).to(dtype)
-    r = torch.randn(5, 96, generator=g).to(dtype) if with_residual else None
+    x = (torch.randn(rows, 96, generator=g) * 4).to(dtype)
+    r = torch.randn(rows, 96, generator=g).to(dtype) if with_residual else None
     ours_x = x.clone()
     ours = norm.add_forward(ours_x, r)
     ref_x = x.clone() if r is None else x.clone().add_(r)
@@ -232,7 +233,53 @@ def test_add_rms_norm_matches_the_torch_ops(dtype, with_residual, monkeypatch):
     assert torch.equal(ours_x, ref_x)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(ours.float(), ref.float(), atol=tol * 8, rtol=tol)
-    monkeypatch.setattr(layers, "NATIVE_NORM_ROWS", 2)
+    norm._native = None
     torch_x = x.clone()
     torch.testing.assert_close(norm.add_forward(torch_x, r).float(), ref.float(), atol=tol * 8, rtol=tol)
     assert torch.equal(torch_x, ref_x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 300])  # 300 rows split over threads
+def test_swiglu_matches_the_torch_ops(dtype, rows):
+    """The C gate equals silu(gate) * up: bfloat16 bit for bit here (both
+    round silu, then the product), float32 to its last bits (a different exp);
+    inputs span silu's tails, where exp under- and overflows."""
+    from paged_attention.model import layers
+
+    mlp = layers.GatedMLP(16, 160, False, dtype, "cpu")
+    assert mlp._swiglu is not None
+    g = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 320, generator=g) * 8).to(dtype)
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0])
+    gate, up = gate_up.split(160, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    ours = mlp.gate(gate_up)
+    if dtype == torch.bfloat16:
+        assert torch.equal(ours, ref)
+    else:
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=4e-7)
+    mlp._swiglu = None
+    assert torch.equal(mlp.gate(gate_up), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, 200])  # 200 rows split over threads
+def test_rotary_in_place_equals_apply_rotary(dtype, rows):
+    """RoPE of a prompt chunk's q and k heads in C, in place in the qkv rows,
+    is `apply_rotary`'s result bit for bit; the v columns are untouched."""
+    from paged_attention.model.layers import RotaryEmbedding, apply_rotary, cpu_kernels, rotate_rows_
+
+    heads, kv_heads, d = 4, 2, 32
+    g = torch.Generator().manual_seed(rows)
+    qkv = (torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g) * 3).to(dtype)
+    positions = torch.randint(0, 500, (rows,), generator=g)
+    cos, sin = RotaryEmbedding(d, 512, 10000.0, None).cos_sin(positions, dtype)
+    qk = qkv[:, : (heads + kv_heads) * d].view(rows, heads + kv_heads, d)
+    ref = apply_rotary(qk, cos, sin)
+    ours = qkv.clone()
+    assert rotate_rows_(cpu_kernels(dtype, "cpu"), ours, heads + kv_heads, d, cos, sin)
+    assert torch.equal(ours[:, : (heads + kv_heads) * d].view(rows, heads + kv_heads, d), ref)
+    assert torch.equal(ours[:, (heads + kv_heads) * d :], qkv[:, (heads + kv_heads) * d :])
+    assert not rotate_rows_(None, ours, heads + kv_heads, d, cos, sin)
+    assert not rotate_rows_(cpu_kernels(dtype, "cpu"), ours.half(), heads + kv_heads, d, cos, sin)

@@ -157,13 +157,15 @@ def prefill_into(
             k_i = k_i.repeat_interleave(group, dim=0)
             v_i = v_i.repeat_interleave(group, dim=0)
         extra = {"enable_gqa": True} if group > 1 and _HAS_ENABLE_GQA else {}
+        # 4-D operands: PyTorch's CPU flash kernel takes only batched inputs
+        # (3-D ones fall back to the math path, 4-10x slower in bfloat16).
         o_i = F.scaled_dot_product_attention(
-            q_i,
-            k_i,
-            v_i,
+            q_i.unsqueeze(0),
+            k_i.unsqueeze(0),
+            v_i.unsqueeze(0),
             attn_mask=None if causal else meta.causal_mask(i),
             is_causal=causal,
             scale=scale,
             **extra,
         )
-        out[qs[i] : qs[i + 1]] = o_i.transpose(0, 1)
+        out[qs[i] : qs[i + 1]] = o_i[0].transpose(0, 1)

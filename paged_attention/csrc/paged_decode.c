@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "rotary.h"
 
 // exp(x) for x <= 0 (softmax after subtracting the max), in a form the
 // compiler vectorises (libm's expf is a scalar call per score unless
@@ -127,35 +128,6 @@ static void attend(int dtype, const float* qf, const void* k_pool, const void* v
         attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 128, scale, scores, acc, piece);
     else
         attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, d, scale, scores, acc, piece);
-}
-
-// RoPE (rotate-half) of one head x [D] with this token's cos/sin [D] (the
-// sine's sign folded in for the first half), as the PyTorch path computes
-// x * cos + swap(x) * sin: each product and the sum rounded to the dtype, and
-// no fused multiply-add, so the result is that path's bit for bit.
-__attribute__((optimize("fp-contract=off"))) static void rotate(int dtype, const void* x,
-                                                                 int64_t xi, const void* cos,
-                                                                 const void* sin, int64_t ci,
-                                                                 int64_t d, float* out) {
-    const int64_t half = d / 2;
-    for (int64_t i = 0; i < d; i++) {
-        float xv, sw, c, s;
-        const int64_t j = i < half ? i + half : i - half;
-        if (dtype) {
-            xv = bf16_to_f32(((const uint16_t*)x)[xi + i]);
-            sw = bf16_to_f32(((const uint16_t*)x)[xi + j]);
-            c = bf16_to_f32(((const uint16_t*)cos)[ci + i]);
-            s = bf16_to_f32(((const uint16_t*)sin)[ci + i]);
-            out[i] = round_bf16(round_bf16(xv * c) + round_bf16(sw * s));
-        } else {
-            xv = ((const float*)x)[xi + i];
-            sw = ((const float*)x)[xi + j];
-            c = ((const float*)cos)[ci + i];
-            s = ((const float*)sin)[ci + i];
-            const float a = xv * c, b = sw * s;
-            out[i] = a + b;
-        }
-    }
 }
 
 // Scratch floats per thread: queries, sums, scores of one task, and a piece.

@@ -14,6 +14,7 @@ from paged_attention.core.scheduler import ScheduledBatch
 from paged_attention.core.swap import BlockCopy
 from paged_attention.engine.cuda_graphs import DecodeCudaGraphs
 from paged_attention.engine.denormals import flush_denormals
+from paged_attention.engine.host_malloc import keep_freed_memory
 from paged_attention.kv_cache import KVCachePool, copy_between_pools
 from paged_attention.model.llama import CausalLM
 
@@ -81,6 +82,8 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.host_cache = host_cache  # the swap space, when there is one
         self.device = kv_cache.device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # large activations reuse heap pages instead of faulting in new ones
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
         step, sampling = StepInput.from_batch(batch)

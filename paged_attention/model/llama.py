@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,15 @@ from paged_attention.attention.backend import AttentionBackend, select_attention
 from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
-from paged_attention.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, empty_param
+from paged_attention.model.layers import (
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    cpu_kernels,
+    empty_param,
+    rotate_rows_,
+)
 from paged_attention.model.quant import NONE, QuantizedTensor, QuantLinear, QuantScheme, Scratch
 from paged_attention.model.quant.records import ChannelQuantized, GroupQuantized
 
@@ -64,6 +72,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.qk_size = config.q_size + config.kv_size
         self.scale = config.head_dim**-0.5
+        self._kernels: Any = cpu_kernels(dtype, device)  # RoPE of prompt rows in C
         qkv_rows = config.q_size + 2 * config.kv_size
         # Quantized: the projections are QuantLinears; dense: plain parameters.
         self.qkv_proj: QuantLinear | None = None
@@ -122,7 +131,8 @@ class Attention(nn.Module):
         # q and k are adjacent columns, so one view rotates both at once.
         qk = qkv[:, : self.qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qk, cos, sin)
+        if not rotate_rows_(self._kernels, qkv, self.num_heads + self.num_kv_heads, self.head_dim, cos, sin):
+            qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         self.backend.write_kv(k_pool, v_pool, k, v, meta)
         out = self.backend.attention(q, k_pool, v_pool, meta, self.scale).reshape(num_tokens, -1)
