@@ -71,6 +71,32 @@ def test_bfloat16_rounds_as_the_torch_path():
     torch.testing.assert_close(ours.float(), reference.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 16])  # 64 and 128: AVX512-BF16 path where the CPU has it
+@pytest.mark.parametrize("block_size", [1, 4, 16])  # odd pieces (always at 1): a token pairs with zeros
+@pytest.mark.parametrize(("num_kv_heads", "group"), [(1, 1), (3, 3), (2, 4)])
+def test_bfloat16_kernel_matches_plain_attention(head_dim, block_size, num_kv_heads, group):
+    """bfloat16 pools full of NaN outside the written slots, odd and even
+    context lengths: the kernel (dot-product instructions on CPUs with
+    AVX512-BF16) reads only live slots and agrees with float64 attention over
+    the same bfloat16 values to bfloat16 precision."""
+    seed = head_dim * 1000 + block_size * 100 + num_kv_heads * 10 + group
+    rng = random.Random(seed)
+    seqs = [(rng.randint(0, 90), 1) for _ in range(5)] + [(0, 1), (block_size, 1)]
+    case = run_case(
+        seqs,
+        block_size,
+        num_kv_heads,
+        group,
+        head_dim,
+        seed=seed,
+        dtype=torch.bfloat16,
+        attention=kernel_attention(),
+    )
+    assert not case.out.isnan().any()
+    err = (case.out.double() - case.expected).abs().max().item()
+    assert err <= 2e-2, f"max abs error {err:.3g}"
+
+
 def test_backend_choice(monkeypatch):
     assert select_attention_backend("cpu", "auto").name == "cpu"
     assert select_attention_backend("cpu", "cpu").name == "cpu"

@@ -52,6 +52,30 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+// Each query head's scores [ctx] become probabilities in place; bfloat16
+// rounds them, as the PyTorch path's softmax output is rounded.
+static inline void softmax_rows(int dtype, float* scores, int64_t group, int64_t ctx) {
+    for (int64_t j = 0; j < group; j++) {
+        float* sj = scores + j * ctx;
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < ctx; t++) m = fmaxf(m, sj[t]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < ctx; t++) {
+            sj[t] = exp_nonpositive(sj[t] - m);
+            sum += sj[t];
+        }
+        const float inv = 1.f / sum;
+        if (dtype) {
+            for (int64_t t = 0; t < ctx; t++) sj[t] = round_bf16(sj[t] * inv);
+        } else {
+#pragma omp simd
+            for (int64_t t = 0; t < ctx; t++) sj[t] *= inv;
+        }
+    }
+}
+
 // One (sequence, KV head): its `group` query heads over `ctx` tokens, walked
 // block by block (no division per token). Each (block, head) piece of K or V
 // is first converted to float32 in one pass into `piece` (a long run of
@@ -80,25 +104,7 @@ static inline __attribute__((always_inline)) void attend_d(
         }
     }
 
-    for (int64_t j = 0; j < group; j++) {
-        float* sj = scores + j * ctx;
-        float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-        for (int64_t t = 0; t < ctx; t++) m = fmaxf(m, sj[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < ctx; t++) {
-            sj[t] = exp_nonpositive(sj[t] - m);
-            sum += sj[t];
-        }
-        const float inv = 1.f / sum;
-        if (dtype) {
-            for (int64_t t = 0; t < ctx; t++) sj[t] = round_bf16(sj[t] * inv);
-        } else {
-#pragma omp simd
-            for (int64_t t = 0; t < ctx; t++) sj[t] *= inv;
-        }
-    }
+    softmax_rows(dtype, scores, group, ctx);
 
     memset(acc, 0, sizeof(float) * (size_t)(group * d));
     for (int64_t start = 0, blk = 0; start < ctx; start += bs, blk++) {
@@ -117,11 +123,101 @@ static inline __attribute__((always_inline)) void attend_d(
     }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+
+// Prefetch `bytes` from p into the cache level `hint` names.
+#define PREFETCH_PIECE(p, bytes, hint)                                   \
+    for (int64_t off_ = 0; off_ < (bytes); off_ += 64) _mm_prefetch((const char*)(p) + off_, hint)
+
+// bfloat16 with AVX512-BF16 dot products (vdpbf16ps: pairs of bfloat16
+// products, exact in float32, added into float32 sums): the K and V pieces
+// are read as they lie in the pool, with no float32 copy, and each 32-lane
+// instruction does the work of two float32 multiply-adds plus their
+// conversions. Queries and probabilities are exact in bfloat16 (the PyTorch
+// path rounds both), so only the order of the float32 sums differs from the
+// generic loop. The next block's K (and this block's V) are prefetched while
+// a block is scored. 2x faster than the generic loop over a 96-sequence step.
+static inline __attribute__((always_inline)) void attend_bf16_d(
+    const float* qf, const uint16_t* k_pool, const uint16_t* v_pool, const int64_t* table,
+    int64_t ctx, int64_t kvh, int64_t group, int64_t hkv, int64_t bs, int64_t d, float scale,
+    float* scores, float* acc) {
+    const int64_t nc = d / 32;  // 32 bfloat16 per register; d is 64 or 128
+    uint16_t qb[group * d];
+    for (int64_t i = 0; i < group * d; i++) qb[i] = f32_to_bf16(qf[i]);  // exact: q is rounded
+    for (int64_t start = 0, blk = 0; start < ctx; start += bs, blk++) {
+        const int64_t piece = (table[blk] * hkv + kvh) * bs * d;
+        const int64_t n = ctx - start < bs ? ctx - start : bs;
+        if (start + bs < ctx) {
+            const int64_t next_n = ctx - start - bs < bs ? ctx - start - bs : bs;
+            PREFETCH_PIECE(k_pool + (table[blk + 1] * hkv + kvh) * bs * d, next_n * d * 2, _MM_HINT_T0);
+        }
+        PREFETCH_PIECE(v_pool + piece, n * d * 2, _MM_HINT_T1);
+        for (int64_t t = 0; t < n; t++) {
+            __m512i k[4];
+            for (int64_t c = 0; c < nc; c++) k[c] = _mm512_loadu_si512(k_pool + piece + t * d + c * 32);
+            for (int64_t j = 0; j < group; j++) {
+                __m512 a = _mm512_setzero_ps();
+                for (int64_t c = 0; c < nc; c++)
+                    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qb + j * d + c * 32),
+                                         (__m512bh)k[c]);
+                scores[j * ctx + start + t] = round_bf16(_mm512_reduce_add_ps(a)) * scale;
+            }
+        }
+    }
+
+    softmax_rows(1, scores, group, ctx);
+
+    // Tokens two at a time: their V rows interleaved (unpacklo/hi), times the
+    // pair of probabilities. Sums for x = 8L + i (i < 4) gather in `lo`'s lane
+    // 4L + i and for x = 8L + 4 + i in `hi`'s: un-permuted on the way out.
+    const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i second =
+        _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    for (int64_t j = 0; j < group; j++) {
+        const float* p = scores + j * ctx;
+        __m512 lo[4], hi[4];
+        for (int64_t c = 0; c < nc; c++) lo[c] = hi[c] = _mm512_setzero_ps();
+        for (int64_t start = 0, blk = 0; start < ctx; start += bs, blk++) {
+            const uint16_t* v = v_pool + (table[blk] * hkv + kvh) * bs * d;
+            const int64_t n = ctx - start < bs ? ctx - start : bs;
+            for (int64_t t = 0; t < n; t += 2) {
+                const int pair = t + 1 < n;  // an odd tail pairs with zeros (the pool may hold NaN past it)
+                const uint32_t probs = (uint32_t)f32_to_bf16(p[start + t]) |
+                                       (pair ? (uint32_t)f32_to_bf16(p[start + t + 1]) << 16 : 0u);
+                const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)probs);
+                for (int64_t c = 0; c < nc; c++) {
+                    const __m512i v0 = _mm512_loadu_si512(v + t * d + c * 32);
+                    const __m512i v1 =
+                        pair ? _mm512_loadu_si512(v + (t + 1) * d + c * 32) : _mm512_setzero_si512();
+                    lo[c] = _mm512_dpbf16_ps(lo[c], (__m512bh)_mm512_unpacklo_epi16(v0, v1), pp);
+                    hi[c] = _mm512_dpbf16_ps(hi[c], (__m512bh)_mm512_unpackhi_epi16(v0, v1), pp);
+                }
+            }
+        }
+        for (int64_t c = 0; c < nc; c++) {
+            _mm512_storeu_ps(acc + j * d + c * 32, _mm512_permutex2var_ps(lo[c], first, hi[c]));
+            _mm512_storeu_ps(acc + j * d + c * 32 + 16, _mm512_permutex2var_ps(lo[c], second, hi[c]));
+        }
+    }
+}
+#define HAVE_DPBF16 1
+#endif
+
 // Head sizes known at compile time let the compiler unroll the per-token
 // dot products and sums (64, the Llama-family small models' and 128, most others').
 static void attend(int dtype, const float* qf, const void* k_pool, const void* v_pool,
                    const int64_t* table, int64_t ctx, int64_t kvh, int64_t group, int64_t hkv,
                    int64_t bs, int64_t d, float scale, float* scores, float* acc, float* piece) {
+#ifdef HAVE_DPBF16
+    if (dtype == 1 && (d == 64 || d == 128)) {
+        if (d == 64)
+            attend_bf16_d(qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 64, scale, scores, acc);
+        else
+            attend_bf16_d(qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 128, scale, scores, acc);
+        return;
+    }
+#endif
     if (d == 64)
         attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 64, scale, scores, acc, piece);
     else if (d == 128)
