@@ -134,28 +134,32 @@ def llama_server_command(
     ]
 
 
-# Without tile permission from the OS (some VMs), ggml's AMX kernels die of
-# SIGILL; --no-repack keeps the weights out of AMX and repacked layouts.
+# Without tile permission from the OS (some VMs), ggml's AMX kernels die at
+# start: of SIGILL on one VM, of SIGSEGV on another (same binary, same GGUF,
+# right after "threadpool init"). --no-repack keeps the weights out of AMX and
+# repacked layouts.
 NO_REPACK = "--no-repack"
-SIGILL_CODES = (-signal.SIGILL, 128 + signal.SIGILL)
+CRASH_SIGNALS = (signal.SIGILL, signal.SIGSEGV)
+CRASH_CODES = tuple(code for sig in CRASH_SIGNALS for code in (-sig, 128 + sig))
 
 
 def working_flags(start: Callable[[list[str]], None], extra: Sequence[str]) -> tuple[list[str], str | None]:
     """The llama-server flags to use: `extra`, or `extra` + --no-repack when a
-    start with `extra` dies of SIGILL and one with --no-repack does not.
-    `start(flags)` starts (and stops) a server, raising ServerExited on failure.
-    Returns (flags, a note saying why they changed, or None)."""
+    start with `extra` dies of SIGILL or SIGSEGV and one with --no-repack does
+    not. `start(flags)` starts (and stops) a server, raising ServerExited on
+    failure. Returns (flags, a note saying why they changed, or None)."""
     flags = list(extra)
     try:
         start(list(flags))
         return flags, None
     except ServerExited as err:
-        if err.returncode not in SIGILL_CODES or NO_REPACK in flags:
+        if err.returncode not in CRASH_CODES or NO_REPACK in flags:
             raise
+        died_of = signal.Signals(abs(err.returncode) % 128).name
     flags = [*flags, NO_REPACK]
     start(list(flags))
     note = (
-        f"llama-server died of SIGILL (illegal instruction: ggml's AMX kernels without OS tile support); "
+        f"llama-server died of {died_of} at start (ggml's AMX kernels without OS tile support); "
         f"ran it with {NO_REPACK} (and llama-bench with --repack 0)"
     )
     return flags, note
