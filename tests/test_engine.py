@@ -243,3 +243,35 @@ def test_completion_text_continues_the_prompt_text(stories, stream):
         whole = tok.decode(prompt_ids + token_ids, skip_special_tokens=True)
         assert whole == tok.decode(prompt_ids, skip_special_tokens=True) + text, prompt
     assert stories.generate("Lily went", params, use_tqdm=False)[0].outputs[0].text.startswith(" ")
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_cpu_pool_reuses_freed_blocks_before_untouched_ones(prefix_caching):
+    """On the CPU freed KV blocks go out again before never-used ones (their
+    pages are resident): a second round of the same load touches no new
+    block. With prefix caching the full blocks of finished prompts stay
+    cached (evictable) and are not taken while never-used blocks remain."""
+    llm = LLM(
+        str(STORIES260K),
+        dtype="float32",
+        num_kv_blocks=256,
+        block_size=16,
+        enable_prefix_caching=prefix_caching,
+    )
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+    def round_of(seed: int) -> None:
+        prompts = [
+            {"prompt_token_ids": [(seed * 31 + i * 7 + j) % 500 + 3 for j in range(37)]} for i in range(4)
+        ]
+        llm.generate(prompts, params, use_tqdm=False)
+
+    pool = llm.engine.allocator
+    round_of(1)
+    touched = pool.num_touched_blocks
+    assert pool.num_used_blocks == 0 and touched >= 4 * 3
+    round_of(2)
+    if prefix_caching:  # the first round's 8 full prompt blocks are still cached
+        assert pool.num_cached_blocks >= 8 and pool.num_touched_blocks > touched
+    else:
+        assert pool.num_touched_blocks == touched

@@ -109,9 +109,10 @@ class BlockPool:
         self.block_size: int = validate_block_size(block_size)
         self.hidden_dim: int | None = hidden_dim
         self.enable_prefix_caching: bool = enable_prefix_caching
-        # The host swap pool hands out the most recently released block first:
-        # its pages are already resident, so repeated swapping does not touch
-        # (and commit) fresh host memory. The device pool keeps FIFO order.
+        # Host memory pools (the swap pool, and the KV pool on the CPU) hand
+        # out the most recently released block first: its pages are already
+        # resident, so reuse does not touch (and commit) fresh memory. GPU
+        # pools keep FIFO order.
         self.reuse_recent_first: bool = reuse_recent_first
         # Blocks from `_watermark` up were never handed out; they come before
         # `_released`, which is exactly a FIFO queue that started as range(n).

@@ -168,8 +168,16 @@ def _assemble(
     shard_config = net.config  # under tensor parallelism: this rank's heads (its pool's)
     tokenizer = Tokenizer.load(source.tokenizer_dir, gguf_file=source.tokenizer_gguf)
     plan = plan_pool(config, shard_config, dtype, device)
+    # On the CPU the pool is ordinary RAM whose pages become resident when first
+    # written: handing freed blocks out again before never-used ones keeps the
+    # process at the KV it actually needs (a 128-request server run grew to
+    # 2.2-2.4 GiB in FIFO order). Cached prefix blocks are evictable, not
+    # freed, so this order does not shorten their life.
     allocator = BlockPool(
-        plan.num_blocks, plan.block_size, enable_prefix_caching=config.enable_prefix_caching
+        plan.num_blocks,
+        plan.block_size,
+        enable_prefix_caching=config.enable_prefix_caching,
+        reuse_recent_first=device.type == "cpu",
     )
     kv_cache = KVCachePool(
         shard_config.num_layers,
