@@ -60,3 +60,28 @@ def test_freed_large_tensors_reuse_heap_pages():
         x = layer()
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
     assert x.numel() and faults < 4000, f"{faults:.0f} page faults per layer"
+
+
+def test_release_free_memory_returns_heap_holes():
+    """Freed blocks between blocks still in use stay resident under
+    `keep_freed_memory`; `release_free_memory` (called once an engine is
+    built on the CPU) hands their pages back."""
+    import sys
+
+    from paged_attention.engine.host_malloc import keep_freed_memory, release_free_memory
+
+    if not sys.platform.startswith("linux") or not keep_freed_memory():
+        pytest.skip("needs glibc's mallopt")
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+
+    chunks = [torch.ones(1 << 18) for _ in range(96)]  # 96 x 1 MiB, float32
+    keep = chunks[1::2]  # the odd ones stay: the even ones become holes
+    del chunks
+    before = rss_mib()
+    assert release_free_memory()
+    assert before - rss_mib() >= 32, f"RSS {before:.0f} -> {rss_mib():.0f} MiB"
+    assert all(bool(t[0] == 1) for t in keep)

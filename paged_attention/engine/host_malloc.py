@@ -1,4 +1,5 @@
-"""Keep the C heap from handing large freed blocks back to the kernel.
+"""Keep the C heap from handing large freed blocks back to the kernel while
+the engine runs, and hand back what loading left behind once.
 
 A prompt chunk's activations are tens of megabytes each (8,192 tokens x
 3,072 bfloat16 gate/up values = 48 MiB). glibc's malloc serves blocks above
@@ -11,6 +12,10 @@ below (SmolLM2-135M, bfloat16, two threads), which keep freed blocks in the
 heap for the next layer to reuse. The cost: the process keeps its peak
 activation memory (a few hundred MiB at the largest chunks) instead of
 returning it between steps.
+
+Loading the model frees many temporaries (GGUF blocks, repacking) between
+blocks that stay, and glibc keeps such holes: `release_free_memory` returns
+them once the engine is built (390 -> 359 MiB at start for the default model).
 
 Process-wide, like the thread count; glibc only (elsewhere nothing changes).
 """
@@ -45,3 +50,15 @@ def keep_freed_memory() -> bool:
     if not done:
         logger.debug("mallopt refused the heap thresholds; large tensors stay mmapped")
     return done
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the kernel (`malloc_trim(0)`, which also
+    releases whole free pages between blocks in use); whether any went back."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return bool(trim(0))
