@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from paged_attention.config import API_KEY_ENV
+from paged_attention.engine.host_malloc import release_free_memory
 from paged_attention.entrypoints.async_engine import AsyncEngine
 from paged_attention.entrypoints.body_limit import BodyLimitMiddleware
 from paged_attention.entrypoints.context import LOOPBACK_HOSTS, ServerConfig, ServerContext
@@ -69,6 +70,8 @@ def _warm_up(prompt_token_ids: list[int], engine: LLMEngine) -> None:
             engine.step()
     finally:
         engine.abort(request_id)  # no-op once finished; frees its blocks otherwise
+    if engine.kv_cache.device.type == "cpu":
+        release_free_memory()  # what start-up freed, in every thread's heap
 
 
 def create_app(
