@@ -27,30 +27,8 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "fast_exp.h"
 #include "rotary.h"
-
-// exp(x) for x <= 0 (softmax after subtracting the max), in a form the
-// compiler vectorises (libm's expf is a scalar call per score unless
-// -ffast-math, which would also drop the infinity semantics used here).
-// Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-7
-// Taylor polynomial: relative error ~1e-7, about one float ulp.
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;  // below this exp underflows float; 2^n stays normal
-    const float n = __builtin_rintf(x * 1.44269504089f);
-    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    float p = 1.f / 5040.f;
-    p = p * r + 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 // Each query head's scores [ctx] become probabilities in place; bfloat16
 // rounds them, as the PyTorch path's softmax output is rounded.
@@ -63,7 +41,7 @@ static inline void softmax_rows(int dtype, float* scores, int64_t group, int64_t
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < ctx; t++) {
-            sj[t] = exp_nonpositive(sj[t] - m);
+            sj[t] = exp_approx(sj[t] - m);
             sum += sj[t];
         }
         const float inv = 1.f / sum;
