@@ -175,8 +175,11 @@ def rotate_rows_(
     (the q and k columns of the fused qkv output) with the C kernel, equal to
     `apply_rotary` bit for bit; False where it does not apply (no kernels,
     other dtypes or layouts), and the caller then runs `apply_rotary`."""
-    if kernels is None or x.dim() != 2 or not _native_ok(x, cos, sin) or cos.shape[0] != x.shape[0]:
+    if kernels is None or x.dim() != 2 or not _native_ok(x, cos, sin):
         return False
+    # The kernel trusts these bounds: it reads t * head_dim table entries and t * width activations.
+    assert cos.shape == sin.shape and cos.numel() == x.shape[0] * head_dim, (cos.shape, x.shape, head_dim)
+    assert heads * head_dim <= x.shape[1], f"{heads} heads of {head_dim} do not fit rows of {x.shape[1]}"
     status = kernels.rotary_inplace(
         native.DTYPE_CODES[x.dtype],
         x.data_ptr(),
@@ -264,6 +267,7 @@ class GatedMLP(nn.Module):
         if self._swiglu is None or gate_up.dim() != 2 or not _native_ok(gate_up):
             gate, up = gate_up.split(n, dim=-1)
             return F.silu(gate).mul_(up)
+        assert gate_up.shape[1] == 2 * n, f"gate/up rows of {gate_up.shape[1]}, expected {2 * n}"
         out = gate_up.new_empty(gate_up.shape[0], n)
         status = self._swiglu(
             native.DTYPE_CODES[gate_up.dtype],
