@@ -115,7 +115,8 @@ static inline __attribute__((always_inline)) void attend_d(
 // conversions. Queries and probabilities are exact in bfloat16 (the PyTorch
 // path rounds both), so only the order of the float32 sums differs from the
 // generic loop. The next block's K (and this block's V) are prefetched while
-// a block is scored. 2x faster than the generic loop over a 96-sequence step.
+// a block is scored. 1.5x faster than the generic loop over a 96-sequence step
+// (124 -> 81 ms for 30 layers on one thread), near the core's read bandwidth.
 static inline __attribute__((always_inline)) void attend_bf16_d(
     const float* qf, const uint16_t* k_pool, const uint16_t* v_pool, const int64_t* table,
     int64_t ctx, int64_t kvh, int64_t group, int64_t hkv, int64_t bs, int64_t d, float scale,
