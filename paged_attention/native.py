@@ -117,6 +117,24 @@ def load_library() -> ctypes.CDLL | None:
     return lib
 
 
+def library_for(dtype: torch.dtype, device: torch.device | str) -> ctypes.CDLL | None:
+    """The kernels where a layer of this dtype and device can use them (a CPU
+    and a dtype in DTYPE_CODES, and a library that builds), else None: the
+    caller keeps its PyTorch ops."""
+    if torch.device(device).type != "cpu" or dtype not in DTYPE_CODES:
+        return None
+    return load_library()
+
+
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors can go to a kernel as they are: on the CPU, one
+    dtype the kernels take, contiguous."""
+    dtype = tensors[0].dtype
+    return dtype in DTYPE_CODES and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors
+    )
+
+
 def check(status: int, name: str) -> None:
     """Raise for a kernel's non-zero return code."""
     if status == -1:

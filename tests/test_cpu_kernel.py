@@ -294,7 +294,7 @@ def test_swiglu_matches_the_torch_ops(dtype, rows):
 def test_rotary_in_place_equals_apply_rotary(dtype, rows):
     """RoPE of a prompt chunk's q and k heads in C, in place in the qkv rows,
     is `apply_rotary`'s result bit for bit; the v columns are untouched."""
-    from paged_attention.model.layers import RotaryEmbedding, apply_rotary, cpu_kernels, rotate_rows_
+    from paged_attention.model.layers import RotaryEmbedding, apply_rotary, rotate_rows_
 
     heads, kv_heads, d = 4, 2, 32
     g = torch.Generator().manual_seed(rows)
@@ -304,8 +304,8 @@ def test_rotary_in_place_equals_apply_rotary(dtype, rows):
     qk = qkv[:, : (heads + kv_heads) * d].view(rows, heads + kv_heads, d)
     ref = apply_rotary(qk, cos, sin)
     ours = qkv.clone()
-    assert rotate_rows_(cpu_kernels(dtype, "cpu"), ours, heads + kv_heads, d, cos, sin)
+    assert rotate_rows_(native.library_for(dtype, "cpu"), ours, heads + kv_heads, d, cos, sin)
     assert torch.equal(ours[:, : (heads + kv_heads) * d].view(rows, heads + kv_heads, d), ref)
     assert torch.equal(ours[:, (heads + kv_heads) * d :], qkv[:, (heads + kv_heads) * d :])
     assert not rotate_rows_(None, ours, heads + kv_heads, d, cos, sin)
-    assert not rotate_rows_(cpu_kernels(dtype, "cpu"), ours.half(), heads + kv_heads, d, cos, sin)
+    assert not rotate_rows_(native.library_for(dtype, "cpu"), ours.half(), heads + kv_heads, d, cos, sin)

@@ -49,15 +49,7 @@ def load_kernel() -> DecodeKernel | None:
 
 def kernel_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
     """Whether the kernel takes these tensors (else the PyTorch path runs)."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype in native.DTYPE_CODES
-        and k_pool.dtype == q.dtype
-        and v_pool.dtype == q.dtype
-        and q.is_contiguous()
-        and k_pool.is_contiguous()
-        and v_pool.is_contiguous()
-    )
+    return native.takes(q, k_pool, v_pool)
 
 
 def decode_attention(

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "bf16.h"
+#include "parallel.h"
 
 static void norm_row(int dtype, void* x, const void* r, const void* w, void* y, int64_t base,
                      int64_t d, float eps) {
@@ -45,7 +46,7 @@ static void norm_row(int dtype, void* x, const void* r, const void* w, void* y, 
 // r may be NULL (no residual to add). Returns 0.
 int add_rms_norm(int dtype, void* x, const void* r, const void* w, void* y, int64_t m, int64_t d,
                  float eps, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) if (m * d >= 32768) schedule(static)
+#pragma omp parallel for num_threads(num_threads) if (m * d >= PARALLEL_MIN_ELEMENTS) schedule(static)
     for (int64_t row = 0; row < m; row++) norm_row(dtype, x, r, w, y, row * d, d, eps);
     return 0;
 }

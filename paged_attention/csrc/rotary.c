@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include "bf16.h"
+#include "parallel.h"
 #include "rotary.h"
 
 // x: `t` rows of `h` heads of `d` elements, rows `row_stride` elements apart
@@ -15,7 +16,7 @@
 int rotary_inplace(int dtype, void* x, int64_t row_stride, const void* cos, const void* sin,
                    int64_t t, int64_t h, int64_t d, int num_threads) {
     int failed = 0;
-#pragma omp parallel num_threads(num_threads) if (t * h * d >= 32768) reduction(| : failed)
+#pragma omp parallel num_threads(num_threads) if (t * h * d >= PARALLEL_MIN_ELEMENTS) reduction(| : failed)
     {
         float* row = malloc(sizeof(float) * (size_t)d);
 #pragma omp for schedule(static)

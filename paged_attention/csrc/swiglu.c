@@ -11,12 +11,13 @@
 
 #include "bf16.h"
 #include "fast_exp.h"
+#include "parallel.h"
 
 // gate_up: m rows, row i's gate at [i * ld, i * ld + n) and up right after
 // it; out [m, n]. dtype 0 float32, 1 bfloat16 (both tensors). Returns 0.
 int swiglu(int dtype, const void* gate_up, int64_t ld, void* out, int64_t m, int64_t n,
            int num_threads) {
-#pragma omp parallel for num_threads(num_threads) if (m * n >= 32768) schedule(static)
+#pragma omp parallel for num_threads(num_threads) if (m * n >= PARALLEL_MIN_ELEMENTS) schedule(static)
     for (int64_t row = 0; row < m; row++) {
         const int64_t g = row * ld, o = row * n;
         if (dtype) {

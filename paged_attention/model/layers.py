@@ -28,20 +28,6 @@ def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> 
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def cpu_kernels(dtype: torch.dtype, device: torch.device | str) -> Any:
-    """The C kernels (`native.load_library`) where a layer of this dtype and
-    device can use them, else None (the layer keeps its PyTorch ops)."""
-    if torch.device(device).type != "cpu" or dtype not in native.DTYPE_CODES:
-        return None
-    return native.load_library()
-
-
-def _native_ok(*tensors: torch.Tensor) -> bool:
-    """Whether tensors can go to a C kernel as they are: one dtype it takes, contiguous."""
-    dtype = tensors[0].dtype
-    return dtype in native.DTYPE_CODES and all(t.dtype == dtype and t.is_contiguous() for t in tensors)
-
-
 # --------------------------------------------------------------------- RMSNorm
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's LlamaRMSNorm: normalise in float32, cast back to x's dtype, then
@@ -60,7 +46,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
-        lib = cpu_kernels(dtype, device)
+        lib = native.library_for(dtype, device)
         self._native: Any = None if lib is None else lib.add_rms_norm  # a ctypes function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +58,7 @@ class RMSNorm(nn.Module):
         norm were a tenth of a one-token step, and at a prompt chunk's
         thousands of rows each is a pass over memory (C: 3.2 vs 9.2 ms at
         8,192 bfloat16 rows on two threads)."""
-        native_ok = self._native is not None and _native_ok(
+        native_ok = self._native is not None and native.takes(
             x, self.weight, *(() if residual is None else (residual,))
         )
         if not native_ok:
@@ -175,7 +161,7 @@ def rotate_rows_(
     (the q and k columns of the fused qkv output) with the C kernel, equal to
     `apply_rotary` bit for bit; False where it does not apply (no kernels,
     other dtypes or layouts), and the caller then runs `apply_rotary`."""
-    if kernels is None or x.dim() != 2 or not _native_ok(x, cos, sin):
+    if kernels is None or x.dim() != 2 or not native.takes(x, cos, sin):
         return False
     # The kernel trusts these bounds: it reads t * head_dim table entries and t * width activations.
     assert cos.shape == sin.shape and cos.numel() == x.shape[0] * head_dim, (cos.shape, x.shape, head_dim)
@@ -223,7 +209,7 @@ class GatedMLP(nn.Module):
     ) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        lib = cpu_kernels(dtype, device)
+        lib = native.library_for(dtype, device)
         self._swiglu: Any = None if lib is None else lib.swiglu  # a ctypes function
         self.gate_up_proj: QuantLinear | None = None
         self.down_proj: QuantLinear | None = None
@@ -264,7 +250,7 @@ class GatedMLP(nn.Module):
         pass on the CPU (`csrc/swiglu.c`; PyTorch's silu over the strided gate
         half was as slow as copying it), else two PyTorch operators."""
         n = self.intermediate_size
-        if self._swiglu is None or gate_up.dim() != 2 or not _native_ok(gate_up):
+        if self._swiglu is None or gate_up.dim() != 2 or not native.takes(gate_up):
             gate, up = gate_up.split(n, dim=-1)
             return F.silu(gate).mul_(up)
         assert gate_up.shape[1] == 2 * n, f"gate/up rows of {gate_up.shape[1]}, expected {2 * n}"

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paged_attention import native
 from paged_attention.attention.backend import AttentionBackend, select_attention_backend
 from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.kv_cache import KVCachePool
@@ -34,7 +35,6 @@ from paged_attention.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
-    cpu_kernels,
     empty_param,
     rotate_rows_,
 )
@@ -72,7 +72,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.qk_size = config.q_size + config.kv_size
         self.scale = config.head_dim**-0.5
-        self._kernels: Any = cpu_kernels(dtype, device)  # RoPE of prompt rows in C
+        self._kernels: Any = native.library_for(dtype, device)  # RoPE of prompt rows in C
         qkv_rows = config.q_size + 2 * config.kv_size
         # Quantized: the projections are QuantLinears; dense: plain parameters.
         self.qkv_proj: QuantLinear | None = None
