@@ -1,5 +1,6 @@
-"""Session-wide test set-up: the Triton interpreter flag and Hypothesis profiles
-(see tests/profiles.py: `ci`, derandomized, is the default)."""
+"""Session-wide test set-up: the Triton interpreter flag, Hypothesis profiles
+(see tests/profiles.py: `ci`, derandomized, is the default) and a fixed torch
+seed before every test."""
 
 from __future__ import annotations
 
@@ -44,3 +45,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     folder = config.stash.get(_CACHE_DIR, None)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch() -> None:
+    """Each test starts from the same torch RNG state: a test that draws
+    unseeded tensors sees the same numbers on every run and in any order
+    (PyTorch seeds its default generator randomly per process)."""
+    torch.manual_seed(0)
