@@ -166,8 +166,9 @@ def test_unknown_attention_backend_option_is_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_group_gemv_matches_dequantized_weights(rows, dtype):
     """A Q8_0-style layer (GGUF 8-bit records): the C kernel serves up to
-    NATIVE_MAX_ROWS rows and equals x @ W^T over the dequantized values to
-    float32 rounding (and to bfloat16 output rounding); more rows take PyTorch's kernel."""
+    equals x @ W^T over the dequantized values to float32 rounding (and to
+    bfloat16 output rounding), NATIVE_MAX_ROWS rows per call; PyTorch's
+    per-group kernel (where the C library is missing) gives the same values."""
     from paged_attention.model.quant import QuantLinear, QuantScheme, Scratch
     from paged_attention.model.quant.records import GroupQuantized
 
@@ -180,15 +181,18 @@ def test_int8_group_gemv_matches_dequantized_weights(rows, dtype):
         n, k, QuantScheme("gguf"), bias=False, dtype=dtype, scratch=Scratch(), exact_only=True
     )
     layer.load_rows(0, n, record)
-    assert layer.kind == "int8g" and layer.native_rows == kernels.NATIVE_MAX_ROWS
+    assert layer.kind == "int8g" and layer.native
     x = torch.randn(rows, k, generator=g).to(dtype)
     exact = x.double() @ layer.dequantize().double().t()
     out = layer(x)
     assert out.dtype == dtype and out.shape == (rows, n)
     tol = 1e-5 if dtype == torch.float32 else 1e-2 * exact.abs().max().item()
     assert (out.double() - exact).abs().max().item() <= tol
-    # Past the kernel's rows, PyTorch's per-group int8 kernel gives the same values.
+    # More rows than one call takes (the kernel at every row count): each row as alone.
+    layer.dense_rows = 1 << 40
     many = torch.cat([x] * (kernels.NATIVE_MAX_ROWS // rows + 1))
+    assert torch.equal(layer(many)[: len(many)].view(-1, rows, n)[-1], out)
+    layer.native = False
     torch.testing.assert_close(layer(many)[:rows].float(), out.float(), atol=0.05, rtol=0.02)
 
 

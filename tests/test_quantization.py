@@ -179,32 +179,35 @@ def test_q8_0_layer_keeps_the_file_values_in_int8_groups() -> None:
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K], ids=lambda t: t.name)
 def test_repacked_layer_computes_with_the_gguf_values(qtype: QT) -> None:
     """Through the kernel's own layout, scales and matmul: its weights are the
-    reference values up to the bfloat16 rounding of each group's scale and
-    zero, and x @ W^T matches within bfloat16 tolerance."""
-    rows, cols = 96, 512
+    reference values bit for bit (4-bit values packed exactly; scales and
+    offsets kept in float16 where they are the file's float16 fields, else
+    float32), and x @ W^T equals the float64 product to float32 rounding at
+    every row count (the C kernel reads 8 rows per call)."""
+    rows, cols = 128, 512
     raw = _gguf_raw(qtype, rows, cols, seed=1)
     record = repack_gguf(raw, int(qtype), (rows, cols))
     reference = record.dequantize()
-    layer = QuantLinear(rows, cols, QuantScheme("gguf"), bias=False, dtype=torch.bfloat16, scratch=Scratch())
+    layer = QuantLinear(rows, cols, QuantScheme("gguf"), bias=False, dtype=torch.float32, scratch=Scratch())
     layer.load_rows(0, rows, record)
     assert (layer.kind, layer.exact) == ("int4", True)
-    # The 4-bit values survive packing exactly; scale and zero are bfloat16.
-    packed_values = kernels.unpack_int4(layer.packed, rows, cols)
-    assert torch.equal(packed_values, record.values)
-    scales = record.scales.repeat_interleave(32, dim=1)
-    offsets = record.offsets.repeat_interleave(32, dim=1)
-    bound = (2.0**-8) * (8 * scales.abs() + (offsets + 8 * scales).abs()) + 1e-7
-    assert torch.all((layer.dequantize() - reference).abs() <= bound)
-    # The identity's product is W^T itself, as the kernel dequantizes it
-    # (the kernel at every row count here: 512 rows would take the dense path).
-    layer.dense_rows = 1 << 40
+    assert torch.equal(kernels.unpack_int4(layer.packed, rows, cols), record.values)
+    assert layer.group_params.dtype == (torch.float32 if qtype == QT.Q4_K else torch.float16)
+    assert torch.equal(layer.dequantize(), reference)
+    layer.dense_rows = 1 << 40  # the kernel at every row count
+    for m in (1, 3, 8, 13):
+        x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
+        exact = x.double() @ reference.double().t()
+        bound = 1e-5 * (x.abs().double() @ reference.abs().double().t()) + 1e-6
+        assert torch.all((layer(x).double() - exact).abs() <= bound), m
+    # bfloat16 activations in and out: the identity's product is W^T rounded once.
+    layer_bf16 = QuantLinear(
+        rows, cols, QuantScheme("gguf"), bias=False, dtype=torch.bfloat16, scratch=Scratch()
+    )
+    layer_bf16.load_rows(0, rows, record)
+    layer_bf16.dense_rows = 1 << 40
     eye = torch.eye(cols, dtype=torch.bfloat16)
-    torch.testing.assert_close(layer(eye).float().t(), layer.dequantize(), rtol=2**-8, atol=1e-6)
-    # x @ W^T: each weight off by its bfloat16 scale and zero, each sum rounded to bfloat16.
-    x = torch.randn(5, cols).bfloat16().float()
-    exact = x @ reference.t()
-    bound = x.abs() @ (layer.dequantize() - reference).abs().t() + 2.0**-8 * (x.abs() @ reference.abs().t())
-    assert torch.all((layer(x.bfloat16()).float() - exact).abs() <= bound)
+    assert torch.equal(layer_bf16(eye[:8]), reference[:, :8].t().bfloat16())
+    torch.testing.assert_close(layer_bf16(eye).float().t(), reference, rtol=2**-8, atol=1e-7)
 
 
 def test_int4_pack_equals_the_op_and_round_trips() -> None:

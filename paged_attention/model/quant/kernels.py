@@ -124,11 +124,31 @@ def _pack_tiles(values: torch.Tensor, block_n: int) -> torch.Tensor:
     return packed.transpose(1, 2).contiguous().view(n, k // 2)
 
 
-def int4_scales_and_zeros(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """float32 scales and offsets [N, G] of w = q * s + m -> the kernel's
-    [G, N, 2] (s, m + 8 s) in KERNEL_DTYPE, for w = (q - 8) * s + z."""
-    zeros = offsets + 8.0 * scales
-    return torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+def int4_params(scales: torch.Tensor, offsets: torch.Tensor, tile: int) -> torch.Tensor:
+    """float32 scales and offsets [N, G] -> one tensor [N / tile, G, 2, tile]
+    (each tile of rows its groups' scales then offsets: what the C kernel
+    reads, in order), float16 where every value is exact in it (a GGUF's
+    Q4_0/Q4_1 fields: 4 fewer bytes to read per 32 weights), else float32
+    (Q4_K's and AWQ/GPTQ's products, scales computed at load)."""
+    n, groups = scales.shape
+    assert n % tile == 0, f"{n} rows are not whole tiles of {tile}"
+    params = torch.stack((scales, offsets)).float().view(2, n // tile, tile, groups).permute(1, 3, 0, 2)
+    params = params.contiguous()
+    half = params.half()
+    return half if torch.equal(half.float(), params) else params
+
+
+def int4_params_by_group(params: torch.Tensor) -> torch.Tensor:
+    """`int4_params`'s tensor -> float32 scales and offsets [2, G, N]."""
+    tiles, groups, _, tile = params.shape
+    return params.float().permute(2, 1, 0, 3).reshape(2, groups, tiles * tile)
+
+
+def int4_scales_and_zeros(params: torch.Tensor) -> torch.Tensor:
+    """`int4_params`'s tensor -> PyTorch's kernel's [G, N, 2] (s, m + 8 s) in
+    KERNEL_DTYPE, for w = (q - 8) s + z."""
+    scales, offsets = int4_params_by_group(params)
+    return torch.stack((scales, offsets + 8.0 * scales), dim=-1).contiguous().to(KERNEL_DTYPE)
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -150,15 +170,16 @@ def int4_mm(
 
 def dequantize_int4_t(
     packed: torch.Tensor,
-    scales_and_zeros: torch.Tensor,
+    params: torch.Tensor,
     n: int,
     k: int,
     group_size: int,
     codes: torch.Tensor,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """W^T [K, N] as the kernel sees it ((q - 8) s + z), written into `out`
-    ([K, N], the matmul dtype) through `codes` (uint8 scratch of N * K)."""
+    """W^T [K, N] = q s + m (`params` as `int4_params` makes them),
+    written into `out` ([K, N], the matmul dtype) through `codes` (uint8
+    scratch of N * K)."""
     layout = int4_pack_layout()
     assert layout is not None, "dense int4 path without a known pack layout"
     bn = layout.block_n
@@ -179,12 +200,9 @@ def dequantize_int4_t(
         rest = codes[full * k :].view(k, n - full)
         _unpack_t(packed.view(-1)[full * k // 2 :].view(n - full, k // 2), n - full, k, layout, rest)
         out[:, full:].copy_(rest)
-    sz = scales_and_zeros.float()
-    s = sz[..., 0]
-    # (q - 8) s + z = q s + (z - 8 s): one multiply-add pass over the weights.
-    z = sz[..., 1] - 8.0 * s
+    scales, offsets = int4_params_by_group(params).to(out.dtype)
     grouped = out.view(k // group_size, group_size, n)
-    torch.addcmul(z.to(out.dtype).unsqueeze(1), grouped, s.to(out.dtype).unsqueeze(1), out=grouped)
+    torch.addcmul(offsets.unsqueeze(1), grouped, scales.unsqueeze(1), out=grouped)
     return out
 
 
@@ -230,35 +248,87 @@ def int8_group_mm(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -
 
 
 # ------------------------------------------------- the engine's own C kernels
-# Activation rows up to which `native_int8_group_mm` runs (MAX_ROWS in
-# csrc/quant_gemv.c). Measured on SmolLM2's head, one thread, against
-# `int8_group_mm`: 1 row 3.4 vs 5.0 ms, 2 rows 4.8 vs 7.9, 8 rows 13.4 vs 24.7.
+# Activation rows per call of `int8g_gemv` (MAX_ROWS in csrc/quant_gemv.c).
+# Measured on SmolLM2's head, one thread, against `int8_group_mm`: 1 row 3.4
+# vs 5.0 ms, 2 rows 4.8 vs 7.9, 8 rows 13.4 vs 24.7.
 NATIVE_MAX_ROWS = 8
 
 
 def native_int8_group_mm(
     x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """x [M, K] (float32 or bfloat16, M <= NATIVE_MAX_ROWS) @ W^T -> [M, N] in
-    `out_dtype`, W in groups of 32 as `int8_group_mm` takes it but with
-    float32 scales [N, G]."""
+    """x [M, K] (float32 or bfloat16) @ W^T -> [M, N] in `out_dtype`, W in
+    groups of 32 as `int8_group_mm` takes it but with float32 scales [N, G]:
+    float32 sums, a pass over W per NATIVE_MAX_ROWS rows."""
     lib = native.load_library()
     assert lib is not None, "native_int8_group_mm without the C library"
     x = x.contiguous()
     m, k = x.shape
     n = values.shape[1]
     y = torch.empty(m, n, dtype=out_dtype)
-    status = lib.int8g_gemv(
-        native.DTYPE_CODES[x.dtype],
-        x.data_ptr(),
-        values.data_ptr(),
-        scales.data_ptr(),
-        native.DTYPE_CODES[out_dtype],
-        y.data_ptr(),
-        m,
-        n,
-        k,
-        torch.get_num_threads(),
-    )
-    native.check(status, "int8g_gemv")
+    for r in range(0, m, NATIVE_MAX_ROWS):
+        status = lib.int8g_gemv(
+            native.DTYPE_CODES[x.dtype],
+            x[r].data_ptr(),
+            values.data_ptr(),
+            scales.data_ptr(),
+            native.DTYPE_CODES[out_dtype],
+            y[r].data_ptr(),
+            min(NATIVE_MAX_ROWS, m - r),
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+        native.check(status, "int8g_gemv")
+    return y
+
+
+# Activation rows per call of `int4_tile_gemv` (INT4_MAX_ROWS in csrc/int4_gemv.c).
+INT4_NATIVE_ROWS_PER_CALL = 8
+_SCALE_CODES = {torch.float32: 0, torch.float16: 2}
+
+
+def native_int4_tile() -> int | None:
+    """The tile width (rows of W) the C int4 kernel reads, when it can read
+    this PyTorch's packing (its split tiles of the same width), else None."""
+    lib = native.load_library()
+    layout = int4_pack_layout()
+    if lib is None or layout is None or not layout.split or layout.block_n != lib.int4_tile_width():
+        return None
+    return layout.block_n
+
+
+def native_int4_mm(
+    x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, group_size: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """x [M, K] (float32 or bfloat16) @ W^T -> [M, N] in `out_dtype`, W as
+    `pack_int4` packs it with `params` from `int4_params` (tiles of
+    `native_int4_tile()` rows): float32 sums over float32 scales, the
+    dequantized weights' own values. W is read once per
+    INT4_NATIVE_ROWS_PER_CALL rows."""
+    lib = native.load_library()
+    assert lib is not None, "native_int4_mm without the C library"
+    x = x.contiguous()
+    m, k = x.shape
+    tiles, _, _, tile = params.shape
+    n = tiles * tile
+    y = torch.empty(m, n, dtype=out_dtype)
+    step = INT4_NATIVE_ROWS_PER_CALL
+    for r in range(0, m, step):
+        status = lib.int4_tile_gemv(
+            native.DTYPE_CODES[x.dtype],
+            x[r].data_ptr(),
+            packed.data_ptr(),
+            tile,
+            _SCALE_CODES[params.dtype],
+            params.data_ptr(),
+            native.DTYPE_CODES[out_dtype],
+            y[r].data_ptr(),
+            min(step, m - r),
+            n,
+            k,
+            group_size,
+            torch.get_num_threads(),
+        )
+        native.check(status, "int4_tile_gemv")
     return y

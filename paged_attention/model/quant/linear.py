@@ -1,5 +1,7 @@
 """`QuantLinear`: y = x W^T + b with W kept quantized (int4 in groups, or int8
-per output channel) and multiplied by PyTorch's CPU weight-only kernels.
+per output channel or in groups of 32) and multiplied by the engine's C
+kernels (`csrc/int4_gemv.c`, `csrc/quant_gemv.c`) or PyTorch's CPU
+weight-only kernels.
 
 A layer is filled a row block at a time (fused q|k|v and gate|up take three
 and two checkpoint tensors), from float tensors or quantized records, and
@@ -8,18 +10,20 @@ settles its format once every row has arrived:
 * int4 when the scheme asks for it and the kernel takes the shape; under
   "gguf" only if every block came as GGUF 4-bit data (exact), else int8;
 * int8 in groups of 32 ("int8g") when every block came as GGUF Q8_0 data
-  (exact: the int8 kernel runs once per group, each with that group's scales;
-  up to a few rows the engine's own C kernel runs instead, in one pass);
+  (exact);
 * int8 per output channel (the int8 scheme, and the fallback above);
 * dense in the model dtype when neither kernel takes the shape, or when the
   layer must stay exact and row-readable (`exact_only`: a GGUF's LM head) and
   is not int8g.
 
-Forward picks a path by the number of rows: the kernels (bfloat16 in and out)
-below `dense_rows`, else a dense matmul over weights dequantized on the spot
-into a scratch buffer shared by the model's layers. The kernels re-read and
-dequantize W once per 4 rows, so at large batches (prompts, many decodes)
-the dense matmul is faster; a weight read from memory costs 4-8x less than a
+Forward picks a path by the number of rows: a kernel below `dense_rows`,
+else a dense matmul over weights dequantized on the spot into a scratch
+buffer shared by the model's layers. int4 and int8g run the engine's C
+kernels where they build (`native`): float32 sums over the exact scales, in
+the activations' dtype (float32 or bfloat16), W read once per 8 rows.
+Elsewhere, and for per-channel int8, PyTorch's kernels run in bfloat16 and
+read W once per 4 rows. So at large batches (prompts, many decodes) the
+dense matmul is faster; a weight read from memory costs 4-8x less than a
 dense one, which is what decode at small batches is bound by. With
 `scheme.dense_copy` the dense path multiplies a dense copy of W instead,
 made once DENSE_COPY_AFTER calls have had DENSE_COPY_ROWS rows or more: a
@@ -115,7 +119,7 @@ class QuantLinear(nn.Module):
         self.kind = "pending"
         self.exact = True  # every value is the checkpoint's own (no rounding at load)
         self.dense_rows = _NEVER
-        self.native_rows = 0  # rows up to which the engine's own C kernel runs
+        self.native = False  # whether the engine's own C kernel serves the kernel path
         self._pieces: list[tuple[int, int, Piece]] = []
         self._calls_before_copy = 0
         self._rows_loaded = 0
@@ -191,13 +195,25 @@ class QuantLinear(nn.Module):
     def _set_int4(self, values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> None:
         self.kind = "int4"
         self.packed: torch.Tensor
-        self.scales_and_zeros: torch.Tensor
+        self.group_params: torch.Tensor
         self.register_buffer("packed", kernels.pack_int4(values), persistent=False)
-        self.register_buffer(
-            "scales_and_zeros", kernels.int4_scales_and_zeros(scales, offsets), persistent=False
-        )
         # The dense path unpacks the kernel's layout; without a known one the kernel runs always.
         self.dense_rows = DENSE_ROWS["int4"] if kernels.int4_pack_layout() is not None else _NEVER
+        tile = kernels.native_int4_tile()
+        self.native = (
+            native.library_for(self.dtype, "cpu") is not None
+            and tile is not None
+            and self.out_features % tile == 0
+        )
+        # Scales and offsets as loaded (float16 or float32, exact), in the C
+        # kernel's tiles: its and the dense path's. PyTorch's kernel wants them
+        # in bfloat16: made on its first call, only where the C kernel cannot run.
+        self.register_buffer(
+            "group_params",
+            kernels.int4_params(scales, offsets, tile if self.native and tile else self.out_features),
+            persistent=False,
+        )
+        self._scales_and_zeros: torch.Tensor | None = None
 
     def _set_int8_groups(self, biased: torch.Tensor, scales: torch.Tensor) -> None:
         """From 8-bit records (values q + 128, offsets -128 s: GGUF Q8_0)."""
@@ -217,12 +233,8 @@ class QuantLinear(nn.Module):
             "group_kernel_scales", scales.t().to(kernels.KERNEL_DTYPE).contiguous(), persistent=False
         )
         self.dense_rows = DENSE_ROWS["int8g"]
-        # Up to NATIVE_MAX_ROWS rows, the engine's C kernel (one pass, float32 sums).
-        self.native_rows = (
-            kernels.NATIVE_MAX_ROWS
-            if self.dtype in native.DTYPE_CODES and native.load_library() is not None
-            else 0
-        )
+        # The engine's C kernel at every kernel row count (float32 sums, a pass over W per 8 rows).
+        self.native = native.library_for(self.dtype, "cpu") is not None
 
     def _set_int8(self, values: torch.Tensor, scales: torch.Tensor) -> None:
         self.kind = "int8"
@@ -257,11 +269,17 @@ class QuantLinear(nn.Module):
         return y
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_rows and x.shape[0] <= self.native_rows and x.dtype in native.DTYPE_CODES:
+        if self.native and x.dtype in native.DTYPE_CODES:
+            if self.kind == "int4":
+                return kernels.native_int4_mm(
+                    x, self.packed, self.group_params, self.scheme.group_size, self.dtype
+                )
             return kernels.native_int8_group_mm(x, self.group_values, self.group_scales, self.dtype)
         xk = x if x.dtype == kernels.KERNEL_DTYPE else x.to(kernels.KERNEL_DTYPE)
         if self.kind == "int4":
-            y = kernels.int4_mm(xk, self.packed, self.scheme.group_size, self.scales_and_zeros)
+            if self._scales_and_zeros is None:
+                self._scales_and_zeros = kernels.int4_scales_and_zeros(self.group_params)
+            y = kernels.int4_mm(xk, self.packed, self.scheme.group_size, self._scales_and_zeros)
         elif self.kind == "int8g":
             y = kernels.int8_group_mm(xk, self.group_values, self.group_kernel_scales)
         else:
@@ -283,7 +301,7 @@ class QuantLinear(nn.Module):
             weight = self.scratch.get("weight", n * k, x.dtype)
             codes = self.scratch.get("codes", n * k, torch.uint8)
             wt = kernels.dequantize_int4_t(
-                self.packed, self.scales_and_zeros, n, k, self.scheme.group_size, codes, weight.view(k, n)
+                self.packed, self.group_params, n, k, self.scheme.group_size, codes, weight.view(k, n)
             )
             return torch.mm(x, wt)
         # int8 values are exact in bfloat16; the per-row scale moves to the output.
@@ -323,8 +341,8 @@ class QuantLinear(nn.Module):
         if self.kind == "int4":
             n, k, g = self.out_features, self.in_features, self.scheme.group_size
             q = kernels.unpack_int4(self.packed, n, k).float().view(n, k // g, g)
-            sz = self.scales_and_zeros.float()
-            return (q - 8).mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1)).view(n, k)
+            scales, offsets = kernels.int4_params_by_group(self.group_params)
+            return q.mul_(scales.t().unsqueeze(-1)).add_(offsets.t().unsqueeze(-1)).view(n, k)
         if self.kind == "int8":
             return self.values.float() * self.kernel_scales.float().unsqueeze(-1)
         if self.kind == "int8g":
