@@ -191,7 +191,7 @@ def test_wrong_method_named_explicitly_is_refused(tmp_path: Path) -> None:
 def test_checkpoint_config_is_checked() -> None:
     def resolve(value: str, qcfg: dict) -> QuantScheme:
         return resolve_quantization(
-            value, is_gguf=False, device_type="cpu", float_dtype_requested=False, checkpoint=qcfg
+            value, is_gguf=False, device_type="cpu", float16_requested=False, checkpoint=qcfg
         )
 
     assert resolve("auto", QCONFIG["gptq"]) == QuantScheme("int4", GROUP, source="gptq")

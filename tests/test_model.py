@@ -376,7 +376,8 @@ def test_gguf_hook_prefers_folder_config(saved_llama, tmp_path: Path, monkeypatc
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "m.gguf").write_bytes(b"")
-    ours, config = load_model(bare / "m.gguf")
+    # (dense: the fake loader hands out float tensors, not the file's blocks)
+    ours, config = load_model(bare / "m.gguf", quantization="none")
     assert calls == [bare / "m.gguf"] and config.architecture == "LlamaForCausalLM"
     torch.testing.assert_close(PagedRunner(ours).step([(0, tokens)])[0], expected, atol=ATOL, rtol=0)
 
@@ -387,15 +388,15 @@ def test_gguf_hook_prefers_folder_config(saved_llama, tmp_path: Path, monkeypatc
     shutil.copy(folder / "config.json", with_config)
     (with_config / "m.gguf").write_bytes(b"")
     gguf_config["architectures"] = ["NotAModel"]
-    ours, _ = load_model(with_config)
+    ours, _ = load_model(with_config, quantization="none")
     assert calls[-1] == with_config / "m.gguf"
     torch.testing.assert_close(PagedRunner(ours).step([(0, tokens)])[0], expected, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="NotAModel"):
-        load_model(bare)
+        load_model(bare, quantization="none")
 
     (with_config / "n.gguf").write_bytes(b"")
     with pytest.raises(ValueError, match="several GGUF files"):
-        load_model(with_config)
+        load_model(with_config, quantization="none")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -51,7 +51,7 @@ def test_bad_quantization_names_the_value_and_the_choices() -> None:
     with pytest.raises(ValueError, match=r"unknown quantization 'int3'.*auto, none, gguf, int8, int4"):
         EngineConfig(quantization="int3")
     with pytest.raises(ValueError, match=r"'fp8'.*int4-g64"):
-        resolve_quantization("fp8", is_gguf=False, device_type="cpu", float_dtype_requested=False)
+        resolve_quantization("fp8", is_gguf=False, device_type="cpu", float16_requested=False)
     with pytest.raises(ValueError, match="unknown quantization 'q4'"):
         LLM("/no/such/model", quantization="q4")
     assert EngineConfig(quantization=None).quantization is None  # None means auto
@@ -59,17 +59,17 @@ def test_bad_quantization_names_the_value_and_the_choices() -> None:
 
 
 def test_auto_and_explicit_schemes_resolve() -> None:
-    def resolve(value, gguf=True, device="cpu", exact=False):
-        return resolve_quantization(value, is_gguf=gguf, device_type=device, float_dtype_requested=exact)
+    def resolve(value, gguf=True, device="cpu", half=False):
+        return resolve_quantization(value, is_gguf=gguf, device_type=device, float16_requested=half)
 
     assert resolve("auto") == resolve(None) == QuantScheme("gguf", dense_copy=True)
     assert resolve("gguf") == QuantScheme("gguf")  # explicit: the 4-bit blocks alone
     assert resolve("auto", gguf=False).method == "none"
-    assert resolve("auto", exact=True).method == "none"  # float32 asked for: dense
+    assert resolve("auto", half=True).method == "none"  # float16 asked for: dense
     assert resolve("auto", device="cuda").method == "none"
     assert resolve("int4") == QuantScheme("int4", 32)
     assert resolve("int4-g128", gguf=False) == QuantScheme("int4", 128)
-    assert resolve("int8", exact=True) == QuantScheme("int8")
+    assert resolve("int8", half=True) == QuantScheme("int8")
     assert resolve("none").method == "none"
     with pytest.raises(ValueError, match="'gguf' needs a .gguf model file"):
         resolve("gguf", gguf=False)
@@ -430,9 +430,11 @@ def test_gguf_file_keeps_its_4bit_blocks(tmp_path: Path) -> None:
     ours, ref = PagedRunner(quantized).step([(0, tokens)])[0], PagedRunner(dense).step([(0, tokens)])[0]
     torch.testing.assert_close(ours, ref, rtol=0, atol=0.02 * float(ref.abs().max()))
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
-    # "auto" keeps the blocks in bfloat16 and loads dense when float32 is asked for.
+    # "auto" keeps the blocks in bfloat16 and in float32 (the engine's kernels
+    # take either), and loads dense when float16 is asked for.
     assert load_model(path, torch.bfloat16)[0].quantization.method == "gguf"
-    assert load_model(path, torch.float32)[0].quantization.method == "none"
+    assert load_model(path, torch.float32)[0].quantization.method == "gguf"
+    assert load_model(path, torch.float16)[0].quantization.method == "none"
 
 
 def _default_gguf_installed() -> bool:

@@ -127,8 +127,9 @@ def test_each_rank_loads_only_its_slices(tmp_path, monkeypatch, fmt):
         path = write_tiny_gguf(tmp_path / "tiny.gguf")
         if fmt == "gguf-streamed":  # no cache: slice each tensor as it is dequantized
             monkeypatch.setattr("paged_attention.distributed.weights.gguf_cache_names", lambda _: None)
-    whole, cfg = load_model(path)
-    ranks = [load_model(path, tp=ParallelContext(r, 2))[0] for r in (0, 1)]
+    # Dense weights (a GGUF's float cache, or its tensors dequantized one by one).
+    whole, cfg = load_model(path, quantization="none")
+    ranks = [load_model(path, tp=ParallelContext(r, 2), quantization="none")[0] for r in (0, 1)]
     q = [r.config.q_size for r in ranks]
     kv = [r.config.kv_size for r in ranks]
     inter = [r.config.intermediate_size for r in ranks]
@@ -335,8 +336,9 @@ def test_record_slices_equal_slices_of_the_dequantized_matrix():
 def test_quantized_weights_shard_like_dense_ones(tmp_path, quantization):
     """TP=2 with quantized weights computes what TP=1 computes with the same
     weights: int8 gives the same greedy tokens; int4's partial sums are added in
-    a different order (bf16), so its next-token log-probs are compared, and its
-    greedy tokens agree until the first near-tie."""
+    a different order (and, on a rank whose rows are not whole tiles of the C
+    kernel, by PyTorch's bfloat16 kernel), so its next-token log-probs are
+    compared, and its greedy tokens agree until the first near-tie."""
     folder, _ = save_random_model(tmp_path, "llama", hidden_size=128, intermediate_size=256)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     options = dict(dtype="bfloat16", num_kv_blocks=64, block_size=4, quantization=quantization)
@@ -350,9 +352,11 @@ def test_quantized_weights_shard_like_dense_ones(tmp_path, quantization):
         llm.shutdown()
     for want, have in zip(expected_first, got_first):
         (want_top,), (have_top,) = want.outputs[0].logprobs, have.outputs[0].logprobs
-        assert set(want_top) == set(have_top)
         for token, logprob in want_top.items():
-            assert have_top[token] == pytest.approx(logprob, abs=0.15)  # bf16 sums in another order
+            if token in have_top:
+                assert have_top[token] == pytest.approx(logprob, abs=0.15)  # sums in another order
+            else:  # a near-tie at the top-5 cut: the token that replaced it is as likely
+                assert logprob == pytest.approx(min(have_top.values()), abs=0.15)
     if quantization == "int8":
         assert _tokens(got) == _tokens(expected)
     else:

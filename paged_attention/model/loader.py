@@ -182,7 +182,7 @@ def load_model(
             quantization,
             is_gguf=files.gguf is not None,
             device_type=torch.device(device).type,
-            float_dtype_requested=dtype != torch.bfloat16,
+            float16_requested=dtype == torch.float16,
             checkpoint=checkpoint_quant,
         )
     weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paged_attention.config import QUANTIZATION_CHOICES
+from paged_attention.config import DTYPE_NAMES, QUANTIZATION_CHOICES
 
 # Group sizes the CPU int4 kernel takes (it walks K one group at a time).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -120,7 +120,7 @@ def resolve_quantization(
     *,
     is_gguf: bool,
     device_type: str,
-    float_dtype_requested: bool,
+    float16_requested: bool,
     checkpoint: dict[str, Any] | None = None,
 ) -> QuantScheme:
     """The scheme `value` names for this checkpoint and device.
@@ -128,9 +128,11 @@ def resolve_quantization(
     "auto" (or None) keeps a GGUF file's 4-bit blocks on the CPU, with a dense
     copy for large batches (fast at every batch size, at the dense copy's
     memory), and loads everything else dense. An explicit "gguf" keeps the
-    4-bit blocks alone (the smallest memory; large batches dequantize). It stays dense when float32/float16 numerics were
-    asked for (`float_dtype_requested`): the CPU kernels multiply in bfloat16,
-    so they cannot honour that request. Other devices have no kernels here.
+    4-bit blocks alone (the smallest memory; large batches dequantize).
+    "auto" stays dense when float16 numerics were asked for
+    (`float16_requested`): the engine's kernels take float32 and bfloat16
+    activations, and PyTorch's would cast float16 ones to bfloat16. Other
+    devices have no kernels here.
     An AWQ/GPTQ checkpoint (`checkpoint`: its `quantization_config`) loads
     into int4 under "auto" (or its own method named) on the CPU, and dense
     (dequantized) where "auto" stays dense or "none" is asked for.
@@ -143,9 +145,9 @@ def resolve_quantization(
     parse_quantization(value)
     method = str(checkpoint.get("quant_method", "")).lower() if checkpoint is not None else "none"
     if value in (None, "auto"):
-        if checkpoint is not None and device_type == "cpu" and not float_dtype_requested:
+        if checkpoint is not None and device_type == "cpu" and not float16_requested:
             return checkpoint_scheme(checkpoint)
-        if is_gguf and device_type == "cpu" and not float_dtype_requested:
+        if is_gguf and device_type == "cpu" and not float16_requested:
             return QuantScheme("gguf", dense_copy=True)
         return NONE
     assert value is not None
@@ -182,16 +184,17 @@ def quantization_for_engine(
 ) -> QuantScheme:
     """The engine's `quantization` option resolved for its model file
     (`weights`: a .gguf file or a folder). "auto" stays dense when the dtype
-    option asks for float32/float16 numerics; tensor parallelism shards
+    option asks for float16; tensor parallelism shards
     quantized weights as it does dense ones (`tensor_parallel` is kept for
     callers and changes nothing)."""
-    float_requested = str(dtype_option) not in ("auto", "bfloat16", "bf16", "torch.bfloat16")
+    name = str(dtype_option).removeprefix("torch.")
+    float16 = DTYPE_NAMES.get(name, name) == "float16"
     is_gguf = str(weights).lower().endswith(".gguf")
     return resolve_quantization(
         value,
         is_gguf=is_gguf,
         device_type=device_type,
-        float_dtype_requested=float_requested,
+        float16_requested=float16,
         checkpoint=None if is_gguf else _folder_checkpoint_quantization(weights),
     )
 
