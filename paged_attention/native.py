@@ -57,6 +57,22 @@ SIGNATURES: dict[str, list[type]] = {
     "int4_tile_width": [],
     # x_dtype, x, packed, tile, scale_dtype, params, y_dtype, y, m, n, k, group, threads
     "int4_tile_gemv": [_INT, _PTR, _PTR, _I64, _INT, _PTR, _INT, _PTR, *[_I64] * 4, _INT],
+    # dtype, x, layers, num_layers, cos, sin, slots, tables, table_width, ctx_lens,
+    # pending, batch, hidden, hq, hkv, head_dim, inter, block_size, tile, group, eps, scale, threads
+    "decode_stack": [
+        _INT,
+        _PTR,
+        _PTR,
+        _I64,
+        *[_PTR] * 4,
+        _I64,
+        _PTR,
+        _PTR,
+        *[_I64] * 9,
+        _FLOAT,
+        _FLOAT,
+        _INT,
+    ],
 }
 
 

@@ -30,6 +30,7 @@ from paged_attention.attention.backend import AttentionBackend, select_attention
 from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
+from paged_attention.model.decode_stack import DecodeStack
 from paged_attention.model.layers import (
     GatedMLP,
     RMSNorm,
@@ -258,6 +259,11 @@ class CausalLM(nn.Module):
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        # Decode steps of a few sequences through all layers in one C call
+        # (`decode_stack.py`), set up at the first step after the weights load.
+        self.use_decode_stack = True
+        self._decode_stack: DecodeStack | None = None
+        self._decode_stack_built = False
         self.rotary = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
@@ -340,9 +346,15 @@ class CausalLM(nn.Module):
             assert self.head is not None
             x = self.head.embed(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        pending = None  # each layer's MLP output, added to x by the next norm
-        for layer in self.layers:
-            pending = layer.forward(x, cos, sin, kv_cache, meta, pending)
+        if not self._decode_stack_built:
+            self._decode_stack = DecodeStack.build(self)
+            self._decode_stack_built = True
+        stack = self._decode_stack if self.use_decode_stack else None
+        # Each layer's MLP output, added to x by the next norm.
+        pending = None if stack is None else stack.run(x, cos, sin, kv_cache, meta)
+        if pending is None:
+            for layer in self.layers:
+                pending = layer.forward(x, cos, sin, kv_cache, meta, pending)
         return self.norm.add_forward(x, pending)
 
     @torch.no_grad()
@@ -454,6 +466,7 @@ class CausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
             raise ValueError(f"{len(missing)} tensors missing from the checkpoint: {shown}")
+        self._decode_stack_built = False  # its pointers are to the weights it finds then
         layers = self.quant_layers()
         if layers:
             kinds: dict[str, int] = {}

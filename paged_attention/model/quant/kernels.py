@@ -288,6 +288,11 @@ INT4_NATIVE_ROWS_PER_CALL = 8
 _SCALE_CODES = {torch.float32: 0, torch.float16: 2}
 
 
+def scale_code(params: torch.Tensor) -> int:
+    """The C kernel's code for the dtype of `int4_params`'s tensor."""
+    return _SCALE_CODES[params.dtype]
+
+
 def native_int4_tile() -> int | None:
     """The tile width (rows of W) the C int4 kernel reads, when it can read
     this PyTorch's packing (its split tiles of the same width), else None."""
@@ -320,7 +325,7 @@ def native_int4_mm(
             x[r].data_ptr(),
             packed.data_ptr(),
             tile,
-            _SCALE_CODES[params.dtype],
+            scale_code(params),
             params.data_ptr(),
             native.DTYPE_CODES[out_dtype],
             y[r].data_ptr(),
