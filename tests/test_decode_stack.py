@@ -55,13 +55,13 @@ def test_stack_equals_the_layers_bit_for_bit(tmp_path: Path, arch: str, dtype: t
             runner.pool.key(layer).zero_()
             runner.pool.value(layer).zero_()
     gen = torch.Generator().manual_seed(0)
-    seqs = list(range(12))
+    seqs = list(range(MAX_BATCH - 2))
     prompts = {s: torch.randint(3, 256, (3 + s,), generator=gen).tolist() for s in seqs}
     for runner in runners:  # prompts: the layers (prompt tokens in the step)
         runner.step([(s, prompts[s]) for s in seqs])
     assert stacked._decode_stack is not None
     next_tokens = {s: prompts[s][-1] for s in seqs}
-    # 1 sequence, 3, then 11 (more rows than one int4 call takes), then 12 again.
+    # 1 sequence, 3, then 11 (more rows than one int4 call takes), 22, and 1 again.
     for batch in ([0], [1, 2, 3], seqs[:11], seqs, [5]):
         chunks = [(s, [next_tokens[s]]) for s in batch]
         saved = [layer.forward for layer in stacked.layers]

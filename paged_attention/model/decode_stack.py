@@ -4,9 +4,11 @@ Where it runs: a CPU model whose every projection is an int4 `QuantLinear`
 on the engine's C kernel (a GGUF's Q4_0/Q4_1/Q4_K model, AWQ/GPTQ, int4),
 without tensor parallelism, on a decode-only step of fewer than
 `MAX_BATCH` sequences. It calls the kernels the layers call, in their order,
-so its tokens are the layer-by-layer path's (tested bit for bit); it saves
-the Python between them, which at one sequence on two threads was a third of
-the step. Anything else returns None from `DecodeStack.build` or `run`, and
+so its tokens are the layer-by-layer path's wherever the layers run the int4
+kernel too (tested bit for bit); it saves the Python between them, which at
+one sequence on two threads was a third of the step. (From 16 rows on, a
+layer with a dense copy multiplies that instead: the stack keeps the kernel
+up to MAX_BATCH, where it is faster.) Anything else returns None from `DecodeStack.build` or `run`, and
 the model runs its layers one by one.
 """
 
@@ -24,12 +26,13 @@ from paged_attention import native
 from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.quant import QuantLinear, kernels
-from paged_attention.model.quant.linear import DENSE_COPY_ROWS
 
-# Fewer sequences than this: from DENSE_COPY_ROWS on, the layers switch to a
-# dense matmul (and count calls towards making the dense copy), which this
-# path does not do.
-MAX_BATCH = DENSE_COPY_ROWS
+# Fewer sequences than this. Measured on SmolLM2 Q4_1, two threads, 64-token
+# prompts and outputs: 16 sequences 594 tok/s against 477 through the layers
+# (which multiply a dense bfloat16 copy from 16 rows on), 24 equal (632), 32
+# 647 against 767: from there the weights' reads are shared by enough rows
+# that the dense matmul's speed wins.
+MAX_BATCH = 24
 # Per layer, the int64 fields `decode_stack` reads (its enum): the two norm
 # weights, the layer's K and V pools, then per projection its packed values,
 # params, bias (0: none) and scale dtype.
@@ -164,5 +167,5 @@ class DecodeStack:
 
 
 def _runs_int4(p: QuantLinear | None) -> bool:
-    """An int4 layer on the C kernel up to MAX_BATCH rows."""
-    return p is not None and p.kind == "int4" and p.native and p.dense_rows >= MAX_BATCH
+    """An int4 layer on the C kernel."""
+    return p is not None and p.kind == "int4" and p.native
