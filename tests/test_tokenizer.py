@@ -81,3 +81,27 @@ def test_clean_up_spaces_goes_through_transformers(tmp_path: Path) -> None:
     assert tok._backend is None and not (tmp_path / "cache").exists()
     ids = tok.hf.encode("Tom's dog . , hi")
     assert tok.decode(ids) == tok.hf.decode(ids)
+
+
+def test_server_calls_are_answered_as_the_auto_tokenizer_answers(tmp_path: Path) -> None:
+    """The calls the server makes give the AutoTokenizer's answers, and the
+    AutoTokenizer is loaded only when one needs it (not for encode/decode,
+    token strings, or an overriding chat template)."""
+    import copy
+
+    tok = Tokenizer.load(DEFAULT_MODEL_ASSETS, cache_dir=tmp_path)
+    hf = load_auto_tokenizer(DEFAULT_MODEL_ASSETS)
+    server_copy = copy.deepcopy(Tokenizer.load(DEFAULT_MODEL_ASSETS, cache_dir=tmp_path))
+    ids = hf.encode("Once upon a time, <|im_start|> a fox.")
+    assert server_copy.encode("Once upon a time, <|im_start|> a fox.") == ids
+    assert server_copy.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
+    server_copy.chat_template = "{{ messages[0]['content'] }}!"
+    assert server_copy.chat_template == "{{ messages[0]['content'] }}!"
+    assert server_copy._hf is None  # nothing so far needed it
+    messages = [{"role": "user", "content": "hi"}]
+    assert server_copy.apply_chat_template(messages, tokenize=False) == "hi!"
+    assert tok.chat_template == hf.chat_template  # no override: the model's own
+    assert tok.apply_chat_template(messages, tokenize=False) == hf.apply_chat_template(
+        messages, tokenize=False
+    )
+    assert tok.all_special_ids == hf.all_special_ids

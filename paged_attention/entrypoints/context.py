@@ -54,7 +54,7 @@ class ServerContext:
     # event loop: a large prompt must not stall /health or other clients,
     # and one tokenizer copy is not to be used by two threads at once.
     _prepare_limiter: Any = None
-    # The server's own AutoTokenizer copy (the engine thread decodes with the original).
+    # The server's own copy of the engine's Tokenizer (the engine thread decodes with the original).
     tokenizer: Any = field(init=False)
 
     def __post_init__(self) -> None:

@@ -104,8 +104,10 @@ def create_app(
     config = ServerConfig(served_model_name, api_key, max_waiting, limits=limits or ServerLimits(),
                           allowed_hosts=hosts)  # fmt: skip
     # The engine thread decodes with the tokenizer while requests are tokenized
-    # on the preparation thread; HF tokenizers are not safe to share across threads.
-    tokenizer = copy.deepcopy(llm.get_tokenizer())
+    # on the preparation thread; HF tokenizers are not safe to share across
+    # threads. The engine's own Tokenizer, copied (its AutoTokenizer is loaded
+    # on the copy only if a chat template or token strings are asked for).
+    tokenizer = copy.deepcopy(llm.engine.tokenizer)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     # The collector reads the engine's load at scrape time; `engine` is bound below.

@@ -92,7 +92,7 @@ def _has_key(body: bytes, key: str) -> bool:
 class RouteContext(Protocol):
     """What these routes use of the server's context."""
 
-    tokenizer: Any  # the server's AutoTokenizer copy
+    tokenizer: Any  # the server's copy of the engine's Tokenizer
     engine: Any  # has max_model_len and vocab_size
 
     def check_model(self, model: str | None) -> None: ...
