@@ -55,6 +55,7 @@ SIGNATURES: dict[str, list[type]] = {
     # x_dtype, x, values, scales, y_dtype, y, m, n, k, threads
     "int8g_gemv": [_INT, _PTR, _PTR, _PTR, _INT, _PTR, *[_I64] * 3, _INT],
     "int4_tile_width": [],
+    "decode_stack_layer_fields": [],
     # x_dtype, x, packed, tile, scale_dtype, params, y_dtype, y, m, n, k, group, threads
     "int4_tile_gemv": [_INT, _PTR, _PTR, _I64, _INT, _PTR, _INT, _PTR, *[_I64] * 4, _INT],
     # dtype, x, layers, num_layers, cos, sin, slots, tables, table_width, ctx_lens,

@@ -30,6 +30,9 @@ enum {
 
 #define ROWS_PER_CALL 8  // int4_tile_gemv's limit
 
+// The row width the caller must write (checked when the stack is built).
+int decode_stack_layer_fields(void) { return LAYER_FIELDS; }
+
 // y [m, n] = x [m, k] W^T (+ bias, added after y is rounded, as PyTorch adds it).
 static int project(int dtype, const int64_t* f, const void* x, void* y, int64_t m, int64_t n,
                    int64_t k, int64_t tile, int64_t group, int threads) {

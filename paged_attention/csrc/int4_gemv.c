@@ -32,7 +32,7 @@
 
 #include "bf16.h"
 
-#define INT4_MAX_ROWS 8  // activation rows per call (more: the caller uses a matmul)
+#define INT4_MAX_ROWS 8  // activation rows per call (more: the caller calls again)
 #define SCALE_F16 2
 
 static inline float f16_to_f32(uint16_t h) {

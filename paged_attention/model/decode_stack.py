@@ -8,8 +8,8 @@ so its tokens are the layer-by-layer path's wherever the layers run the int4
 kernel too (tested bit for bit); it saves the Python between them, which at
 one sequence on two threads was a third of the step. (From 16 rows on, a
 layer with a dense copy multiplies that instead: the stack keeps the kernel
-up to MAX_BATCH, where it is faster.) Anything else returns None from `DecodeStack.build` or `run`, and
-the model runs its layers one by one.
+up to MAX_BATCH, where it is faster.) Anything else returns None from
+`DecodeStack.build` or `run`, and the model runs its layers one by one.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class DecodeStack:
             rows.append(fields)
         if len(groups) != 1:
             return None
+        assert lib.decode_stack_layer_fields() == LAYER_FIELDS, "decode_stack.c reads another layout"
         cfg = model.config
         norm = model.layers[0].input_layernorm
         return cls(

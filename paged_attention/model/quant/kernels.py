@@ -1,4 +1,6 @@
-"""PyTorch's CPU weight-only kernels, wrapped with the layouts they expect.
+"""The weight-only kernels a `QuantLinear` multiplies with, and the layouts
+they expect: the engine's C kernels (at the end of this module; float32 sums
+over exact scales) where they build, PyTorch's CPU kernels elsewhere.
 
 * int4: `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)`
   computes x @ W^T with W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n], g = k // group,
@@ -11,8 +13,8 @@
 
 On x86 both are vectorised (AVX2 and AVX-512) only for bfloat16 activations;
 float32 ones take a scalar loop, measured 10-60x slower than a dense float32
-matmul. So every call here runs in bfloat16 (`KERNEL_DTYPE`) and casts at the
-edges. Both kernels dequantize their weights once per 4 activation rows, so
+matmul. So every call to them runs in bfloat16 (`KERNEL_DTYPE`) and casts at
+the edges. Both kernels dequantize their weights once per 4 activation rows, so
 at many rows a dense matmul over weights dequantized on the spot wins: the
 `dequantize_*_t` functions write W^T into caller-owned scratch buffers for
 that path.
