@@ -110,3 +110,19 @@ def test_build_declines_models_it_cannot_run(tmp_path: Path) -> None:
     odd, _ = load_model(odd_folder, torch.float32, quantization="int4")  # rows not whole tiles
     assert DecodeStack.build(odd) is None
     assert DecodeStack.build(load_model(folder, torch.float32, quantization="int4")[0]) is not None
+
+
+def test_attention_timing_turns_the_stack_off(tmp_path: Path) -> None:
+    """The benchmarks time attention around the backend: while they do, the
+    stack (which attends inside C) is off, and it is back on afterwards."""
+    from paged_attention.bench.block_size import timed_backend
+
+    model, _ = _models(tmp_path, "llama", torch.float32)
+    runner = PagedRunner(model, num_blocks=160)
+    runner.step([(0, [5, 6, 7])])
+    assert model.decode_stack_serves(1) and not model.decode_stack_serves(MAX_BATCH)
+    bucket: dict[str, float] = {}
+    with timed_backend(model, bucket):
+        assert not model.decode_stack_serves(1)
+        runner.step([(0, [8])])
+    assert bucket["attention"] > 0 and model.decode_stack_serves(1)

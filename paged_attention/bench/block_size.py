@@ -76,8 +76,11 @@ def timed_backend(
     bucket[attention_key], KV writes into bucket[write_key]; a fused decode
     layer (RoPE, KV write and attention in one call) counts as attention. The backend is one
     frozen instance shared by every layer, so the layers get a copy with both
-    callables wrapped, and the original back afterwards."""
+    callables wrapped, and the original back afterwards. The one-call decode
+    step (`model/decode_stack.py`) is off meanwhile: it attends inside C,
+    where no wrapper sees it."""
     backend = model.attn_backend
+    use_stack = model.use_decode_stack
 
     def wrap(fn, key: str):
         def wrapper(*args, **kwargs):
@@ -99,12 +102,14 @@ def timed_backend(
     for module in holders:
         module.backend = wrapped
     model.attn_backend = wrapped
+    model.use_decode_stack = False
     try:
         yield
     finally:
         for module in holders:
             module.backend = backend
         model.attn_backend = backend
+        model.use_decode_stack = use_stack
 
 
 def measure_block_size(

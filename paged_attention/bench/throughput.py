@@ -8,6 +8,7 @@ Only requested output tokens are counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -155,7 +156,9 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
     engine's own per-step records (scheduler, model runner, the update after
     it: sampling, stop rules, freeing) and, inside the model, attention and KV
     writes (timed around the attention backend; the CPU's fused decode layer,
-    RoPE included, counts as attention)."""
+    RoPE included, counts as attention). Where the one-call decode step
+    serves the batch (`model/decode_stack.py`), attention runs inside it and
+    is not timed apart: attention_ms and kv_write_ms are None."""
     from paged_attention.model.quant.linear import DENSE_COPY_AFTER
 
     # Room for the warm-up steps and the steps that decode early sequences while later prompts prefill.
@@ -163,7 +166,9 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
     assert engine.step_stats is not None
     first = len(engine.step_stats)
     bucket: dict[str, float] = {}
-    with timed_backend(engine.runner.model, bucket):  # "attention" and "kv_write"
+    model = engine.runner.model
+    stacked = model.decode_stack_serves(num_seqs)
+    with contextlib.nullcontext() if stacked else timed_backend(model, bucket):  # "attention", "kv_write"
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
@@ -172,7 +177,7 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
     assert len(records) == steps and all(r.num_tokens == num_seqs for r in records), "not all decode steps"
     while engine.has_unfinished():
         engine.step()
-    ms = {k: 1000 * bucket.get(k, 0.0) / steps for k in ("attention", "kv_write")}
+    ms = {k: None if stacked else 1000 * bucket.get(k, 0.0) / steps for k in ("attention", "kv_write")}
     step_ms = 1000 * total / steps
     runner_ms = 1000 * sum(r.execute_s for r in records) / steps
     update_ms = 1000 * sum(r.update_s for r in records) / steps
@@ -182,7 +187,7 @@ def profile_decode_step(model: str | None, dtype: str, num_seqs: int = 64, steps
         "step_ms": step_ms,
         "attention_ms": ms["attention"],
         "kv_write_ms": ms["kv_write"],
-        "model_other_ms": runner_ms - ms["attention"] - ms["kv_write"],
+        "model_other_ms": runner_ms - (ms["attention"] or 0.0) - (ms["kv_write"] or 0.0),
         "update_ms": update_ms,  # sampling, stop rules, detokenising, freeing blocks
         "scheduler_ms": scheduler_ms,
         "engine_other_ms": step_ms - runner_ms - update_ms - scheduler_ms,

@@ -30,7 +30,7 @@ from paged_attention.attention.backend import AttentionBackend, select_attention
 from paged_attention.attention.metadata import AttentionMetadata
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
-from paged_attention.model.decode_stack import DecodeStack
+from paged_attention.model.decode_stack import MAX_BATCH, DecodeStack
 from paged_attention.model.layers import (
     GatedMLP,
     RMSNorm,
@@ -356,6 +356,11 @@ class CausalLM(nn.Module):
             for layer in self.layers:
                 pending = layer.forward(x, cos, sin, kv_cache, meta, pending)
         return self.norm.add_forward(x, pending)
+
+    def decode_stack_serves(self, num_seqs: int) -> bool:
+        """Whether a decode-only step of `num_seqs` sequences runs as one C call
+        (`decode_stack.py`; built at the first forward)."""
+        return self.use_decode_stack and self._decode_stack is not None and num_seqs < MAX_BATCH
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
