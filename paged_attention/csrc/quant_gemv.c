@@ -3,8 +3,7 @@
 // GGUF Q8_0 LM head), read in the layout the engine keeps for PyTorch's int8
 // kernel, in one pass. PyTorch's kernel has to run once per 32-column group
 // (18 calls for SmolLM2's 49152 x 576 head, 5.0-5.3 ms at one row on one
-// core against 3.4 here). (An int4 version lost to PyTorch's int4 kernel,
-// 1.4x slower, and was not kept.)
+// core against 3.4 here). The int4 counterpart is int4_gemv.c.
 //
 // x and y are float32 (dtype 0) or bfloat16 (dtype 1); sums are float32.
 // Built with the decode attention kernel (see paged_attention/native.py).
@@ -15,7 +14,7 @@
 
 #include "bf16.h"
 
-#define MAX_ROWS 8    // activation rows per call (more: the caller uses PyTorch)
+#define MAX_ROWS 8    // activation rows per call (more: the caller calls again)
 #define PLANE_AHEAD 2048  // bytes ahead of the reads in each group plane to prefetch
 
 // x as float32 [m, k] in a fresh buffer (NULL if allocation fails).

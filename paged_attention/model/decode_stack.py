@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +46,6 @@ class DecodeStack:
     # not a tensor: one made under inference mode could not be updated outside it)
     weights: ctypes.Array[ctypes.c_int64]
     num_layers: int
-    layers: Sequence[Any]  # the DecoderLayers, holding the tensors `weights` points into
     dtype: torch.dtype
     hidden: int
     num_heads: int
@@ -95,7 +93,6 @@ class DecodeStack:
             fn=lib.decode_stack,
             weights=(ctypes.c_int64 * (len(rows) * LAYER_FIELDS))(*(v for row in rows for v in row)),
             num_layers=len(rows),
-            layers=model.layers,
             dtype=model.dtype,
             hidden=cfg.hidden_size,
             num_heads=cfg.num_heads,
