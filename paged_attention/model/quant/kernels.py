@@ -170,6 +170,11 @@ def int4_mm(
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
 
 
+# Elements of W^T dequantized in float32 at once (256 KiB: stays in cache;
+# SmolLM2 gate|up 1.5 ms a pass, one thread, vs 1.4 ms rounding thrice).
+_DEQUANT_CHUNK = 1 << 16
+
+
 def dequantize_int4_t(
     packed: torch.Tensor,
     params: torch.Tensor,
@@ -202,9 +207,17 @@ def dequantize_int4_t(
         rest = codes[full * k :].view(k, n - full)
         _unpack_t(packed.view(-1)[full * k // 2 :].view(n - full, k // 2), n - full, k, layout, rest)
         out[:, full:].copy_(rest)
-    scales, offsets = int4_params_by_group(params).to(out.dtype)
+    scales, offsets = int4_params_by_group(params)
     grouped = out.view(k // group_size, group_size, n)
-    torch.addcmul(offsets.unsqueeze(1), grouped, scales.unsqueeze(1), out=grouped)
+    if out.dtype == torch.float32:
+        torch.addcmul(offsets.unsqueeze(1), grouped, scales.unsqueeze(1), out=grouped)
+        return out
+    # q s + m in float32, rounded once: in bfloat16 the rounded scales and
+    # sums (three roundings) cost 1.4% top-1 agreement on the default model.
+    step = max(1, _DEQUANT_CHUNK // (group_size * n))
+    for g in range(0, k // group_size, step):
+        rows = grouped[g : g + step]
+        rows.copy_(torch.addcmul(offsets[g : g + step, None], rows.float(), scales[g : g + step, None]))
     return out
 
 
