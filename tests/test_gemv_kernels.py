@@ -1,7 +1,8 @@
-"""The C int4 kernel (`csrc/int4_gemv.c`) on each instruction set it has a
-path for, whatever this machine's build picks: AVX-512, AVX2 (the EPYCs some
-sessions and users run on) and the portable loop. Each is built here from the
-source and checked against float64 over the dequantized weights."""
+"""The C weight-only kernels (`csrc/int4_gemv.c`, `csrc/quant_gemv.c`'s int8
+groups) on each instruction set they have a path for, whatever this machine's
+build picks: AVX-512, AVX2 (the EPYCs some sessions and users run on) and the
+portable loop. Each is built here from the sources and checked against
+float64 over the dequantized weights."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from paged_attention import native
 from paged_attention.model.quant import kernels
 
-SOURCE = Path(native.__file__).parent / "csrc" / "int4_gemv.c"
+SOURCES = [Path(native.__file__).parent / "csrc" / name for name in ("int4_gemv.c", "quant_gemv.c")]
 X86 = platform.machine() in ("x86_64", "AMD64")
 BUILDS = {
     "avx512": ["-mavx512f", "-mavx2", "-mfma", "-mf16c"],
@@ -41,11 +42,11 @@ def library(request, tmp_path_factory) -> ctypes.CDLL:
         pytest.skip("x86 instruction sets")
     if not _cpu_has(NEEDS[name]):
         pytest.skip(f"this CPU lacks {NEEDS[name]}")
-    target = tmp_path_factory.mktemp(name) / "int4.so"
+    target = tmp_path_factory.mktemp(name) / "gemv.so"
     flags = ["-O3", *BUILDS[name], "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
-    subprocess.run([compiler, *flags, str(SOURCE), "-o", str(target), "-lm"], check=True)
+    subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(target), "-lm"], check=True)
     lib = ctypes.CDLL(str(target))
-    for fn in ("int4_tile_width", "int4_tile_gemv"):
+    for fn in ("int4_tile_width", "int4_tile_gemv", "int8g_gemv"):
         getattr(lib, fn).argtypes = native.SIGNATURES[fn]
         getattr(lib, fn).restype = ctypes.c_int
     return lib
@@ -127,3 +128,47 @@ def test_tile_gemv_refuses_what_it_cannot_compute(library):
     assert call(1, tile, tile, 48) == -2  # K not whole groups
     assert call(1, tile * 2, tile, 32) == -3  # packed for another tile width
     assert call(1, tile, tile, 32) == 0
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_int8_group_gemv_equals_float64_over_the_dequantized_weights(library, x_dtype):
+    """int8 in groups of 32 (GGUF Q8_0), with a row count that leaves the last
+    block of output rows partial."""
+    n, k = 37, 96
+    g = torch.Generator().manual_seed(7)
+    values = torch.randint(-127, 128, (k // 32, n, 32), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, k // 32, generator=g) * 0.01 + 1e-4
+    weight = (values.double().permute(1, 0, 2) * scales.double().unsqueeze(-1)).reshape(n, k)
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(x_dtype)
+        exact = x.double() @ weight.t()
+        scale = x.double().abs() @ weight.abs().t()
+        for y_dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2.0**-8)):
+            y = torch.full((m, n), float("nan"), dtype=y_dtype)
+            status = library.int8g_gemv(
+                native.DTYPE_CODES[x_dtype],
+                x.data_ptr(),
+                values.data_ptr(),
+                scales.data_ptr(),
+                native.DTYPE_CODES[y_dtype],
+                y.data_ptr(),
+                m,
+                n,
+                k,
+                2,
+            )
+            assert status == 0
+            err = (y.double() - exact).abs()
+            assert torch.all(err <= rtol * (scale + exact.abs()) + 1e-6), (m, y_dtype, err.max().item())
+    y = torch.empty(9, n)
+    x = torch.randn(9, k)
+    assert (
+        library.int8g_gemv(0, x.data_ptr(), values.data_ptr(), scales.data_ptr(), 0, y.data_ptr(), 9, n, k, 1)
+        == -2
+    )
+    assert (
+        library.int8g_gemv(
+            0, x.data_ptr(), values.data_ptr(), scales.data_ptr(), 0, y.data_ptr(), 1, n, 48, 1
+        )
+        == -2
+    )
