@@ -30,6 +30,7 @@ from paged_attention.model.quant import (
     kernels,
     quantize_int4,
     quantize_int8,
+    quantize_int8_groups,
     resolve_quantization,
 )
 from paged_attention.model.quant.gguf_repack import repack_gguf
@@ -79,6 +80,43 @@ def test_auto_and_explicit_schemes_resolve() -> None:
         resolve("int8", device="cuda")
     with pytest.raises(ValueError, match="group size must be one of"):
         QuantScheme("int4", 48)
+
+
+def test_auto_dtype_computes_quantized_models_in_float32_with_bfloat16_matmuls() -> None:
+    """dtype "auto" that picked bfloat16 (a CPU with fast bfloat16 matmuls) runs
+    a quantized model's activations in float32, its dense path in bfloat16; an
+    explicit dtype, a dense model, or another device keeps what was asked."""
+    from paged_attention.engine.resolve import quantized_numerics
+
+    cpu, cuda, bf16, fp32 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float32
+    gguf = QuantScheme("gguf", dense_copy=True)
+    assert quantized_numerics("auto", bf16, gguf, cpu) == (
+        fp32,
+        QuantScheme("gguf", dense_copy=True, bf16_matmuls=True),
+    )
+    assert quantized_numerics("auto", fp32, gguf, cpu) == (fp32, gguf)  # no fast bfloat16: float32 alone
+    assert quantized_numerics("bfloat16", bf16, gguf, cpu) == (bf16, gguf)
+    assert quantized_numerics("float32", fp32, gguf, cpu) == (fp32, gguf)
+    assert quantized_numerics("auto", bf16, QuantScheme("none"), cpu) == (bf16, QuantScheme("none"))
+    assert quantized_numerics("auto", bf16, gguf, cuda) == (bf16, gguf)
+
+
+def test_bf16_matmuls_put_the_dense_path_in_bfloat16_under_float32_activations() -> None:
+    n, k = 112, 128
+    w = _weights(n, k)
+    x = torch.randn(20, k)
+    outs = {}
+    for bf16 in (False, True):
+        scheme = QuantScheme("int4", bf16_matmuls=bf16)
+        layer = QuantLinear(n, k, scheme, bias=False, dtype=torch.float32, scratch=Scratch())
+        layer.load_rows(0, n, w)
+        fast = kernels.fast_bf16_matmul()
+        assert layer.dense_dtype == (torch.bfloat16 if bf16 and fast else torch.float32)
+        layer.dense_rows = 0
+        outs[bf16] = layer(x)
+        assert outs[bf16].dtype == torch.float32
+        expected = x.to(layer.dense_dtype).float() @ layer.dequantize().to(layer.dense_dtype).float().t()
+        torch.testing.assert_close(outs[bf16], expected, rtol=1e-2 if bf16 and fast else 1e-5, atol=1e-3)
 
 
 # -------------------------------------------------------- quantize at load
@@ -291,6 +329,25 @@ def test_bfloat16_dense_path_rounds_the_weights_once(chunk: int, monkeypatch) ->
     assert torch.equal(wt, layer.dequantize().t().to(torch.bfloat16))
 
 
+def test_int8_groups_round_to_the_nearest_step_and_keep_q8_0_values() -> None:
+    """quantize_int8_groups: each group's step is max|w| / 127, every value
+    within half a step; Q8_0 values (q d) quantize back to themselves, so a
+    GGUF's head requantized by the int8/int4 schemes is exact."""
+    w = _weights(40, 96) * torch.linspace(0.1, 3, 96)
+    record = quantize_int8_groups(w)
+    steps = w.view(40, 3, 32).abs().amax(-1) / 127
+    assert record.bits == 8 and torch.allclose(record.scales, steps)
+    err = (record.dequantize() - w).view(40, 3, 32).abs()
+    assert torch.all(err <= steps.unsqueeze(-1) * 0.5 + 1e-7)
+    again = quantize_int8_groups(record.dequantize())
+    assert torch.equal(again.values, record.values)
+    torch.testing.assert_close(again.dequantize(), record.dequantize(), rtol=1e-5, atol=0)
+    layer = QuantLinear(40, 96, QuantScheme("int8g"), bias=False, dtype=torch.float32, scratch=Scratch())
+    layer.load_rows(0, 40, w)
+    assert (layer.kind, layer.exact) == ("int8g", False)
+    torch.testing.assert_close(layer.dequantize(), record.dequantize(), rtol=1e-5, atol=0)
+
+
 def test_formats_fall_back_where_the_kernels_cannot_run() -> None:
     scratch = Scratch()
     # K = 48 is no whole number of 32-groups: int4 falls back to int8 ...
@@ -369,7 +426,7 @@ def test_quantized_logits_match_the_dequantized_weights(random_llama: Path, quan
     quantized, config = load_model(random_llama, torch.float32, quantization=quantization)
     expected_kind = "int8" if quantization == "int8" else "int4"
     assert {layer.kind for layer in quantized.quant_layers() if layer.name != "lm_head"} == {expected_kind}
-    assert quantized.head is not None and quantized.head.kind == "int8"
+    assert quantized.head is not None and quantized.head.kind == "int8g"  # int8 in groups of 32
     dense = CausalLM(config, torch.float32)
     dense.load_weights(quantized.hf_weights())
     tokens = torch.randint(3, config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -389,12 +446,15 @@ def test_quantized_logits_match_the_dequantized_weights(random_llama: Path, quan
 def test_stories260k_greedy_equals_its_dequantized_weights(quantization: str, dtype) -> None:
     """The shipped real model: greedy decoding on quantized weights gives the
     tokens of the dense float32 model over the same values (int4 groups do
-    not divide its intermediate size 172: those layers fall back, and say so)."""
+    not divide its intermediate size 172: those layers fall back, and say so;
+    the head is int8 in groups of 32)."""
     from paged_attention.engine.builder import STORIES260K
 
     quantized, config = load_model(STORIES260K, dtype, quantization=quantization)
     kinds = {layer.kind for layer in quantized.quant_layers()}
-    assert kinds == ({"int8", "dense"} if quantization == "int8" else {"int4", "int8", "dense"})
+    assert kinds == (
+        {"int8", "int8g", "dense"} if quantization == "int8" else {"int4", "int8", "int8g", "dense"}
+    )
     dense = CausalLM(config, torch.float32)
     dense.load_weights(quantized.hf_weights())
     prompt = [1, 403, 407, 261, 378]

@@ -32,13 +32,14 @@ from typing import Any
 TEXT = Path(__file__).resolve().parent.parent / "assets" / "texts" / "declaration_of_independence.txt"
 REFERENCE = "none-fp32"
 # (format, dtype, path): path "kernel" forces the weight-only kernels at every
-# row. int4 on a GGUF takes its Q4_1 blocks as they are (the gguf rows);
+# row, "decode" feeds the text a token per step (`teacher_forced_decode`). int4 on a GGUF takes its Q4_1 blocks as they are (the gguf rows);
 # "int4-rtn" quantizes the dequantized floats instead, as for a float checkpoint.
 FORMATS: tuple[tuple[str, str, str], ...] = (
     ("none", "fp32", "dense"),
     ("none", "bf16", "dense"),
     ("gguf", "bf16", "kernel"),
     ("gguf", "bf16", "dense"),
+    ("gguf", "bf16", "decode"),
     ("gguf", "fp32", "kernel"),
     ("gguf", "fp32", "dense"),
     ("int8", "bf16", "kernel"),
@@ -99,6 +100,36 @@ def teacher_forced(model: Any, tokens: list[int], chunk: int = 256) -> tuple[Any
     return torch.cat(top1), torch.cat(logprob)
 
 
+def teacher_forced_decode(model: Any, tokens: list[int]) -> tuple[Any, Any]:
+    """As `teacher_forced`, but one token per forward after the first, each a
+    decode step over the KV cache the earlier steps wrote: the path every
+    generated token takes (the kernels and, where it builds, the one-call
+    decode stack), where `teacher_forced` takes the prompt path."""
+    import torch
+
+    from paged_attention.attention.metadata import AttentionMetadata
+    from paged_attention.kv_cache import KVCachePool
+
+    cfg = model.config
+    block_size = 16
+    blocks = -(-len(tokens) // block_size)
+    pool = KVCachePool(cfg.num_layers, blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype)
+    table = [list(range(blocks))]
+    top1, logprob = [], []
+    torch.set_flush_denormal(True)
+    try:
+        with torch.inference_mode():
+            for pos in range(len(tokens) - 1):
+                meta = AttentionMetadata.build(table, [pos], [1], block_size, blocks)
+                hidden = model(torch.tensor(tokens[pos : pos + 1]), torch.tensor([pos]), pool, meta)
+                logits = model.compute_logits(hidden)
+                top1.append(logits.argmax(dim=-1))
+                logprob.append(torch.log_softmax(logits, dim=-1)[:, tokens[pos + 1]])
+    finally:
+        torch.set_flush_denormal(False)
+    return torch.cat(top1), torch.cat(logprob)
+
+
 def run_accuracy(formats: tuple[tuple[str, str, str], ...] = FORMATS, max_tokens: int | None = None) -> dict:
     import torch
 
@@ -121,6 +152,8 @@ def run_accuracy(formats: tuple[tuple[str, str, str], ...] = FORMATS, max_tokens
         if path == "kernel":
             with kernel_everywhere(model):
                 top1, logprob = teacher_forced(model, tokens)
+        elif path == "decode":
+            top1, logprob = teacher_forced_decode(model, tokens)
         else:
             top1, logprob = teacher_forced(model, tokens)
         if ref_top1 is None:

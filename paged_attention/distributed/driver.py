@@ -23,6 +23,7 @@ from paged_attention.kv_cache import KVCachePool
 if TYPE_CHECKING:
     from paged_attention.config import EngineConfig
     from paged_attention.model.llama import CausalLM
+    from paged_attention.model.quant.scheme import QuantScheme
 
 # Embedding and LM head split by vocabulary (each rank ~1/N of them, one more
 # all-reduce for the embedding and a gather of the logits), or replicated
@@ -69,18 +70,11 @@ def start_executor(
     config_path: Path | None,
     device: torch.device,
     dtype: torch.dtype,
+    scheme: QuantScheme,
 ) -> TPExecutor:
     """Start the workers of a `config.tensor_parallel_size`-rank group: they
-    load their shards while the caller loads rank 0's."""
-    from paged_attention.model.quant.scheme import quantization_for_engine
-
-    scheme = quantization_for_engine(
-        config.quantization,
-        weights=weights,
-        device_type=device.type,
-        dtype_option=config.dtype,
-        tensor_parallel=True,
-    )
+    load their shards (in `dtype` and `scheme`, as the caller resolved them)
+    while the caller loads rank 0's."""
     if weights.suffix == ".gguf" and not scheme.quantized:
         # Convert the GGUF once, here, so that every rank reads slices of the
         # float32 cache instead of each dequantizing the whole file.

@@ -22,13 +22,19 @@ from paged_attention.engine.preemption_cost import (
     PreemptionCostModel,
     measure_copy_bandwidth,
 )
-from paged_attention.engine.resolve import available_memory_bytes, resolve_device, resolve_dtype
+from paged_attention.engine.resolve import (
+    available_memory_bytes,
+    quantized_numerics,
+    resolve_device,
+    resolve_dtype,
+)
 from paged_attention.kv_cache import KVCachePool
 from paged_attention.model.config import ModelConfig
 from paged_attention.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from paged_attention.distributed.executor import TPExecutor
+    from paged_attention.model.quant.scheme import QuantScheme
 
 logger = logging.getLogger("paged_attention")
 
@@ -123,19 +129,30 @@ def plan_pool(
 def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
     source = resolve_model(model)
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    from paged_attention.model.quant.scheme import quantization_for_engine
+
+    quantization = quantization_for_engine(
+        config.quantization,
+        weights=source.weights,
+        device_type=device.type,
+        dtype_option=config.dtype,
+        tensor_parallel=config.tensor_parallel_size > 1,
+    )
+    dtype, quantization = quantized_numerics(
+        config.dtype, resolve_dtype(config.dtype, device), quantization, device
+    )
     torch.manual_seed(config.seed)
     if config.tensor_parallel_size == 1:
-        engine = _assemble(source, config, device, dtype, None)
+        engine = _assemble(source, config, device, dtype, quantization, None)
         if device.type == "cpu":
             release_free_memory()  # loading's freed temporaries: 31 MiB of a 390 MiB start
         return engine
     # Tensor parallel: the workers load their shards while this process (rank 0) loads its own.
     from paged_attention.distributed.driver import start_executor
 
-    executor = start_executor(config, source.weights, source.config_dir, device, dtype)
+    executor = start_executor(config, source.weights, source.config_dir, device, dtype, quantization)
     try:
-        return _assemble(source, config, device, dtype, executor)
+        return _assemble(source, config, device, dtype, quantization, executor)
     except BaseException:
         executor.shutdown()
         raise
@@ -146,20 +163,12 @@ def _assemble(
     config: EngineConfig,
     device: torch.device,
     dtype: torch.dtype,
+    quantization: QuantScheme,
     executor: TPExecutor | None,
 ) -> LLMEngine:
     from paged_attention.model.loader import load_model
 
     tp = None if executor is None else executor.tp
-    from paged_attention.model.quant.scheme import quantization_for_engine
-
-    quantization = quantization_for_engine(
-        config.quantization,
-        weights=source.weights,
-        device_type=device.type,
-        dtype_option=config.dtype,
-        tensor_parallel=tp is not None,
-    )
     net, model_config = load_model(
         source.weights,
         dtype=dtype,

@@ -4,10 +4,12 @@ budget (the torch-dependent half of `paged_attention/config.py`)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from paged_attention.config import DTYPE_NAMES
+from paged_attention.model.quant.scheme import QuantScheme
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -31,6 +33,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; use 'auto' or one of {sorted(DTYPE_NAMES)}")
     return getattr(torch, DTYPE_NAMES[dtype])
+
+
+def quantized_numerics(
+    dtype_option: str | torch.dtype, dtype: torch.dtype, scheme: QuantScheme, device: torch.device
+) -> tuple[torch.dtype, QuantScheme]:
+    """The activation dtype and scheme a model runs with. dtype "auto" that
+    chose bfloat16 for a CPU model with quantized weights computes in float32
+    instead (activations and KV, as llama.cpp keeps them) with the dense
+    path's matmuls (prompts, large batches) still in bfloat16: the weights are
+    exact in either, and bfloat16 activations cost the default model 3.2
+    points of top-1 agreement with its float32 self on the decode path (96.77%
+    against 100.00%, bench quant-accuracy) for 5% of one user's decode speed."""
+    if str(dtype_option) == "auto" and device.type == "cpu" and scheme.quantized and dtype == torch.bfloat16:
+        return torch.float32, replace(scheme, bf16_matmuls=True)
+    return dtype, scheme
 
 
 def _cpu_has_fast_bf16() -> bool:

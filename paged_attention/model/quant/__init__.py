@@ -9,7 +9,7 @@ load), `gguf_repack` (GGUF Q4_0/Q4_1/Q4_K blocks -> int4 records, exactly),
 """
 
 from paged_attention.model.quant.linear import QuantLinear, Scratch
-from paged_attention.model.quant.quantize import quantize_int4, quantize_int8
+from paged_attention.model.quant.quantize import quantize_int4, quantize_int8, quantize_int8_groups
 from paged_attention.model.quant.records import ChannelQuantized, GroupQuantized, QuantizedTensor
 from paged_attention.model.quant.scheme import (
     INT4_GROUP_SIZES,
@@ -31,5 +31,6 @@ __all__ = [
     "parse_quantization",
     "quantize_int4",
     "quantize_int8",
+    "quantize_int8_groups",
     "resolve_quantization",
 ]

@@ -10,7 +10,8 @@ settles its format once every row has arrived:
 * int4 when the scheme asks for it and the kernel takes the shape; under
   "gguf" only if every block came as GGUF 4-bit data (exact), else int8;
 * int8 in groups of 32 ("int8g") when every block came as GGUF Q8_0 data
-  (exact);
+  (exact), or quantized so under the "int8g" scheme (the int8 and int4
+  schemes' LM head);
 * int8 per output channel (the int8 scheme, and the fallback above);
 * dense in the model dtype when neither kernel takes the shape, or when the
   layer must stay exact and row-readable (`exact_only`: a GGUF's LM head) and
@@ -43,7 +44,7 @@ from torch import nn
 
 from paged_attention import native
 from paged_attention.model.quant import kernels
-from paged_attention.model.quant.quantize import quantize_int4, quantize_int8
+from paged_attention.model.quant.quantize import quantize_int4, quantize_int8, quantize_int8_groups
 from paged_attention.model.quant.records import ChannelQuantized, GroupQuantized
 from paged_attention.model.quant.scheme import QuantScheme
 
@@ -104,10 +105,10 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.scheme = scheme
         self.dtype = dtype  # activations in and out
-        # The dense path's matmul dtype: bfloat16 only where it runs natively.
-        self.dense_dtype = (
-            torch.bfloat16 if dtype == torch.bfloat16 and kernels.fast_bf16_matmul() else torch.float32
-        )
+        # The dense path's matmul dtype: bfloat16 only where it runs natively,
+        # under bfloat16 activations or where the scheme asks for it.
+        bf16 = dtype == torch.bfloat16 or scheme.bf16_matmuls
+        self.dense_dtype = torch.bfloat16 if bf16 and kernels.fast_bf16_matmul() else torch.float32
         self.scratch = scratch
         self.name = name
         # Int8 groups or dense, never requantized (a GGUF's LM head, which is
@@ -161,8 +162,14 @@ class QuantLinear(nn.Module):
             for _, _, p in pieces
         )
         wants_int4 = self.scheme.method == "int4" or (self.scheme.method == "gguf" and all_groups)
-        if all_int8_groups and self.scheme.method == "gguf":
+        if all_int8_groups and self.scheme.method in ("gguf", "int8g"):
             groups8 = [p for _, _, p in pieces if isinstance(p, GroupQuantized)]
+            self._set_int8_groups(
+                torch.cat([r.values for r in groups8]), torch.cat([r.scales for r in groups8])
+            )
+        elif self.scheme.method == "int8g" and k % kernels.INT8_GROUP_SIZE == 0:
+            groups8 = [quantize_int8_groups(_float(p)) for _, _, p in pieces]
+            self.exact = False
             self._set_int8_groups(
                 torch.cat([r.values for r in groups8]), torch.cat([r.scales for r in groups8])
             )

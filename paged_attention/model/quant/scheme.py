@@ -22,8 +22,9 @@ CHECKPOINT_METHODS = ("awq", "gptq")
 class QuantScheme:
     """A resolved weight format. `method` is "none" (dense float weights),
     "gguf" (a GGUF file's Q4_0/Q4_1/Q4_K blocks kept exactly, as int4 in groups
-    of 32), "int8" (per output channel) or "int4" (groups of `group_size`
-    along the input dimension)."""
+    of 32), "int8" (per output channel), "int4" (groups of `group_size`
+    along the input dimension) or "int8g" (int8 in groups of 32, GGUF's Q8_0:
+    the LM head of the int8 and int4 schemes; not a user option)."""
 
     method: str
     group_size: int = DEFAULT_INT4_GROUP_SIZE
@@ -33,12 +34,17 @@ class QuantScheme:
     # quantized read saves (SmolLM2, 64 sequences: 246 ms a step against 160
     # dense). Small batches still read only the quantized bytes.
     dense_copy: bool = False
+    # The dense path multiplies in bfloat16 under float32 activations too
+    # (where the CPU runs bfloat16 matmuls natively): dtype "auto" on a
+    # quantized model, whose decode then computes in float32 at the cost of
+    # bfloat16 only for prompts and large batches (`engine/resolve.py`).
+    bf16_matmuls: bool = False
     # "awq" or "gptq": int4 records read from a pre-quantized checkpoint
     # (method "int4", the checkpoint's group size; the LM head stays dense).
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.method not in ("none", "gguf", "int8", "int4"):
+        if self.method not in ("none", "gguf", "int8", "int4", "int8g"):
             raise ValueError(f"unknown quantization method {self.method!r}; use none, gguf, int8 or int4")
         if self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
