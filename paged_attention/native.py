@@ -40,12 +40,12 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _I64, _PTR, _INT, _FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # Each exported function's argument types (all return int: 0, or an error code).
 SIGNATURES: dict[str, list[type]] = {
-    # dtype, q, k_pool, v_pool, tables, table_width, ctx_lens, q_rows, out,
+    # dtype, kv_dtype, q, k_pool, v_pool, tables, table_width, ctx_lens, q_rows, out,
     # batch, hq, hkv, block_size, head_dim, scale, threads
-    "paged_decode_attention": [_INT, *[_PTR] * 4, _I64, _PTR, _PTR, _PTR, *[_I64] * 5, _FLOAT, _INT],
-    # dtype, qkv, cos, sin, k_pool, v_pool, slots, tables, table_width, ctx_lens,
+    "paged_decode_attention": [_INT, _INT, *[_PTR] * 4, _I64, _PTR, _PTR, _PTR, *[_I64] * 5, _FLOAT, _INT],
+    # dtype, kv_dtype, qkv, cos, sin, k_pool, v_pool, slots, tables, table_width, ctx_lens,
     # out, batch, hq, hkv, block_size, head_dim, scale, threads
-    "paged_decode_layer": [_INT, *[_PTR] * 7, _I64, _PTR, _PTR, *[_I64] * 5, _FLOAT, _INT],
+    "paged_decode_layer": [_INT, _INT, *[_PTR] * 7, _I64, _PTR, _PTR, *[_I64] * 5, _FLOAT, _INT],
     # dtype, x, residual (or NULL), weight, y, rows, dim, eps, threads
     "add_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _FLOAT, _INT],
     # dtype, gate_up, its row stride, out, rows, intermediate size, threads
@@ -58,9 +58,10 @@ SIGNATURES: dict[str, list[type]] = {
     "decode_stack_layer_fields": [],
     # x_dtype, x, packed, tile, scale_dtype, params, y_dtype, y, m, n, k, group, threads
     "int4_tile_gemv": [_INT, _PTR, _PTR, _I64, _INT, _PTR, _INT, _PTR, *[_I64] * 4, _INT],
-    # dtype, x, layers, num_layers, cos, sin, slots, tables, table_width, ctx_lens,
+    # dtype, kv_dtype, x, layers, num_layers, cos, sin, slots, tables, table_width, ctx_lens,
     # pending, batch, hidden, hq, hkv, head_dim, inter, block_size, tile, group, eps, scale, threads
     "decode_stack": [
+        _INT,
         _INT,
         _PTR,
         _PTR,
@@ -153,6 +154,12 @@ def takes(*tensors: torch.Tensor) -> bool:
     return dtype in DTYPE_CODES and all(
         t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors
     )
+
+
+def takes_pools(x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
+    """`takes` for activations `x` over a KV pool, whose dtype may differ from
+    theirs (float32 activations over a bfloat16 pool)."""
+    return takes(x) and takes(k_pool, v_pool)
 
 
 def check(status: int, name: str) -> None:

@@ -67,7 +67,14 @@ class PagedRunner:
     """Runs our model step by step over the paged pool. Blocks are handed out in
     a shuffled order, so a sequence's blocks are scattered through the pool."""
 
-    def __init__(self, model: CausalLM, num_blocks: int = 48, block_size: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int = 48,
+        block_size: int = 4,
+        seed: int = 0,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
         cfg = model.config
         self.model = model
         self.allocator = BlockAllocator(num_blocks, block_size)
@@ -78,7 +85,12 @@ class PagedRunner:
         for block_id in ids:
             self.allocator.free(block_id)
         self.pool = KVCachePool(
-            cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype
+            cfg.num_layers,
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            dtype=kv_dtype or model.dtype,
         )
         self.tables: dict[int, BlockTable] = {}
 

@@ -196,18 +196,23 @@ def test_int8_group_gemv_matches_dequantized_weights(rows, dtype):
     torch.testing.assert_close(layer(many)[:rows].float(), out.float(), atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("dtype", "kv_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+)
 @pytest.mark.parametrize(("num_kv_heads", "group", "block_size"), [(3, 3, 16), (2, 1, 4), (1, 4, 1)])
-def test_fused_decode_layer_equals_the_separate_steps(dtype, num_kv_heads, group, block_size):
+def test_fused_decode_layer_equals_the_separate_steps(dtype, kv_dtype, num_kv_heads, group, block_size):
     """RoPE + KV write + attention in one call: the pool ends up bit for bit
-    as after apply_rotary and write_kv, and the output equals attention over it."""
+    as after apply_rotary and write_kv, and the output equals attention over
+    it, also for float32 activations over a bfloat16 pool (which rounds what
+    it stores, nothing else)."""
     from paged_attention.kv_cache import write_kv
     from paged_attention.model.layers import RotaryEmbedding, apply_rotary
 
     head_dim, num_heads = 16, num_kv_heads * group
     num_computed = [5, 0, 37, 16]
     k_pool, v_pool, meta = random_paged_batch(
-        num_computed, [1] * 4, block_size, num_kv_heads, head_dim, dtype=dtype, seed=group
+        num_computed, [1] * 4, block_size, num_kv_heads, head_dim, dtype=kv_dtype, seed=group
     )
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(4, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
@@ -228,6 +233,23 @@ def test_fused_decode_layer_equals_the_separate_steps(dtype, num_kv_heads, group
     reference = paged_attention(qk[:, :num_heads].contiguous(), k_pool, v_pool, meta, 0.25).reshape(4, -1)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), reference.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("head_dim", [64, 16])
+def test_float32_queries_over_a_bfloat16_pool_compute_in_float32(head_dim):
+    """The kernel and the PyTorch path both widen the pool's values and
+    compute in float32: equal to float32 precision, unlike bfloat16 queries."""
+    k_pool, v_pool, meta = random_paged_batch(
+        [5, 40, 0, 130], [1, 1, 1, 1], 16, 3, head_dim, dtype=torch.bfloat16
+    )
+    q = torch.randn(4, 9, head_dim, generator=torch.Generator().manual_seed(1))
+    assert cpu_kernel.kernel_runs(q, k_pool, v_pool)
+    ours = kernel_attention()(q, k_pool, v_pool, meta, 0.125)
+    reference = paged_attention(q, k_pool, v_pool, meta, 0.125)
+    widened = paged_attention(q, k_pool.float(), v_pool.float(), meta, 0.125)
+    assert ours.dtype == reference.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference, widened, atol=1e-6, rtol=1e-6)
 
 
 def test_fused_decode_layer_declines_steps_with_prompt_tokens():

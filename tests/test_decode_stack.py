@@ -44,12 +44,19 @@ def _no_layers(model) -> None:
         layer.forward = refuse
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# (activations, KV pool): float32 over a bfloat16 pool is dtype "auto" on a
+# quantized model where the CPU has fast bfloat16 (engine/resolve.py).
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPES)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q|k|v biases
-def test_stack_equals_the_layers_bit_for_bit(tmp_path: Path, arch: str, dtype: torch.dtype) -> None:
+def test_stack_equals_the_layers_bit_for_bit(
+    tmp_path: Path, arch: str, dtype: torch.dtype, kv_dtype: torch.dtype
+) -> None:
     stacked, layered = _models(tmp_path, arch, dtype)
     layered.use_decode_stack = False
-    runners = [PagedRunner(m, num_blocks=160) for m in (stacked, layered)]
+    runners = [PagedRunner(m, num_blocks=160, kv_dtype=kv_dtype) for m in (stacked, layered)]
     for runner in runners:  # allocated empty: compare written slots, not leftover bytes
         for layer in range(stacked.config.num_layers):
             runner.pool.key(layer).zero_()

@@ -84,21 +84,21 @@ def test_auto_and_explicit_schemes_resolve() -> None:
 
 def test_auto_dtype_computes_quantized_models_in_float32_with_bfloat16_matmuls() -> None:
     """dtype "auto" that picked bfloat16 (a CPU with fast bfloat16 matmuls) runs
-    a quantized model's activations in float32, its dense path in bfloat16; an
-    explicit dtype, a dense model, or another device keeps what was asked."""
-    from paged_attention.engine.resolve import quantized_numerics
+    a quantized model's activations in float32, its KV pool and dense path in
+    bfloat16; an explicit dtype, a dense model, or another device keeps what
+    was asked."""
+    from paged_attention.engine.resolve import Numerics, quantized_numerics
 
     cpu, cuda, bf16, fp32 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float32
     gguf = QuantScheme("gguf", dense_copy=True)
-    assert quantized_numerics("auto", bf16, gguf, cpu) == (
-        fp32,
-        QuantScheme("gguf", dense_copy=True, bf16_matmuls=True),
-    )
-    assert quantized_numerics("auto", fp32, gguf, cpu) == (fp32, gguf)  # no fast bfloat16: float32 alone
-    assert quantized_numerics("bfloat16", bf16, gguf, cpu) == (bf16, gguf)
-    assert quantized_numerics("float32", fp32, gguf, cpu) == (fp32, gguf)
-    assert quantized_numerics("auto", bf16, QuantScheme("none"), cpu) == (bf16, QuantScheme("none"))
-    assert quantized_numerics("auto", bf16, gguf, cuda) == (bf16, gguf)
+    mixed = QuantScheme("gguf", dense_copy=True, bf16_matmuls=True)
+    assert quantized_numerics("auto", bf16, gguf, cpu) == Numerics(fp32, bf16, mixed)
+    assert quantized_numerics("auto", fp32, gguf, cpu) == Numerics(fp32, fp32, gguf)  # no fast bfloat16
+    assert quantized_numerics("bfloat16", bf16, gguf, cpu) == Numerics(bf16, bf16, gguf)
+    assert quantized_numerics("float32", fp32, gguf, cpu) == Numerics(fp32, fp32, gguf)
+    none = QuantScheme("none")
+    assert quantized_numerics("auto", bf16, none, cpu) == Numerics(bf16, bf16, none)
+    assert quantized_numerics("auto", bf16, gguf, cuda) == Numerics(bf16, bf16, gguf)
 
 
 def test_bf16_matmuls_put_the_dense_path_in_bfloat16_under_float32_activations() -> None:
@@ -477,6 +477,23 @@ def test_engine_end_to_end_with_quantized_weights(random_llama: Path) -> None:
     assert [o.outputs[0].token_ids for o in outputs] == [_greedy(net, p, 10)[0] for p in prompts]
     dense = LLM(str(random_llama), dtype="bfloat16", quantization="none", num_kv_blocks=32, block_size=4)
     assert dense.engine.runner.model.head is None and not dense.engine.runner.model.quant_layers()
+
+
+def test_engine_with_dtype_auto_runs_quantized_weights_in_float32(random_llama: Path) -> None:
+    """dtype "auto" on a quantized model: float32 activations, with the KV pool
+    and the dense path in bfloat16 where the CPU has fast bfloat16 (float32
+    everywhere else); the engine serves, and every block returns to the pool."""
+    llm = LLM(str(random_llama), quantization="int4", num_kv_blocks=32, block_size=4)
+    runner = llm.engine.runner
+    fast = kernels.fast_bf16_matmul()
+    assert runner.model.dtype == torch.float32
+    assert runner.kv_cache.dtype == (torch.bfloat16 if fast else torch.float32)
+    assert runner.model.quantization.bf16_matmuls == fast
+    outputs = llm.generate(
+        [{"prompt_token_ids": list(range(5, 25))}], SamplingParams(max_tokens=6, ignore_eos=True)
+    )
+    assert len(outputs[0].outputs[0].token_ids) == 6
+    assert llm.engine.scheduler.allocator.num_free_blocks == 32
 
 
 def test_gguf_file_keeps_its_4bit_blocks(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def load_kernel() -> DecodeKernel | None:
 
 def kernel_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
     """Whether the kernel takes these tensors (else the PyTorch path runs)."""
-    return native.takes(q, k_pool, v_pool)
+    return native.takes_pools(q, k_pool, v_pool)
 
 
 def decode_attention(
@@ -67,6 +67,7 @@ def decode_attention(
     num_kv_heads, block_size = k_pool.shape[1], k_pool.shape[2]
     status = kernel.fn(
         native.DTYPE_CODES[q.dtype],
+        native.DTYPE_CODES[k_pool.dtype],
         q.data_ptr(),
         k_pool.data_ptr(),
         v_pool.data_ptr(),
@@ -142,6 +143,7 @@ def decode_layer(
     out = torch.empty(batch, num_heads * head_dim, dtype=dtype)
     status = kernel.layer(
         native.DTYPE_CODES[dtype],
+        native.DTYPE_CODES[k_pool.dtype],
         qkv.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),

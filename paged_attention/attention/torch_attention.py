@@ -78,15 +78,17 @@ def _decode_bucket(
     group = num_heads // num_kv_heads
     length = bucket.num_blocks * block_size
     block_rows, tail_rows = bucket.head_rows(num_kv_heads)
-    keys = _gather_rows(k_pool, block_rows, meta, "k").view(b * num_kv_heads, length, head_dim)
+    # The pool's dtype, or float32 where float32 queries read a bfloat16 pool.
+    compute = torch.promote_types(q.dtype, k_pool.dtype)
+    keys = _gather_rows(k_pool, block_rows, meta, "k").view(b * num_kv_heads, length, head_dim).to(compute)
     queries = q if bucket.all_rows else q.index_select(0, bucket.rows)
-    queries = queries.to(keys.dtype).reshape(b * num_kv_heads, group, head_dim)
+    queries = queries.to(compute).reshape(b * num_kv_heads, group, head_dim)
     # Softmax in at least float32 (bf16/fp16 scores are widened, as transformers' eager path does).
-    softmax_dtype = torch.promote_types(keys.dtype, torch.float32)
+    softmax_dtype = torch.promote_types(compute, torch.float32)
     scores = torch.bmm(queries, keys.transpose(1, 2)).to(softmax_dtype).mul_(scale)
     scores.view(b, num_heads, length).masked_fill_(bucket.padding, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v_pool.dtype)
-    if v_pool.is_contiguous():
+    probs = torch.softmax(scores, dim=-1).to(compute)
+    if v_pool.is_contiguous() and v_pool.dtype == compute:
         slots, bag_starts = bucket.value_slots(num_kv_heads, group)
         # The op itself: F.embedding_bag's argument checks cost more than the sum at one token.
         out = torch.embedding_bag(
@@ -99,7 +101,7 @@ def _decode_bucket(
             per_sample_weights=probs.view(-1),
         )[0]
         return out.view(b, num_heads, head_dim).to(q.dtype)
-    values = _gather_rows(v_pool, block_rows, meta, "v").view(b * num_kv_heads, length, head_dim)
+    values = _gather_rows(v_pool, block_rows, meta, "v").view(b * num_kv_heads, length, head_dim).to(compute)
     # Padding blocks hold written K/V, but the unwritten tail of a last block
     # may hold NaN, and a masked score's 0 * NaN is still NaN.
     values.view(-1, head_dim).index_fill_(0, tail_rows, 0)

@@ -40,6 +40,8 @@ FORMATS: tuple[tuple[str, str, str], ...] = (
     ("gguf", "bf16", "kernel"),
     ("gguf", "bf16", "dense"),
     ("gguf", "bf16", "decode"),
+    ("gguf", "auto", "dense"),
+    ("gguf", "auto", "decode"),
     ("gguf", "fp32", "kernel"),
     ("gguf", "fp32", "dense"),
     ("int8", "bf16", "kernel"),
@@ -70,9 +72,10 @@ def kernel_everywhere(model: Any):
             layer.dense_rows = rows
 
 
-def teacher_forced(model: Any, tokens: list[int], chunk: int = 256) -> tuple[Any, Any]:
+def teacher_forced(model: Any, tokens: list[int], chunk: int = 256, kv_dtype: Any = None) -> tuple[Any, Any]:
     """(argmax next token [T-1], log-prob of the true next token [T-1]) of one
-    sequence run through the model in a single prefill."""
+    sequence run through the model in a single prefill (KV pool in `kv_dtype`,
+    default the model's)."""
     import torch
 
     from paged_attention.attention.metadata import AttentionMetadata
@@ -81,7 +84,9 @@ def teacher_forced(model: Any, tokens: list[int], chunk: int = 256) -> tuple[Any
     cfg = model.config
     block_size = 16
     blocks = -(-len(tokens) // block_size)
-    pool = KVCachePool(cfg.num_layers, blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype)
+    pool = KVCachePool(
+        cfg.num_layers, blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=kv_dtype or model.dtype
+    )
     meta = AttentionMetadata.build([list(range(blocks))], [0], [len(tokens)], block_size, blocks)
     ids = torch.tensor(tokens)
     torch.set_flush_denormal(True)
@@ -100,7 +105,7 @@ def teacher_forced(model: Any, tokens: list[int], chunk: int = 256) -> tuple[Any
     return torch.cat(top1), torch.cat(logprob)
 
 
-def teacher_forced_decode(model: Any, tokens: list[int]) -> tuple[Any, Any]:
+def teacher_forced_decode(model: Any, tokens: list[int], kv_dtype: Any = None) -> tuple[Any, Any]:
     """As `teacher_forced`, but one token per forward after the first, each a
     decode step over the KV cache the earlier steps wrote: the path every
     generated token takes (the kernels and, where it builds, the one-call
@@ -113,7 +118,9 @@ def teacher_forced_decode(model: Any, tokens: list[int]) -> tuple[Any, Any]:
     cfg = model.config
     block_size = 16
     blocks = -(-len(tokens) // block_size)
-    pool = KVCachePool(cfg.num_layers, blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype)
+    pool = KVCachePool(
+        cfg.num_layers, blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=kv_dtype or model.dtype
+    )
     table = [list(range(blocks))]
     top1, logprob = [], []
     torch.set_flush_denormal(True)
@@ -145,17 +152,24 @@ def run_accuracy(formats: tuple[tuple[str, str, str], ...] = FORMATS, max_tokens
     dense_top1: dict[str, Any] = {}  # per dtype: the dense model's choices
     for quant, dtype_name, path in formats:
         dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+        scheme: Any = quant
+        kv_dtype = None
+        if dtype_name == "auto":  # what dtype "auto" runs the engine in on this CPU
+            auto = _auto_numerics(quant)
+            dtype, kv_dtype, scheme = auto.dtype, auto.kv_dtype, auto.quantization
         if quant == "int4-rtn":
             model = _from_floats(QuantScheme("int4"), dtype)
         else:
-            model, _ = load_model(default_gguf_path(), dtype, config=DEFAULT_MODEL_ASSETS, quantization=quant)
+            model, _ = load_model(
+                default_gguf_path(), dtype, config=DEFAULT_MODEL_ASSETS, quantization=scheme
+            )
         if path == "kernel":
             with kernel_everywhere(model):
-                top1, logprob = teacher_forced(model, tokens)
+                top1, logprob = teacher_forced(model, tokens, kv_dtype=kv_dtype)
         elif path == "decode":
-            top1, logprob = teacher_forced_decode(model, tokens)
+            top1, logprob = teacher_forced_decode(model, tokens, kv_dtype=kv_dtype)
         else:
-            top1, logprob = teacher_forced(model, tokens)
+            top1, logprob = teacher_forced(model, tokens, kv_dtype=kv_dtype)
         if ref_top1 is None:
             assert (quant, dtype_name) == ("none", "fp32"), "the reference runs first"
             ref_top1, ref_nll = top1, -float(logprob.mean())
@@ -171,6 +185,8 @@ def run_accuracy(formats: tuple[tuple[str, str, str], ...] = FORMATS, max_tokens
             {
                 "format": quant,
                 "dtype": dtype_name,
+                # What "auto" resolved to: activations / KV pool / the dense path's matmuls.
+                "numerics": _numerics_label(model, kv_dtype),
                 "path": path,
                 "top1_agreement": float((top1 == ref_top1).float().mean()),
                 # Against the dense model in the same dtype: the weights' own effect.
@@ -186,6 +202,24 @@ def run_accuracy(formats: tuple[tuple[str, str, str], ...] = FORMATS, max_tokens
         print(_format_row(rows[-1]), flush=True)
         del model
     return {"text": TEXT.name, "tokens": len(tokens), "reference": REFERENCE, "formats": rows}
+
+
+def _auto_numerics(quant: str) -> Any:
+    import torch
+
+    from paged_attention.engine.resolve import quantized_numerics, resolve_dtype
+    from paged_attention.model.quant import resolve_quantization
+
+    cpu = torch.device("cpu")
+    scheme = resolve_quantization(quant, is_gguf=True, device_type="cpu", float16_requested=False)
+    return quantized_numerics("auto", resolve_dtype("auto", cpu), scheme, cpu)
+
+
+def _numerics_label(model: Any, kv_dtype: Any) -> str:
+    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}
+    dense = {str(layer.dense_dtype) for layer in model.quant_layers()} or {str(model.dtype)}
+    act, kv = names[str(model.dtype)], names[str(kv_dtype or model.dtype)]
+    return f"{act} / KV {kv} / matmuls {'+'.join(sorted(names[d] for d in dense))}"
 
 
 def _from_floats(scheme: Any, dtype: Any) -> Any:
@@ -281,6 +315,7 @@ def accuracy_markdown(result: dict) -> str:
             r["format"],
             r["dtype"],
             r["path"],
+            r.get("numerics", ""),
             f"{100 * r['top1_agreement']:.2f}%",
             "" if r["top1_vs_dense_same_dtype"] is None else f"{100 * r['top1_vs_dense_same_dtype']:.2f}%",
             f"{r['perplexity']:.3f}",
@@ -298,6 +333,7 @@ def accuracy_markdown(result: dict) -> str:
                 "format",
                 "dtype",
                 "path",
+                "activations / KV / matmuls",
                 "top-1 vs ref",
                 "top-1 vs dense same dtype",
                 "perplexity",

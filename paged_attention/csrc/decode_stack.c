@@ -51,7 +51,7 @@ static int project(int dtype, const int64_t* f, const void* x, void* y, int64_t 
     return 0;
 }
 
-int decode_stack(int dtype, void* x, const int64_t* layers, int64_t num_layers, const void* cos,
+int decode_stack(int dtype, int kv_dtype, void* x, const int64_t* layers, int64_t num_layers, const void* cos,
                  const void* sin, const int64_t* slots, const int64_t* tables, int64_t table_width,
                  const int64_t* ctx_lens, void* pending, int64_t batch, int64_t hidden, int64_t hq,
                  int64_t hkv, int64_t head_dim, int64_t inter, int64_t block_size, int64_t tile,
@@ -73,7 +73,7 @@ int decode_stack(int dtype, void* x, const int64_t* layers, int64_t num_layers, 
                               eps, threads);
         if (!status) status = project(dtype, f + QKV, h, qkv, batch, qkv_n, hidden, tile, group, threads);
         if (!status)
-            status = paged_decode_layer(dtype, qkv, cos, sin, (void*)f[K_POOL], (void*)f[V_POOL], slots,
+            status = paged_decode_layer(dtype, kv_dtype, qkv, cos, sin, (void*)f[K_POOL], (void*)f[V_POOL], slots,
                                         tables, table_width, ctx_lens, attn, batch, hq, hkv, block_size,
                                         head_dim, scale, threads);
         if (!status) status = project(dtype, f + O, attn, o, batch, hidden, q, tile, group, threads);

@@ -17,9 +17,11 @@
 //   slots        [B] int64             the new token's slot (block * BS + offset)
 //   tables       [B, W] int64          block ids of each sequence
 //   ctx_lens     [B] int64             tokens in each context (incl. the new one)
-// dtype 0: float32, 1: bfloat16. bfloat16 rounds where the PyTorch path
-// rounds (RoPE's products and sum, scores and probabilities), accumulating
-// in float32.
+// dtype (the activations': q, qkv, out) and kv_dtype (the pools'): 0 float32,
+// 1 bfloat16. bfloat16 activations round where the PyTorch path rounds
+// (RoPE's products and sum, scores and probabilities), accumulating in
+// float32; float32 ones over a bfloat16 pool compute in float32 from the
+// stored values (the pool rounds only what it stores).
 
 #include <math.h>
 #include <stdint.h>
@@ -62,13 +64,13 @@ static inline void softmax_rows(int dtype, float* scores, int64_t group, int64_t
 // head of the group.
 // The queries `qf` [group, D] (float32 copies), result sums into `acc`.
 static inline __attribute__((always_inline)) void attend_d(
-    int dtype, const float* qf, const void* k_pool, const void* v_pool, const int64_t* table,
+    int dtype, int kv_dtype, const float* qf, const void* k_pool, const void* v_pool, const int64_t* table,
     int64_t ctx, int64_t kvh, int64_t group, int64_t hkv, int64_t bs, int64_t d, float scale,
     float* scores, float* acc, float* piece) {
     for (int64_t start = 0, blk = 0; start < ctx; start += bs, blk++) {
         const int64_t base = (table[blk] * hkv + kvh) * bs * d;
         const int64_t n = ctx - start < bs ? ctx - start : bs;
-        load_row(dtype, k_pool, base, n * d, piece);
+        load_row(kv_dtype, k_pool, base, n * d, piece);
         for (int64_t t = 0; t < n; t++) {
             const float* row = piece + t * d;
             for (int64_t j = 0; j < group; j++) {
@@ -88,7 +90,7 @@ static inline __attribute__((always_inline)) void attend_d(
     for (int64_t start = 0, blk = 0; start < ctx; start += bs, blk++) {
         const int64_t base = (table[blk] * hkv + kvh) * bs * d;
         const int64_t n = ctx - start < bs ? ctx - start : bs;
-        load_row(dtype, v_pool, base, n * d, piece);
+        load_row(kv_dtype, v_pool, base, n * d, piece);
         for (int64_t t = 0; t < n; t++) {
             const float* row = piece + t * d;
             for (int64_t j = 0; j < group; j++) {
@@ -185,11 +187,11 @@ static inline __attribute__((always_inline)) void attend_bf16_d(
 
 // Head sizes known at compile time let the compiler unroll the per-token
 // dot products and sums (64, the Llama-family small models' and 128, most others').
-static void attend(int dtype, const float* qf, const void* k_pool, const void* v_pool,
+static void attend(int dtype, int kv_dtype, const float* qf, const void* k_pool, const void* v_pool,
                    const int64_t* table, int64_t ctx, int64_t kvh, int64_t group, int64_t hkv,
                    int64_t bs, int64_t d, float scale, float* scores, float* acc, float* piece) {
 #ifdef HAVE_DPBF16
-    if (dtype == 1 && (d == 64 || d == 128)) {
+    if (dtype == 1 && kv_dtype == 1 && (d == 64 || d == 128)) {
         if (d == 64)
             attend_bf16_d(qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 64, scale, scores, acc);
         else
@@ -198,11 +200,14 @@ static void attend(int dtype, const float* qf, const void* k_pool, const void* v
     }
 #endif
     if (d == 64)
-        attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 64, scale, scores, acc, piece);
+        attend_d(dtype, kv_dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 64, scale, scores,
+                 acc, piece);
     else if (d == 128)
-        attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 128, scale, scores, acc, piece);
+        attend_d(dtype, kv_dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 128, scale, scores,
+                 acc, piece);
     else
-        attend_d(dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, d, scale, scores, acc, piece);
+        attend_d(dtype, kv_dtype, qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, d, scale, scores,
+                 acc, piece);
 }
 
 // Scratch floats per thread: queries, sums, scores of one task, and a piece.
@@ -217,7 +222,7 @@ static int64_t longest(const int64_t* ctx_lens, int64_t batch) {
 }
 
 // Returns 0, or -1 when a scratch buffer could not be allocated.
-int paged_decode_attention(int dtype, const void* q, const void* k_pool, const void* v_pool,
+int paged_decode_attention(int dtype, int kv_dtype, const void* q, const void* k_pool, const void* v_pool,
                            const int64_t* tables, int64_t table_width, const int64_t* ctx_lens,
                            const int64_t* q_rows, void* out, int64_t batch, int64_t hq,
                            int64_t hkv, int64_t bs, int64_t d, float scale, int num_threads) {
@@ -236,8 +241,8 @@ int paged_decode_attention(int dtype, const void* q, const void* k_pool, const v
                 float* acc = qf + group * d;
                 const int64_t row = (q_rows[b] * hq + h * group) * d;
                 load_row(dtype, q, row, group * d, qf);
-                attend(dtype, qf, k_pool, v_pool, tables + b * table_width, ctx_lens[b], h, group, hkv,
-                       bs, d, scale, acc + group * d, acc, acc + group * d + max_ctx * group);
+                attend(dtype, kv_dtype, qf, k_pool, v_pool, tables + b * table_width, ctx_lens[b], h,
+                       group, hkv, bs, d, scale, acc + group * d, acc, acc + group * d + max_ctx * group);
                 store_row(dtype, out, row, group * d, acc);
             }
         free(qf);
@@ -247,7 +252,7 @@ int paged_decode_attention(int dtype, const void* q, const void* k_pool, const v
 
 // Decode-only steps: sequence b's one new token is row b of `qkv`; `out`
 // is [B, Hq * D]. Returns 0, or -1 when a scratch buffer could not be allocated.
-int paged_decode_layer(int dtype, const void* qkv, const void* cos, const void* sin, void* k_pool,
+int paged_decode_layer(int dtype, int kv_dtype, const void* qkv, const void* cos, const void* sin, void* k_pool,
                        void* v_pool, const int64_t* slots, const int64_t* tables, int64_t table_width,
                        const int64_t* ctx_lens, void* out, int64_t batch, int64_t hq, int64_t hkv,
                        int64_t bs, int64_t d, float scale, int num_threads) {
@@ -269,13 +274,13 @@ int paged_decode_layer(int dtype, const void* qkv, const void* cos, const void* 
                 const int64_t slot = slots[b];
                 const int64_t dst = ((slot / bs * hkv + h) * bs + slot % bs) * d;
                 rotate(dtype, qkv, b * width + (hq + h) * d, cos, sin, b * d, d, acc);
-                store_row(dtype, k_pool, dst, d, acc);
+                store_row(kv_dtype, k_pool, dst, d, acc);
                 load_row(dtype, qkv, b * width + (hq + hkv + h) * d, d, acc);
-                store_row(dtype, v_pool, dst, d, acc);
+                store_row(kv_dtype, v_pool, dst, d, acc);
                 for (int64_t j = 0; j < group; j++)
                     rotate(dtype, qkv, b * width + (h * group + j) * d, cos, sin, b * d, d, qf + j * d);
-                attend(dtype, qf, k_pool, v_pool, tables + b * table_width, ctx_lens[b], h, group, hkv,
-                       bs, d, scale, acc + group * d, acc, acc + group * d + max_ctx * group);
+                attend(dtype, kv_dtype, qf, k_pool, v_pool, tables + b * table_width, ctx_lens[b], h,
+                       group, hkv, bs, d, scale, acc + group * d, acc, acc + group * d + max_ctx * group);
                 store_row(dtype, out, (b * hq + h * group) * d, group * d, acc);
             }
         free(qf);

@@ -22,8 +22,8 @@ from paged_attention.kv_cache import KVCachePool
 
 if TYPE_CHECKING:
     from paged_attention.config import EngineConfig
+    from paged_attention.engine.resolve import Numerics
     from paged_attention.model.llama import CausalLM
-    from paged_attention.model.quant.scheme import QuantScheme
 
 # Embedding and LM head split by vocabulary (each rank ~1/N of them, one more
 # all-reduce for the embedding and a gather of the logits), or replicated
@@ -69,12 +69,12 @@ def start_executor(
     weights: Path,
     config_path: Path | None,
     device: torch.device,
-    dtype: torch.dtype,
-    scheme: QuantScheme,
+    numerics: Numerics,
 ) -> TPExecutor:
     """Start the workers of a `config.tensor_parallel_size`-rank group: they
-    load their shards (in `dtype` and `scheme`, as the caller resolved them)
-    while the caller loads rank 0's."""
+    load their shards (in `numerics`, as the caller resolved them) while the
+    caller loads rank 0's."""
+    scheme = numerics.quantization
     if weights.suffix == ".gguf" and not scheme.quantized:
         # Convert the GGUF once, here, so that every rank reads slices of the
         # float32 cache instead of each dequantizing the whole file.
@@ -90,7 +90,8 @@ def start_executor(
             world_size=size,
             weights=str(weights),
             config_path=None if config_path is None else str(config_path),
-            dtype=dtype,
+            dtype=numerics.dtype,
+            kv_dtype=numerics.kv_dtype,
             device=device.type,
             share=share,
             shard_vocab=SHARD_VOCAB,

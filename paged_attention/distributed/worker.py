@@ -87,6 +87,7 @@ class WorkerSpec:
     shard_vocab: bool = True
     quantization: QuantScheme = NONE  # resolved by the driver, as rank 0 loads
     attention_backend: str = "auto"
+    kv_dtype: torch.dtype | None = None  # the KV pools' (None: `dtype`)
 
 
 @dataclass(frozen=True)
@@ -173,13 +174,13 @@ class Worker:
         cfg = self.model.config  # this rank's heads
         kv = KVCachePool(
             cfg.num_layers, pools.num_blocks, pools.block_size, cfg.num_kv_heads, cfg.head_dim,
-            self.spec.dtype, self.device,
+            self.spec.kv_dtype or self.spec.dtype, self.device,
         )  # fmt: skip
         host = None
         if pools.host_blocks:
             host = KVCachePool(
                 cfg.num_layers, pools.host_blocks, pools.block_size, cfg.num_kv_heads, cfg.head_dim,
-                self.spec.dtype, "cpu", pin_memory=self.device.type == "cuda",
+                self.spec.kv_dtype or self.spec.dtype, "cpu", pin_memory=self.device.type == "cuda",
             )  # fmt: skip
         self.runner = ModelRunner(self.model, kv, host)
 

@@ -23,6 +23,7 @@ from paged_attention.engine.preemption_cost import (
     measure_copy_bandwidth,
 )
 from paged_attention.engine.resolve import (
+    Numerics,
     available_memory_bytes,
     quantized_numerics,
     resolve_device,
@@ -34,7 +35,6 @@ from paged_attention.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from paged_attention.distributed.executor import TPExecutor
-    from paged_attention.model.quant.scheme import QuantScheme
 
 logger = logging.getLogger("paged_attention")
 
@@ -138,21 +138,19 @@ def build_engine(model: str | Path | None, config: EngineConfig) -> LLMEngine:
         dtype_option=config.dtype,
         tensor_parallel=config.tensor_parallel_size > 1,
     )
-    dtype, quantization = quantized_numerics(
-        config.dtype, resolve_dtype(config.dtype, device), quantization, device
-    )
+    numerics = quantized_numerics(config.dtype, resolve_dtype(config.dtype, device), quantization, device)
     torch.manual_seed(config.seed)
     if config.tensor_parallel_size == 1:
-        engine = _assemble(source, config, device, dtype, quantization, None)
+        engine = _assemble(source, config, device, numerics, None)
         if device.type == "cpu":
             release_free_memory()  # loading's freed temporaries: 31 MiB of a 390 MiB start
         return engine
     # Tensor parallel: the workers load their shards while this process (rank 0) loads its own.
     from paged_attention.distributed.driver import start_executor
 
-    executor = start_executor(config, source.weights, source.config_dir, device, dtype, quantization)
+    executor = start_executor(config, source.weights, source.config_dir, device, numerics)
     try:
-        return _assemble(source, config, device, dtype, quantization, executor)
+        return _assemble(source, config, device, numerics, executor)
     except BaseException:
         executor.shutdown()
         raise
@@ -162,13 +160,13 @@ def _assemble(
     source: ModelSource,
     config: EngineConfig,
     device: torch.device,
-    dtype: torch.dtype,
-    quantization: QuantScheme,
+    numerics: Numerics,
     executor: TPExecutor | None,
 ) -> LLMEngine:
     from paged_attention.model.loader import load_model
 
     tp = None if executor is None else executor.tp
+    dtype, kv_dtype, quantization = numerics.dtype, numerics.kv_dtype, numerics.quantization
     net, model_config = load_model(
         source.weights,
         dtype=dtype,
@@ -180,7 +178,7 @@ def _assemble(
     )
     shard_config = net.config  # under tensor parallelism: this rank's heads (its pool's)
     tokenizer = Tokenizer.load(source.tokenizer_dir, gguf_file=source.tokenizer_gguf)
-    plan = plan_pool(config, shard_config, dtype, device)
+    plan = plan_pool(config, shard_config, kv_dtype, device)
     # On the CPU the pool is ordinary RAM whose pages become resident when first
     # written: handing freed blocks out again before never-used ones keeps the
     # process at the KV it actually needs (a 128-request server run grew to
@@ -198,7 +196,7 @@ def _assemble(
         plan.block_size,
         shard_config.num_kv_heads,
         shard_config.head_dim,
-        dtype,
+        kv_dtype,
         device,
     )
     logger.info(
@@ -208,13 +206,13 @@ def _assemble(
         plan.block_size,
         plan.num_tokens,
         plan.num_blocks * plan.bytes_per_block / 2**20,
-        dtype,
+        kv_dtype,
         plan.max_model_len,
         plan.max_concurrency,
     )
     max_batched = config.max_num_batched_tokens or max(8192, plan.max_model_len)
     host_cache, swapper, cost_model = build_swap_space(
-        config, plan, shard_config, dtype, device, allocator, kv_cache, net
+        config, plan, shard_config, kv_dtype, device, allocator, kv_cache, net
     )
     scheduler = Scheduler(
         allocator,

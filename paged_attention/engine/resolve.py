@@ -4,11 +4,12 @@ budget (the torch-dependent half of `paged_attention/config.py`)."""
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from paged_attention.config import DTYPE_NAMES
+from paged_attention.model.quant.kernels import fast_bf16_matmul
 from paged_attention.model.quant.scheme import QuantScheme
 
 
@@ -29,32 +30,34 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if fast_bf16_matmul() else torch.float32
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; use 'auto' or one of {sorted(DTYPE_NAMES)}")
     return getattr(torch, DTYPE_NAMES[dtype])
 
 
+@dataclass(frozen=True)
+class Numerics:
+    """What a model computes in: activations, the KV pool, the weight format."""
+
+    dtype: torch.dtype
+    kv_dtype: torch.dtype
+    quantization: QuantScheme
+
+
 def quantized_numerics(
     dtype_option: str | torch.dtype, dtype: torch.dtype, scheme: QuantScheme, device: torch.device
-) -> tuple[torch.dtype, QuantScheme]:
-    """The activation dtype and scheme a model runs with. dtype "auto" that
-    chose bfloat16 for a CPU model with quantized weights computes in float32
-    instead (activations and KV, as llama.cpp keeps them) with the dense
-    path's matmuls (prompts, large batches) still in bfloat16: the weights are
-    exact in either, and bfloat16 activations cost the default model 3.2
-    points of top-1 agreement with its float32 self on the decode path (96.77%
-    against 100.00%, bench quant-accuracy) for 5% of one user's decode speed."""
+) -> Numerics:
+    """`dtype` (resolved from `dtype_option`) and `scheme` as the model runs
+    them. dtype "auto" that chose bfloat16 for a CPU model with quantized
+    weights computes in float32 instead, as llama.cpp does, with the KV pool
+    and the dense path's matmuls (prompts, large batches) in bfloat16: the
+    weights are exact in either, and bfloat16 activations cost the default
+    model 3.2 points of top-1 agreement with its float32 self on the decode
+    path (96.77% against 99.12% with the bfloat16 pool; bench quant-accuracy)."""
     if str(dtype_option) == "auto" and device.type == "cpu" and scheme.quantized and dtype == torch.bfloat16:
-        return torch.float32, replace(scheme, bf16_matmuls=True)
-    return dtype, scheme
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        return Numerics(torch.float32, torch.bfloat16, replace(scheme, bf16_matmuls=True))
+    return Numerics(dtype, dtype, scheme)
 
 
 def available_memory_bytes(device: torch.device) -> int:

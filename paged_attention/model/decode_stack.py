@@ -123,7 +123,8 @@ class DecodeStack:
             or tables.rows.numel() != batch
             or x.dtype != self.dtype
             or cos.dtype != self.dtype
-            or not native.takes(x, cos, sin, kv_cache.key(0))
+            or not native.takes(x, cos, sin)
+            or not native.takes(kv_cache.key(0), kv_cache.value(0))
         ):
             return None
         if self._bound is None or self._bound() is not kv_cache:
@@ -131,6 +132,7 @@ class DecodeStack:
         pending = torch.empty_like(x)
         status = self.fn(
             native.DTYPE_CODES[self.dtype],
+            native.DTYPE_CODES[kv_cache.dtype],
             x.data_ptr(),
             ctypes.addressof(self.weights),
             self.num_layers,
