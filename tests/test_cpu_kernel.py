@@ -252,6 +252,20 @@ def test_float32_queries_over_a_bfloat16_pool_compute_in_float32(head_dim):
     torch.testing.assert_close(reference, widened, atol=1e-6, rtol=1e-6)
 
 
+def test_float32_prompt_tokens_over_a_bfloat16_pool_attend_in_bfloat16():
+    """Prompt chunks over a bfloat16 pool attend in bfloat16 (PyTorch's flash
+    kernel) and come back float32: bfloat16-close to float32 attention over the
+    same stored values, while the batch's decode rows stay float32-exact."""
+    k_pool, v_pool, meta = random_paged_batch([0, 40, 7], [9, 1, 5], 16, 3, 64, dtype=torch.bfloat16)
+    q = torch.randn(15, 9, 64, generator=torch.Generator().manual_seed(2))
+    ours = kernel_attention()(q, k_pool, v_pool, meta, 0.125)
+    widened = paged_attention(q, k_pool.float(), v_pool.float(), meta, 0.125)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, widened, atol=3e-2, rtol=3e-2)
+    decode_row = 9  # the second sequence's one new token
+    torch.testing.assert_close(ours[decode_row], widened[decode_row], atol=1e-5, rtol=1e-5)
+
+
 def test_fused_decode_layer_declines_steps_with_prompt_tokens():
     from paged_attention.model.layers import RotaryEmbedding
 

@@ -185,6 +185,57 @@ static inline __attribute__((always_inline)) void attend_bf16_d(
 #define HAVE_DPBF16 1
 #endif
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// 16 bfloat16 -> float32 (exact: the bits move to the top half).
+static inline __m512 widen16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// float32 queries over a bfloat16 pool (dtype "auto" on a quantized model):
+// each K and V row is widened in registers as it is read and every product
+// and sum is float32, so the result is the generic loop's up to summation
+// order. 16 lanes at a time where the generic loop, compiled for 256-bit
+// vectors, went through a float32 copy of each piece.
+static inline __attribute__((always_inline)) void attend_f32_bf16_d(
+    const float* qf, const uint16_t* k_pool, const uint16_t* v_pool, const int64_t* table, int64_t ctx,
+    int64_t kvh, int64_t group, int64_t hkv, int64_t bs, int64_t d, float scale, float* scores, float* acc) {
+    const int64_t nc = d / 16;  // d is 64 or 128
+    for (int64_t start = 0, blk = 0; start < ctx; start += bs, blk++) {
+        const uint16_t* kp = k_pool + (table[blk] * hkv + kvh) * bs * d;
+        const int64_t n = ctx - start < bs ? ctx - start : bs;
+        for (int64_t t = 0; t < n; t++) {
+            __m512 k[8];
+            for (int64_t c = 0; c < nc; c++) k[c] = widen16(kp + t * d + c * 16);
+            for (int64_t j = 0; j < group; j++) {
+                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qf + j * d), k[0]);
+                for (int64_t c = 1; c < nc; c++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + j * d + c * 16), k[c], a);
+                scores[j * ctx + start + t] = _mm512_reduce_add_ps(a) * scale;
+            }
+        }
+    }
+
+    softmax_rows(0, scores, group, ctx);
+
+    for (int64_t j = 0; j < group; j++) {
+        const float* p = scores + j * ctx;
+        __m512 sum[8];
+        for (int64_t c = 0; c < nc; c++) sum[c] = _mm512_setzero_ps();
+        for (int64_t start = 0, blk = 0; start < ctx; start += bs, blk++) {
+            const uint16_t* vp = v_pool + (table[blk] * hkv + kvh) * bs * d;
+            const int64_t n = ctx - start < bs ? ctx - start : bs;
+            for (int64_t t = 0; t < n; t++) {
+                const __m512 pt = _mm512_set1_ps(p[start + t]);
+                for (int64_t c = 0; c < nc; c++) sum[c] = _mm512_fmadd_ps(pt, widen16(vp + t * d + c * 16), sum[c]);
+            }
+        }
+        for (int64_t c = 0; c < nc; c++) _mm512_storeu_ps(acc + j * d + c * 16, sum[c]);
+    }
+}
+#define HAVE_F32_BF16 1
+#endif
+
 // Head sizes known at compile time let the compiler unroll the per-token
 // dot products and sums (64, the Llama-family small models' and 128, most others').
 static void attend(int dtype, int kv_dtype, const float* qf, const void* k_pool, const void* v_pool,
@@ -196,6 +247,15 @@ static void attend(int dtype, int kv_dtype, const float* qf, const void* k_pool,
             attend_bf16_d(qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 64, scale, scores, acc);
         else
             attend_bf16_d(qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 128, scale, scores, acc);
+        return;
+    }
+#endif
+#ifdef HAVE_F32_BF16
+    if (dtype == 0 && kv_dtype == 1 && (d == 64 || d == 128)) {
+        if (d == 64)
+            attend_f32_bf16_d(qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 64, scale, scores, acc);
+        else
+            attend_f32_bf16_d(qf, k_pool, v_pool, table, ctx, kvh, group, hkv, bs, 128, scale, scores, acc);
         return;
     }
 #endif
