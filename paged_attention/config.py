@@ -137,8 +137,9 @@ class EngineConfig:
     )
     dtype: str | torch.dtype = option(
         "auto",
-        "weight and KV dtype: auto (bfloat16 where fast, else float32 on the CPU; "
-        "bfloat16 or float16 on CUDA), float32, bfloat16 or float16",
+        "activation, weight and KV dtype: auto (bfloat16 where fast, else float32 on the CPU, "
+        "but quantized weights compute in float32 with a bfloat16 KV pool and prompt matmuls "
+        "where bfloat16 is fast; bfloat16 or float16 on CUDA), float32, bfloat16 or float16",
         choices=("auto", *DTYPE_NAMES),
         metavar="DTYPE",
     )

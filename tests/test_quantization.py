@@ -557,6 +557,14 @@ def test_quant_benchmarks_run_quick(tmp_path: Path, name: str) -> None:
         reference, gguf_row = result["formats"]
         assert reference["top1_agreement"] == 1.0 and gguf_row["format"] == "gguf"
         assert 0.5 < gguf_row["top1_agreement"] <= 1.0 and (tmp_path / "quant_accuracy.md").exists()
+        floats = result["float_checkpoint"]
+        assert floats["model"] == "stories260K" and [r["format"] for r in floats["formats"]] == [
+            "none",
+            "int8",
+            "int8",
+            "int4",
+        ]
+        assert all(0.3 < r["top1_agreement"] <= 1.0 for r in floats["formats"])
 
 
 def test_dense_copy_serves_large_batches_with_the_kernels_values() -> None:

@@ -283,10 +283,76 @@ def measure_loads(formats: tuple[tuple[str, str], ...] = LOAD_FORMATS) -> list[d
     return out
 
 
+# Formats quantized at load from the one real float32 checkpoint shipped
+# (stories260K), against that checkpoint in float32.
+FLOAT_CHECKPOINT_FORMATS = (("none", "bf16"), ("int8", "fp32"), ("int8", "bf16"), ("int4", "fp32"))
+
+
+def run_float_checkpoint(max_tokens: int | None = None) -> dict:
+    """int8 and int4 quantized at load from a real float32 checkpoint
+    (stories260K: 260K parameters, a 512-token vocabulary and context), over
+    the same text in windows of its context, each teacher-forced from its
+    start, against the checkpoint itself in float32. (The default model's only
+    float weights are its GGUF's dequantized 4-bit values, which int4 groups of
+    32 reproduce exactly: that row says nothing about a float checkpoint.)"""
+    import torch
+
+    from paged_attention.engine.builder import STORIES260K
+    from paged_attention.model.loader import load_model
+    from paged_attention.tokenizer import Tokenizer
+
+    tokens = Tokenizer.load(STORIES260K).encode(TEXT.read_text(encoding="utf-8"))
+    tokens = tokens[:max_tokens] if max_tokens else tokens
+    model, config = load_model(STORIES260K, torch.float32, quantization="none")
+    window = config.max_position_embeddings
+    windows = [tokens[i : i + window] for i in range(0, len(tokens) - 1, window)]
+    windows = [w for w in windows if len(w) > 1]
+
+    def run(m: Any) -> tuple[Any, Any]:
+        pairs = [teacher_forced(m, w) for w in windows]
+        return torch.cat([t for t, _ in pairs]), torch.cat([lp for _, lp in pairs])
+
+    ref_top1, ref_lp = run(model)
+    ref_nll = -float(ref_lp.mean())
+    rows = []
+    for quant, dtype_name in FLOAT_CHECKPOINT_FORMATS:
+        dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+        m, _ = load_model(STORIES260K, dtype, quantization=quant)
+        top1, logprob = run(m)
+        nll = -float(logprob.mean())
+        kinds: dict[str, int] = {}
+        for layer in m.quant_layers():
+            kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
+        rows.append(
+            {
+                "format": quant,
+                "dtype": dtype_name,
+                "top1_agreement": float((top1 == ref_top1).float().mean()),
+                "perplexity": math.exp(nll),
+                "perplexity_change": math.exp(nll) / math.exp(ref_nll) - 1,
+                "layers": kinds,
+            }
+        )
+        r = rows[-1]
+        print(
+            f"stories260K {quant:>4} {dtype_name}: top-1 {100 * r['top1_agreement']:.2f}%, "
+            f"ppl {r['perplexity']:.3f} ({100 * r['perplexity_change']:+.2f}%)",
+            flush=True,
+        )
+    return {
+        "model": "stories260K",
+        "tokens": len(tokens),
+        "window": window,
+        "reference_perplexity": math.exp(ref_nll),
+        "formats": rows,
+    }
+
+
 def run_quant_accuracy(quick: bool = False, skip_load: bool = False) -> dict:
     formats = FORMATS[:1] + (("gguf", "bf16", "kernel"),) if quick else FORMATS
     result: dict = {"benchmark": "quant-accuracy"}
     result.update(run_accuracy(formats, max_tokens=64 if quick else None))
+    result["float_checkpoint"] = run_float_checkpoint(max_tokens=64 if quick else None)
     result["loads"] = [] if skip_load or quick else measure_loads()
     return result
 
@@ -344,6 +410,26 @@ def accuracy_markdown(result: dict) -> str:
             rows,
         )
     )
+    fc = result.get("float_checkpoint")
+    if fc:
+        text += (
+            f"\n\nA real float32 checkpoint ({fc['model']}, {fc['tokens']} tokens of the same text in "
+            f"windows of {fc['window']}) against itself in float32:\n\n"
+            + markdown_table(
+                ["format", "dtype", "top-1 vs float32", "perplexity", "vs float32", "linear layers"],
+                [
+                    [
+                        r["format"],
+                        r["dtype"],
+                        f"{100 * r['top1_agreement']:.2f}%",
+                        f"{r['perplexity']:.3f}",
+                        f"{100 * r['perplexity_change']:+.2f}%",
+                        ", ".join(f"{n} {k}" for k, n in sorted(r["layers"].items())) or "dense",
+                    ]
+                    for r in fc["formats"]
+                ],
+            )
+        )
     if result.get("loads"):
         loads = [
             [
