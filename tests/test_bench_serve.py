@@ -407,6 +407,8 @@ def test_smoke_run_of_our_server_at_concurrency_1_and_4(tmp_path):
         rss = run["server_rss_mib"]
         assert 0 < rss["idle"] and 0 < rss["after"] <= rss["peak"]
     assert results["server"]["threads"] == 1
+    # A fresh server per point: the same prompts must not find the last point's prefix cache.
+    assert len({run["server_pid"] for run in results["runs"]}) == 2
     saved = json.loads((tmp_path / "serve_smoke.json").read_text())
     assert [r["concurrency"] for r in saved["runs"]] == [1, 4] and "processor" in saved["environment"]
     assert (tmp_path / "serve_smoke.png").stat().st_size > 0

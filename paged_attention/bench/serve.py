@@ -416,31 +416,42 @@ def main(args: argparse.Namespace) -> dict:
     server_record: dict | None = None
     results: dict = {"benchmark": "serve", "config": config_record(args)}
 
-    def run_all(url: str, server: ServerProcess | None) -> list[LoadRequest]:
+    # One workload for every point, made at the first.
+    made: dict = {}
+
+    def run_point(url: str, server: ServerProcess | None, point: LoadPoint) -> None:
         served = served_model(url, args.api_key)
         model = args.served_model_name or served.name
-        pool = token_pool_for(args, None if server else url, args.vocab_size or served.vocab_size)
-        workload, warmup = workloads(args, pool)
+        if not made:
+            pool = token_pool_for(args, None if server else url, args.vocab_size or served.vocab_size)
+            made["workload"], made["warmup"] = workloads(args, pool)
+            results["workload"] = workload_record(made["workload"], args, len(pool))
         idle = server.rss_mib() if server else None  # started, no request yet
-        for point in points:
-            summary = measure_point(url, model, workload, warmup, point, args, server)
-            if server is not None:
-                summary["server_rss_mib"]["idle"] = idle
-            runs.append(summary)
-            print_run(point.label(), summary)
-        results["workload"] = workload_record(workload, args, len(pool))
-        return workload
+        summary = measure_point(url, model, made["workload"], made["warmup"], point, args, server)
+        if server is not None:
+            summary["server_rss_mib"]["idle"] = idle
+            summary["server_pid"] = server.pid
+        runs.append(summary)
+        print_run(point.label(), summary)
 
     if args.url:
-        workload = run_all(args.url.rstrip("/"), None)
+        for point in points:
+            run_point(args.url.rstrip("/"), None, point)
     else:
+        # A fresh server per point: one kept across points would serve the later
+        # points' prompts (the same workload) from its prefix cache.
         where = placement(args)
-        port = free_port()
-        command = where.prefix() + our_server_command(_serve_args(args), port)
-        with client_off_core(where.core), server_process(command, port, where.thread_env()) as server:
-            print("\n".join(server.log), flush=True)
-            workload = run_all(server.url, server)
+        command: list[str] = []
+        with client_off_core(where.core):
+            for i, point in enumerate(points):
+                port = free_port()
+                command = where.prefix() + our_server_command(_serve_args(args), port)
+                with server_process(command, port, where.thread_env()) as server:
+                    if i == 0:
+                        print("\n".join(server.log), flush=True)
+                    run_point(server.url, server, point)
         server_record = {"command": command, "threads": where.threads, "pin_core": where.core}
+    workload = made["workload"]
     results["server"] = server_record
     results["runs"] = runs
     # The SLO search walks up the rates at one concurrency cap.
