@@ -117,6 +117,12 @@ def test_bf16_matmuls_put_the_dense_path_in_bfloat16_under_float32_activations()
         assert outs[bf16].dtype == torch.float32
         expected = x.to(layer.dense_dtype).float() @ layer.dequantize().to(layer.dense_dtype).float().t()
         torch.testing.assert_close(outs[bf16], expected, rtol=1e-2 if bf16 and fast else 1e-5, atol=1e-3)
+        # dense_out: the dense path's result as its matmul left it (the same values, unrounded
+        # to float32 only in dtype); the kernel path's is in the activations' dtype regardless.
+        raw = layer(x, dense_out=True)
+        assert raw.dtype == layer.dense_dtype and torch.equal(raw.float(), outs[bf16])
+        layer.dense_rows = 1 << 40
+        assert layer(x, dense_out=True).dtype == torch.float32
 
 
 # -------------------------------------------------------- quantize at load

@@ -241,7 +241,11 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None and self.down_proj is not None:
-            return self.down_proj.forward(self.gate(self.gate_up_proj.forward(x)))
+            # Prompts under float32 activations with bfloat16 matmuls: gate|up's
+            # output and the SwiGLU stay bfloat16, which down's matmul reads
+            # anyway (512-token prefill: 3 float32 round trips of [T, 2I] saved).
+            gate_up = self.gate_up_proj.forward(x, dense_out=True)
+            return self.down_proj.forward(self.gate(gate_up))
         gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
         return F.linear(self.gate(gate_up), self.down_weight, self.down_bias)
 

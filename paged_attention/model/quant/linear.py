@@ -260,7 +260,10 @@ class QuantLinear(nn.Module):
         self.dense_rows = 0
 
     # ------------------------------------------------------------------- run
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dense_out: bool = False) -> torch.Tensor:
+        """x W^T + b in the activations' dtype; with `dense_out`, the dense
+        path's result stays in its matmul dtype (bfloat16 under float32
+        activations), for a consumer that would round it there anyway."""
         if self._calls_before_copy and x.shape[0] >= DENSE_COPY_ROWS:
             self._calls_before_copy -= 1
             if not self._calls_before_copy:
@@ -270,7 +273,7 @@ class QuantLinear(nn.Module):
         elif self.kind == "dense":
             return F.linear(x, self.weight, self.bias)
         else:
-            y = self._dense(x)
+            y = self._dense(x, dense_out)
         if self.bias is not None:
             y = y.add_(self.bias)
         return y
@@ -293,9 +296,9 @@ class QuantLinear(nn.Module):
             y = kernels.int8_mm(xk, self.values, self.kernel_scales)
         return y if y.dtype == self.dtype else y.to(self.dtype)
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, dense_out: bool = False) -> torch.Tensor:
         y = self._dense_matmul(x if x.dtype == self.dense_dtype else x.to(self.dense_dtype))
-        return y if y.dtype == self.dtype else y.to(self.dtype)
+        return y if dense_out or y.dtype == self.dtype else y.to(self.dtype)
 
     def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
         copy = getattr(self, "dense_weight", None)
