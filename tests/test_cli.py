@@ -267,9 +267,12 @@ def test_cache_lists_and_clears_what_the_engine_keeps(tmp_path, monkeypatch, cap
     folder.mkdir()
     (folder / "model-abc-def.safetensors").write_bytes(b"\0" * 2**20)
     (folder / "tokenizer-123.json").write_text("{}")
+    (folder / "tokenizer-123.hf").mkdir()  # transformers' tokenizer of a GGUF, saved
+    (folder / "tokenizer-123.hf" / "tokenizer.json").write_bytes(b"\0" * 2**20)
     assert main(["cache"]) == 0
     listing = capsys.readouterr().out
-    assert "model-abc-def.safetensors" in listing and "in 2 files in" in listing
+    assert "model-abc-def.safetensors" in listing and "tokenizer-123.hf/" in listing
+    assert "2.0 MiB in 3 entries in" in listing
     assert main(["cache", "clear"]) == 0
-    assert "removed 2 files (1.0 MiB)" in capsys.readouterr().out
+    assert "removed 3 entries (2.0 MiB)" in capsys.readouterr().out
     assert list(folder.iterdir()) == []
