@@ -157,7 +157,9 @@ class Harness:
             default_gguf_path(), torch.float32, config=DEFAULT_MODEL_ASSETS, quantization="none"
         )
         self.weights = dict(self.model.hf_weights())
-        self.ref_top1, ref_lp = teacher_forced(self.model, self.tokens)
+        logits: list[torch.Tensor] = []
+        self.ref_top1, ref_lp = teacher_forced(self.model, self.tokens, logits_out=logits)
+        self.ref_logits = torch.cat(logits)
         self.ref_nll = -float(ref_lp.mean())
 
     def linear_names(self) -> list[str]:
@@ -169,23 +171,33 @@ class Harness:
 
         model = CausalLM(self.config, torch.float32, quantization=QuantScheme("none"))
         model.load_weights({**self.weights, **replaced}.items())
-        top1, lp = teacher_forced(model.eval(), self.tokens)
+        logits: list[torch.Tensor] = []
+        top1, lp = teacher_forced(model.eval(), self.tokens, logits_out=logits)
         same = top1 == self.ref_top1
         row = {
             "format": name,
             "top1_agreement": float(same.float().mean()),
+            "logit_change_rms": float((torch.cat(logits) - self.ref_logits).pow(2).mean().sqrt()),
             "top1_second_half": float(same[self.half :].float().mean()),
             "perplexity_change": math.exp(-float(lp.mean()) - self.ref_nll) - 1,
         }
         print(
             f"{name:<58} top-1 {100 * row['top1_agreement']:6.2f}%  second half "
-            f"{100 * row['top1_second_half']:6.2f}%  perplexity {100 * row['perplexity_change']:+.2f}%",
+            f"{100 * row['top1_second_half']:6.2f}%  perplexity {100 * row['perplexity_change']:+.2f}%  "
+            f"logits moved {row['logit_change_rms']:.3f} rms",
             flush=True,
         )
         return row
 
-    def elementwise(self, name: str, quantize: Quantizer) -> dict[str, Any]:
-        return self.score(name, {k: quantize(self.weights[k]) for k in self.linear_names()})
+    def elementwise(self, name: str, quantize: Quantizer, only: str = "") -> dict[str, Any]:
+        """`quantize` on every projection (or only those whose name holds `only`)."""
+        return self.score(name, {k: quantize(self.weights[k]) for k in self.linear_names() if only in k})
+
+    def close_calls(self) -> dict[str, float]:
+        """Share of positions whose reference top-2 logits are within x."""
+        top2 = self.ref_logits.topk(2, dim=-1).values
+        gap = top2[:, 0] - top2[:, 1]
+        return {str(x): float((gap < x).float().mean()) for x in (0.01, 0.03, 0.1, 0.3)}
 
     def hessians(self, texts: list[list[int]]) -> dict[str, torch.Tensor]:
         """Mean x x^T of each fused weight's inputs (by the weight's
@@ -274,6 +286,12 @@ def main() -> None:
         h.calibrated("int8 per channel, AWQ+GPTQ, on the whole text (in sample)", whole, awq=True),
         h.elementwise("bfloat16 weights (16 bits, for scale)", bf16_weights),
     ]
+    by_type = [
+        h.elementwise(f"int8 per channel, round to nearest, {t} only", per_channel, only=f".{t}.")
+        for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    ]
+    close = h.close_calls()
+    print("reference top-2 logits within x at:", ", ".join(f"{x}: {100 * v:.2f}%" for x, v in close.items()))
     path = write_json(
         args.output_dir,
         "int8_ceiling",
@@ -285,6 +303,8 @@ def main() -> None:
             "reference": "float32 over the GGUF's dequantized weights",
             "activations": "float32",
             "formats": rows,
+            "one_projection_type": by_type,
+            "reference_top2_gap_below": close,
         },
     )
     print(f"wrote {path}")

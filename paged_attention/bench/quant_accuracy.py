@@ -72,10 +72,13 @@ def kernel_everywhere(model: Any):
             layer.dense_rows = rows
 
 
-def teacher_forced(model: Any, tokens: list[int], chunk: int = 256, kv_dtype: Any = None) -> tuple[Any, Any]:
+def teacher_forced(
+    model: Any, tokens: list[int], chunk: int = 256, kv_dtype: Any = None, logits_out: list | None = None
+) -> tuple[Any, Any]:
     """(argmax next token [T-1], log-prob of the true next token [T-1]) of one
     sequence run through the model in a single prefill (KV pool in `kv_dtype`,
-    default the model's)."""
+    default the model's). `logits_out`, if given, receives the float32 logits
+    a chunk of positions at a time."""
     import torch
 
     from paged_attention.attention.metadata import AttentionMetadata
@@ -97,6 +100,8 @@ def teacher_forced(model: Any, tokens: list[int], chunk: int = 256, kv_dtype: An
             target = ids[1:]
             for start in range(0, hidden.shape[0], chunk):
                 logits = model.compute_logits(hidden[start : start + chunk])
+                if logits_out is not None:
+                    logits_out.append(logits.float())
                 top1.append(logits.argmax(dim=-1))
                 lp = torch.log_softmax(logits, dim=-1)
                 logprob.append(lp.gather(1, target[start : start + chunk, None]).squeeze(1))
