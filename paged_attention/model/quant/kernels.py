@@ -231,6 +231,36 @@ def fast_bf16_matmul() -> bool:
         return False
 
 
+# oneDNN's bfloat16 matmul reorders W into its blocked layout on every call; W
+# reordered once (as inductor's weight freezing does) skips that work and the
+# memory traffic: SmolLM2 shapes, one thread, 1.3-1.9x faster from 1 to 512
+# rows, bit for bit the same result. The hint is the row count oneDNN tunes for.
+_PACK_ROWS_HINT = 64
+
+
+@functools.cache
+def bf16_packing() -> bool:
+    """Whether W can be kept in oneDNN's blocked layout (`pack_bf16`)."""
+    return (
+        fast_bf16_matmul()
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] bfloat16 as an opaque oneDNN tensor for `packed_bf16_linear`
+    (same bytes; it has no storage to view, index or copy from)."""
+    assert weight.dtype == torch.bfloat16 and weight.dim() == 2, (weight.dtype, tuple(weight.shape))
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_ROWS_HINT)
+
+
+def packed_bf16_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16 @ W^T for W packed by `pack_bf16`: F.linear's result."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 def int8_supported(k: int) -> bool:
     return k % INT8_K_MULTIPLE == 0
 

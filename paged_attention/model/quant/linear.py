@@ -29,7 +29,9 @@ dense one, which is what decode at small batches is bound by. With
 `scheme.dense_copy` the dense path multiplies a dense copy of W instead,
 made once DENSE_COPY_AFTER calls have had DENSE_COPY_ROWS rows or more: a
 server under load makes it within a few steps, while one user's occasional
-prompt is served by dequantizing on the spot and never pays its memory.
+prompt is served by dequantizing on the spot and never pays its memory. A
+bfloat16 copy is kept in oneDNN's blocked layout where it can be
+(`kernels.pack_bf16`), which spares every call a reorder of W.
 """
 
 from __future__ import annotations
@@ -303,7 +305,7 @@ class QuantLinear(nn.Module):
     def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
         copy = getattr(self, "dense_weight", None)
         if copy is not None:
-            return F.linear(x, copy)
+            return kernels.packed_bf16_linear(x, copy) if copy.is_mkldnn else F.linear(x, copy)
         n, k = self.out_features, self.in_features
         if self.kind == "int8g":
             return self._matmul_by_row_chunks(x, lambda rows, w: w.copy_(self._group_rows(rows)))
@@ -319,7 +321,10 @@ class QuantLinear(nn.Module):
 
     def _make_dense_copy(self) -> None:
         self.dense_weight: torch.Tensor
-        self.register_buffer("dense_weight", self.dequantize().to(self.dense_dtype), persistent=False)
+        weight = self.dequantize().to(self.dense_dtype)
+        if self.dense_dtype == torch.bfloat16 and kernels.bf16_packing():
+            weight = kernels.pack_bf16(weight)
+        self.register_buffer("dense_weight", weight, persistent=False)
         self.dense_rows = min(self.dense_rows, DENSE_COPY_ROWS)
 
     def _matmul_by_row_chunks(
