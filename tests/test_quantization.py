@@ -35,7 +35,7 @@ from paged_attention.model.quant import (
     resolve_quantization,
 )
 from paged_attention.model.quant.gguf_repack import repack_gguf
-from paged_attention.model.quant.linear import DENSE_COPY_AFTER, DENSE_ROWS
+from paged_attention.model.quant.linear import DENSE_COPY_AFTER, DENSE_COPY_ROWS, DENSE_ROWS, PACKED_COPY_ROWS
 from tests.engine_utils import drive, save_random_model
 from tests.model_utils import PagedRunner
 
@@ -590,14 +590,16 @@ def test_dense_copy_serves_large_batches_with_the_kernels_values() -> None:
     with_copy = layers[True]
     x = torch.randn(64, 64).bfloat16()
     before = with_copy.nbytes()
-    for rows in (1, 15, 64) + (16,) * (DENSE_COPY_AFTER - 2) + (1,):  # 16+ rows: the dense path
+    large = with_copy.copy_rows  # calls of this many rows or more count towards the copy
+    assert large == (PACKED_COPY_ROWS if kernels.bf16_packing() else DENSE_COPY_ROWS)
+    for rows in (1, large - 1, 64) + (large,) * (DENSE_COPY_AFTER - 2) + (1,):
         torch.testing.assert_close(with_copy(x[:rows]), layers[False](x[:rows]), rtol=2e-2, atol=2e-2)
     assert with_copy.kind == "int4" and not hasattr(with_copy, "dense_weight")
     assert with_copy.dense_rows == DENSE_ROWS["int4"]  # dequantizing on the spot: 48 rows pay
-    torch.testing.assert_close(with_copy(x[:16]), layers[False](x[:16]), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(with_copy(x[:large]), layers[False](x[:large]), rtol=2e-2, atol=2e-2)
     # The copy is W dequantized, in bfloat16 (kept in oneDNN's layout where
     # it can be: opaque, so compared through what it computes, bit for bit).
     assert with_copy.dense_weight.is_mkldnn == kernels.bf16_packing()
-    assert with_copy.dense_rows == 16 and with_copy.nbytes() == before + 64 * 64 * 2
+    assert with_copy.dense_rows == large and with_copy.nbytes() == before + 64 * 64 * 2
     assert not hasattr(layers[False], "dense_weight")
     torch.testing.assert_close(with_copy(x), F.linear(x, with_copy.dequantize().bfloat16()), rtol=0, atol=0)

@@ -59,8 +59,11 @@ KINDS = ("int4", "int8g", "int8", "dense")
 DENSE_ROWS = {"int4": 48, "int8": 16, "int8g": 16}
 # With a dense copy at hand the dense path costs no dequantization and wins
 # from fewer rows: SmolLM2 decode steps, one thread (bench decode-step), 8 rows
-# 53 ms on the kernel vs 64 dense, 16 rows 91 vs 78.
+# 53 ms on the kernel vs 64 dense, 16 rows 91 vs 78. A copy packed for oneDNN
+# (bfloat16) wins from 8: float32 activations, 8 seqs 31.8-32.5 ms on the
+# kernels vs 27.6-28.5 dense, 12 seqs 48.2-48.9 vs 41.1-41.8; at 4 a tie.
 DENSE_COPY_ROWS = 16
+PACKED_COPY_ROWS = 8
 DENSE_COPY_AFTER = 4
 _NEVER = 1 << 62
 # Largest weight slice the int8 dense path dequantizes at once (a 4 MiB bf16 block).
@@ -126,6 +129,7 @@ class QuantLinear(nn.Module):
         self._pieces: list[tuple[int, int, Piece]] = []
         self._calls_before_copy = 0
         self._rows_loaded = 0
+        self.copy_rows = DENSE_COPY_ROWS
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.kind}, group={self.group_size}"
@@ -198,8 +202,11 @@ class QuantLinear(nn.Module):
         else:
             self.exact = all(isinstance(p, torch.Tensor) for _, _, p in pieces)
             self._set_dense(torch.cat([_float(p) for _, _, p in pieces]))
-        # Large calls left before the dense copy is made (0: never).
+        # Large calls left before the dense copy is made (0: never), and the
+        # rows from which a call is large (and the copy then serves).
         self._calls_before_copy = DENSE_COPY_AFTER if self.scheme.dense_copy and self.kind != "dense" else 0
+        packed = self.dense_dtype == torch.bfloat16 and kernels.bf16_packing()
+        self.copy_rows = PACKED_COPY_ROWS if packed else DENSE_COPY_ROWS
 
     def _set_int4(self, values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> None:
         self.kind = "int4"
@@ -266,7 +273,7 @@ class QuantLinear(nn.Module):
         """x W^T + b in the activations' dtype; with `dense_out`, the dense
         path's result stays in its matmul dtype (bfloat16 under float32
         activations), for a consumer that would round it there anyway."""
-        if self._calls_before_copy and x.shape[0] >= DENSE_COPY_ROWS:
+        if self._calls_before_copy and x.shape[0] >= self.copy_rows:
             self._calls_before_copy -= 1
             if not self._calls_before_copy:
                 self._make_dense_copy()
@@ -325,7 +332,7 @@ class QuantLinear(nn.Module):
         if self.dense_dtype == torch.bfloat16 and kernels.bf16_packing():
             weight = kernels.pack_bf16(weight)
         self.register_buffer("dense_weight", weight, persistent=False)
-        self.dense_rows = min(self.dense_rows, DENSE_COPY_ROWS)
+        self.dense_rows = min(self.dense_rows, self.copy_rows)
 
     def _matmul_by_row_chunks(
         self, x: torch.Tensor, fill: Callable[[slice, torch.Tensor], object]
