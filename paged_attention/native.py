@@ -54,6 +54,8 @@ SIGNATURES: dict[str, list[type]] = {
     "rotary_inplace": [_INT, _PTR, _I64, _PTR, _PTR, *[_I64] * 3, _INT],
     # x_dtype, x, values, scales, y_dtype, y, m, n, k, threads
     "int8g_gemv": [_INT, _PTR, _PTR, _PTR, _INT, _PTR, *[_I64] * 3, _INT],
+    # logits, rows, vocab, ids, lse, threads
+    "greedy_lse": [_PTR, _I64, _I64, _PTR, _PTR, _INT],
     "int4_tile_width": [],
     "decode_stack_layer_fields": [],
     # x_dtype, x, packed, tile, scale_dtype, params, y_dtype, y, m, n, k, group, threads

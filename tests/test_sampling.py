@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paged_attention.guided.bitmask import TokenMask
-from paged_attention.sampler import Sampler, SamplerOutput, make_generator
+from paged_attention.sampler import Sampler, SamplerOutput, greedy_and_normalizer, make_generator
 from paged_attention.sampling_params import SamplingParams
 from tests.profiles import examples
 
@@ -532,3 +532,28 @@ def test_sampler_rejects_mismatched_inputs() -> None:
         Sampler().sample(torch.zeros(2, 5), [SamplingParams()], [None, None])
     empty = _sample(torch.zeros(0, 5), [])
     assert empty == SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (7, 1000), (64, 4099), (3, 5)])
+def test_greedy_and_normalizer_match_pytorch(rows: int, vocab: int) -> None:
+    """The C pass (where it builds) picks torch.max's first maximum and the
+    row's logsumexp; ties and forbidden (-inf) tokens included."""
+    g = torch.Generator().manual_seed(rows * vocab)
+    logits = torch.randn(rows, vocab, generator=g) * 4
+    logits[0, vocab // 3] = logits[0, vocab - 1] = logits[0].max() + 1  # a tie: the first wins
+    if rows > 1:
+        logits[1, ::2] = -math.inf
+    ids, lse = greedy_and_normalizer(logits)
+    assert torch.equal(ids, logits.max(dim=-1).indices)
+    assert int(ids[0]) == vocab // 3
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), rtol=2e-6, atol=1e-5)
+
+
+def test_greedy_and_normalizer_fall_back_for_nan_and_inf() -> None:
+    logits = torch.randn(4, 300)
+    logits[1, 7] = math.nan
+    logits[2, 9] = math.inf
+    ids, lse = greedy_and_normalizer(logits)
+    assert torch.equal(ids, logits.max(dim=-1).indices)
+    assert torch.equal(lse.isnan(), torch.logsumexp(logits, dim=-1).isnan())
+    torch.testing.assert_close(lse[[0, 3]], torch.logsumexp(logits, dim=-1)[[0, 3]])
