@@ -2,7 +2,8 @@
 
 Per matmul: SmolLM2-135M's projection shapes (hidden 576, intermediate 1536,
 9 query and 3 KV heads of 64, vocabulary 49152) at a few batch sizes (rows),
-each as dense float32, dense bfloat16, and through `QuantLinear` (int8, int4
+each as dense float32, dense bfloat16 (plain, and packed in oneDNN's layout as the
+engine keeps its dense copies), and through `QuantLinear` (int8, int4
 with groups of 32 and 64) both on PyTorch's weight-only kernels and on the
 dense path (weights dequantized into scratch, then a dense bfloat16 matmul).
 Every layer-sized weight exists in `copies` distinct instances used in turn,
@@ -47,6 +48,7 @@ LAYER = ("qkv", "o", "gate_up", "down")
 IMPLS = (
     "dense-fp32",
     "dense-bf16",
+    "dense-bf16-packed",
     "int8-kernel",
     "int4-g32-kernel",
     "int4-g64-kernel",
@@ -78,13 +80,19 @@ def _layers(impl: str, n: int, k: int, copies: int, seed: int) -> list[Callable[
     import torch
     import torch.nn.functional as F
 
-    from paged_attention.model.quant import QuantLinear, QuantScheme, Scratch
+    from paged_attention.model.quant import QuantLinear, QuantScheme, Scratch, kernels
 
+    if impl == "dense-bf16-packed" and not kernels.bf16_packing():
+        return []  # no oneDNN blocked layout here: the engine's copies stay plain
     gen = torch.Generator().manual_seed(seed)
     scratch = Scratch()
     out: list[Callable[[Any], Any]] = []
     for _ in range(copies):
         w = torch.randn(n, k, generator=gen) * 0.05
+        if impl == "dense-bf16-packed":  # what the engine's dense copies run
+            packed = kernels.pack_bf16(w.bfloat16())
+            out.append(lambda x, packed=packed: kernels.packed_bf16_linear(x, packed))
+            continue
         if impl.startswith("dense"):
             wd = w if impl == "dense-fp32" else w.bfloat16()
             out.append(lambda x, wd=wd: F.linear(x, wd))
@@ -110,6 +118,8 @@ def time_matmuls(
         count = 1 if name == "lm_head" else copies
         for impl in impls:
             layers = _layers(impl, n, k, count, seed)
+            if not layers:
+                continue
             for m in rows:
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
                 x = x if impl == "dense-fp32" else x.bfloat16()
