@@ -82,7 +82,7 @@ def greedy_and_normalizer(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     if lib is not None and logits.dtype == torch.float32 and logits.is_contiguous():
         rows, vocab = logits.shape
         ids = torch.empty(rows, dtype=torch.int64)
-        lse = torch.empty(rows)
+        lse = torch.empty(rows, dtype=torch.float32)
         lib.greedy_lse(
             logits.data_ptr(), rows, vocab, ids.data_ptr(), lse.data_ptr(), torch.get_num_threads()
         )
