@@ -129,6 +129,7 @@ class QuantLinear(nn.Module):
         self._pieces: list[tuple[int, int, Piece]] = []
         self._calls_before_copy = 0
         self._rows_loaded = 0
+        self._pack_copy = False  # the dense copy kept in oneDNN's layout (`kernels.pack_bf16`)
         self.copy_rows = DENSE_COPY_ROWS
 
     def extra_repr(self) -> str:
@@ -205,8 +206,8 @@ class QuantLinear(nn.Module):
         # Large calls left before the dense copy is made (0: never), and the
         # rows from which a call is large (and the copy then serves).
         self._calls_before_copy = DENSE_COPY_AFTER if self.scheme.dense_copy and self.kind != "dense" else 0
-        packed = self.dense_dtype == torch.bfloat16 and kernels.bf16_packing()
-        self.copy_rows = PACKED_COPY_ROWS if packed else DENSE_COPY_ROWS
+        self._pack_copy = self.dense_dtype == torch.bfloat16 and kernels.bf16_packing()
+        self.copy_rows = PACKED_COPY_ROWS if self._pack_copy else DENSE_COPY_ROWS
 
     def _set_int4(self, values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> None:
         self.kind = "int4"
@@ -329,7 +330,7 @@ class QuantLinear(nn.Module):
     def _make_dense_copy(self) -> None:
         self.dense_weight: torch.Tensor
         weight = self.dequantize().to(self.dense_dtype)
-        if self.dense_dtype == torch.bfloat16 and kernels.bf16_packing():
+        if self._pack_copy:
             weight = kernels.pack_bf16(weight)
         self.register_buffer("dense_weight", weight, persistent=False)
         self.dense_rows = min(self.dense_rows, self.copy_rows)
